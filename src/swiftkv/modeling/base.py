@@ -1,0 +1,304 @@
+"""The family-independent SwiftKV forward, as mixins over a Hugging Face decoder family.
+
+Each family file subclasses the stock attention / decoder layer / model / causal-LM classes and puts the
+mixins below first in the MRO; with `config.swiftkv = False` every mixin defers to the stock forward, so the
+teacher is the base model bit for bit. Shapes: B batch, T new tokens, K kept tokens, D hidden size,
+H query heads, Hkv key/value heads, Dh head dim, P tokens already in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+# Attention implementations whose masks are dense tensors we can slice by query row; others run the
+# full SwiftKV forward (still correct, just without the prefill saving).
+SKIPPABLE_ATTENTION = ("sdpa", "eager")
+
+
+def _linear_like(proj: nn.Linear) -> nn.Linear:
+    """A new Linear with the shape, bias, dtype and device of `proj` (its values are set by conversion)."""
+    return nn.Linear(
+        proj.in_features,
+        proj.out_features,
+        bias=proj.bias is not None,
+        dtype=proj.weight.dtype,
+        device=proj.weight.device,
+    )
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on one tensor [B, heads, T, Dh]; same arithmetic as the families' `apply_rotary_pos_emb`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+class SwiftKVAttentionMixin:
+    """Adds `q_proj_swiftkv` to layers >= L and `k/v_proj_swiftkv` to AcrossKV group leaders.
+
+    Families with per-head q/k norms (Qwen3) apply the layer's own `q_norm` to SwiftKV queries and the
+    leader's `k_norm` to SwiftKV keys: the attention logits keep the per-head scale the frozen weights were
+    trained with, conversion stays exact at initialisation for g=1, and the checkpoint format needs no new
+    parameters.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        if layer_idx >= config.num_key_value_layers:
+            self.q_proj_swiftkv = _linear_like(self.q_proj)
+            if config.is_group_leader(layer_idx):
+                self.k_proj_swiftkv = _linear_like(self.k_proj)
+                self.v_proj_swiftkv = _linear_like(self.v_proj)
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear, norm_name: str | None = None) -> torch.Tensor:
+        """proj(x) split into heads, with the family's per-head norm if it has one: [B, T, D] -> [B, heads, T, Dh]."""
+        heads = proj(x).view(*x.shape[:-1], -1, self.head_dim)  # [B, T, heads, Dh]
+        norm = getattr(self, norm_name, None) if norm_name else None
+        if norm is not None:
+            heads = norm(heads)
+        return heads.transpose(1, 2)
+
+    def swiftkv_key_values(
+        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, Hkv, T, Dh] of this group from x = norm_swiftkv(h_L) [B, T, D]; RoPE at each token's position."""
+        cos, sin = position_embeddings
+        keys = _rope(self._heads(x, self.k_proj_swiftkv, "k_norm"), cos, sin)
+        values = self._heads(x, self.v_proj_swiftkv)
+        return keys, values
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        swiftkv_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if swiftkv_key_values is None:  # layers < L, and every layer of the base model: the stock forward
+            return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        # Later layer: only the kept tokens arrive here [B, K, D]; K/V cover every token [B, Hkv, P+T, Dh].
+        queries = _rope(self._heads(hidden_states, self.q_proj_swiftkv, "q_norm"), *position_embeddings)
+        keys, values = swiftkv_key_values
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(output), weights
+
+
+def _mask_function(config) -> Callable:
+    return create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
+
+
+def _check_cache(cache: Cache | None, swiftkv: bool) -> None:
+    if cache is not None and not swiftkv and any(isinstance(layer, DummyLayer) for layer in cache.layers):
+        raise ValueError(
+            "This cache was built with SwiftKV on (AcrossKV layers share one entry), but the model now runs "
+            "with `swiftkv=False`. Use a new cache (or `past_key_values=None`) after switching SwiftKV off."
+        )
+
+
+class SwiftKVDecoderLayerMixin:
+    """The family's decoder layer with a SwiftKV attention (class attribute `attention_class`)."""
+
+    attention_class: type
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
+
+
+class SwiftKVModelMixin:
+    """Adds `norm_swiftkv` and the SwiftKV forward to the family's decoder stack."""
+
+    decoder_layer_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        # The stock __init__ built stock layers; swap in SwiftKV ones (under from_pretrained this is on meta).
+        self.layers = nn.ModuleList(
+            [self.decoder_layer_class(config, idx) for idx in range(config.num_hidden_layers)]
+        )
+        self.norm_swiftkv = type(self.norm)(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_kept_tokens: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`num_kept_tokens=n`: only the last n tokens run layers >= L (their hidden states are returned)."""
+        _check_cache(cache, self.config.swiftkv)
+        call = self._swiftkv_forward if self.config.swiftkv else super().forward
+        if not self.config.swiftkv and num_kept_tokens is not None:
+            raise ValueError("num_kept_tokens needs swiftkv=True: the base model runs every token through every layer.")
+        extra = {"num_kept_tokens": num_kept_tokens} if self.config.swiftkv else {}
+        return call(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **extra,
+            **kwargs,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def _swiftkv_forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        num_kept_tokens: int | None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # AcrossKV: DummyLayer for non-leaders (see config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+
+        # Masks are sized from the cache BEFORE this step's K/V are written into it.
+        mask_args = dict(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+            position_ids=position_ids,
+        )
+        mask = _mask_function(self.config)(**mask_args)
+        kept = self._kept_tokens(hidden.shape[1], num_kept_tokens)
+        late_mask = mask if kept is None else _mask_rows(self.config, mask_args, kept)
+        rope = self.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin), each [B|1, T, Dh]
+
+        num_kv_layers = self.config.num_key_value_layers
+        for layer in self.layers[:num_kv_layers]:
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids,
+                cache=cache, use_cache=use_cache, **kwargs,
+            )
+        group_kv = self._write_swiftkv_cache(self.norm_swiftkv(hidden), rope, cache, kwargs)
+        if kept is not None:  # prompt tokens stop here; only the last `kept` tokens go on
+            hidden = hidden[:, -kept:]
+            rope = (rope[0][:, -kept:], rope[1][:, -kept:])
+        for idx in range(num_kv_layers, self.config.num_hidden_layers):
+            hidden = self.layers[idx](
+                hidden, attention_mask=late_mask, position_embeddings=rope,
+                swiftkv_key_values=group_kv[self.config.leader_of(idx)], **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
+
+    def _kept_tokens(self, num_tokens: int, num_kept_tokens: int | None) -> int | None:
+        """How many trailing tokens run layers >= L, or None when all of them must (full SwiftKV forward)."""
+        if num_kept_tokens is None or num_kept_tokens >= num_tokens:
+            return None
+        if self.config._attn_implementation not in SKIPPABLE_ATTENTION:
+            return None
+        return num_kept_tokens
+
+    def _write_swiftkv_cache(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Cache | None, kwargs: dict
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of every group from x = norm_swiftkv(h_L) [B, T, D], written ONCE per group into the cache.
+
+        Returns {leader index: (K, V)} with K, V [B, Hkv, P+T, Dh] (all cached tokens plus the new ones).
+        """
+        group_kv = {}
+        for idx in range(self.config.num_key_value_layers, self.config.num_hidden_layers):
+            if self.config.leader_of(idx) != idx:
+                continue
+            keys, values = self.layers[idx].self_attn.swiftkv_key_values(x, rope)
+            if cache is not None:
+                keys, values = cache.update(keys, values, idx, kwargs=kwargs)
+            group_kv[idx] = (keys, values)
+        return group_kv
+
+
+def _mask_rows(config, mask_args: dict, kept: int) -> torch.Tensor:
+    """The mask rows of the last `kept` queries: [B, 1, kept, P+T] (materialised, never an `is_causal` None)."""
+    full = _mask_function(config)(**mask_args, allow_is_causal_skip=False)  # [B, 1, T, P+T]
+    return full[:, :, -kept:, :]
+
+
+class SwiftKVForCausalLMMixin:
+    """Chooses between the skipping and the full forward from what the caller asks for.
+
+    Only an integer `logits_to_keep > 0` without `labels` lets prompt tokens skip the later layers: any request
+    for the logits of every token (labels, `logits_to_keep=0`, a tensor of positions) runs the full forward,
+    so scoring prompt tokens is never silently wrong.
+    """
+
+    swiftkv_model_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.swiftkv_model_class(config)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        args = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        if not self.config.swiftkv:
+            _check_cache(cache, swiftkv=False)
+            return super().forward(**args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        skip = labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0
+        outputs = self.model(**args, num_kept_tokens=logits_to_keep if skip else None, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
