@@ -269,6 +269,21 @@ class SwiftKVForCausalLMMixin:
         self.model = self.swiftkv_model_class(config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """The stock loader, but a checkpoint whose SwiftKV weights don't match its config is an error."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info["missing_keys"] if "swiftkv" in k)
+        unexpected = sorted(k for k in info["unexpected_keys"] if "swiftkv" in k)
+        if missing or unexpected:
+            raise ValueError(
+                f"SwiftKV weights do not match the config (num_key_value_layers="
+                f"{model.config.num_key_value_layers}, key_value_group_size={model.config.key_value_group_size}): "
+                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                f"{'...' if len(unexpected) > 6 else ''}. Convert the base model with `swiftkv convert` or fix config.json."
+            )
+        return (model, info) if output_loading_info else model
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
