@@ -8,6 +8,7 @@ H query heads, Hkv key/value heads, Dh head dim, P tokens already in the cache.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -112,12 +113,22 @@ def _mask_function(config) -> Callable:
     return create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
 
 
-def _check_cache(cache: Cache | None, swiftkv: bool) -> None:
-    if cache is not None and not swiftkv and any(isinstance(layer, DummyLayer) for layer in cache.layers):
+def _check_cache(cache: Cache | None, config) -> None:
+    """Tag `cache` with the layout that fills it; refuse a cache filled under another layout.
+
+    Layers >= L hold SwiftKV K/V (one entry per group) in SwiftKV mode and their own K/V in base mode, so a cache
+    is only valid for the mode that wrote it.
+    """
+    if cache is None:
+        return
+    layout = (config.num_key_value_layers, config.key_value_group_size) if config.swiftkv else "base"
+    written = getattr(cache, "_swiftkv_layout", None)
+    if written is not None and written != layout and cache.get_seq_length() > 0:
         raise ValueError(
-            "This cache was built with SwiftKV on (AcrossKV layers share one entry), but the model now runs "
-            "with `swiftkv=False`. Use a new cache (or `past_key_values=None`) after switching SwiftKV off."
+            f"This cache was filled with SwiftKV layout {written} but the model now runs with {layout}. "
+            "Use a new cache (or `past_key_values=None`) after switching `swiftkv` on or off."
         )
+    cache._swiftkv_layout = layout
 
 
 class SwiftKVDecoderLayerMixin:
@@ -157,21 +168,24 @@ class SwiftKVModelMixin:
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`num_kept_tokens=n`: only the last n tokens run layers >= L (their hidden states are returned)."""
-        _check_cache(cache, self.config.swiftkv)
-        call = self._swiftkv_forward if self.config.swiftkv else super().forward
-        if not self.config.swiftkv and num_kept_tokens is not None:
-            raise ValueError("num_kept_tokens needs swiftkv=True: the base model runs every token through every layer.")
-        extra = {"num_kept_tokens": num_kept_tokens} if self.config.swiftkv else {}
-        return call(
+        _check_cache(cache, self.config)
+        if not self.config.swiftkv:
+            if num_kept_tokens is not None:
+                raise ValueError("num_kept_tokens needs swiftkv=True: the base model runs every token through every layer.")
+            call = super().forward
+        else:
+            call = functools.partial(self._swiftkv_forward, num_kept_tokens=num_kept_tokens)
+        outputs = call(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **extra,
             **kwargs,
         )
+        _check_cache(getattr(outputs, "cache", None), self.config)  # tags a cache created inside the call
+        return outputs
 
     @merge_with_config_defaults
     @capture_outputs
@@ -302,7 +316,6 @@ class SwiftKVForCausalLMMixin:
             inputs_embeds=inputs_embeds, use_cache=use_cache,
         )
         if not self.config.swiftkv:
-            _check_cache(cache, swiftkv=False)
             return super().forward(**args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         skip = labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0
         outputs = self.model(**args, num_kept_tokens=logits_to_keep if skip else None, **kwargs)

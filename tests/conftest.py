@@ -1,0 +1,68 @@
+"""Tiny random models of every supported family, fp32 on CPU (seconds per test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import swiftkv  # noqa: F401  (registers the *_swiftkv types)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_STOCK = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),  # per-head q/k norms
+}
+
+
+def tiny_base(family: str, num_layers: int = 6, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    """A stock transformers model of `family` with random weights (non-trivial norms and biases)."""
+    config_class, model_class, extra = _STOCK[family]
+    config = config_class(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: randomise so the tests can see them
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def left_padded_batch(seed: int = 0, lengths=(9, 6, 12)) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] with left padding (pad id 0), random tokens >= 3."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, 128, (length,), generator=gen)
+        mask[row, width - length :] = 1
+    return ids, mask
