@@ -70,9 +70,7 @@ def test_swiftkv_equals_base_when_only_layer_L_is_converted(family):
     base = tiny_base(family)
     model = convert(base, num_key_value_layers=5, key_value_group_size=1)
     ids, mask = left_padded_batch()
-    torch.testing.assert_close(
-        model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits, **TIGHT
-    )
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits, **TIGHT)
 
 
 @pytest.mark.parametrize("layout", [(3, 1), (2, 2)])

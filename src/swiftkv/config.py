@@ -32,13 +32,7 @@ class SwiftKVConfigMixin:
     def validate_architecture(self):
         super().validate_architecture()
         validate_swiftkv_layout(self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size)
-        sliding = sliding_layers(self)
-        if sliding and len(sliding) != self.num_hidden_layers:
-            raise ValueError(
-                f"SwiftKV needs every layer to use the same attention type, but layers {sliding} use "
-                f"sliding-window attention and the others full attention. Set `use_sliding_window=False` "
-                "(or remove `layer_types`) to run this model with SwiftKV."
-            )
+        validate_attention_types(self)
 
     def is_group_leader(self, layer_idx: int) -> bool:
         """True for layers < L and for the first layer of each AcrossKV group: they own a cache entry."""
@@ -63,14 +57,16 @@ class SwiftKVConfigMixin:
         return [None if self.is_group_leader(i) else "reuse" for i in range(self.num_hidden_layers)]
 
 
-def sliding_layers(config) -> list[int]:
-    """Indices of layers that use sliding-window attention in the base family's config."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
-    if getattr(config, "sliding_window", None) is not None:
-        return list(range(config.num_hidden_layers))
-    return []
+def validate_attention_types(config) -> None:
+    """SwiftKV's single mask for layers >= L needs one attention type (all full, or all sliding) for all layers."""
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if sliding and len(sliding) != len(layer_types):
+        raise ValueError(
+            f"SwiftKV needs every layer to use the same attention type, but layers {sliding} use "
+            f"sliding-window attention and the others full attention. Set `use_sliding_window=False` "
+            "(or remove `layer_types`) to run this model with SwiftKV."
+        )
 
 
 def validate_swiftkv_layout(num_layers: int, num_key_value_layers: int, group_size: int) -> None:

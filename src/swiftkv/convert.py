@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from swiftkv.config import swiftkv_config_class, validate_swiftkv_layout
+from swiftkv.config import swiftkv_config_class, validate_attention_types, validate_swiftkv_layout
 from swiftkv.modeling import MODEL_FOR_FAMILY
 
 # Fields that describe the SwiftKV layout or the class, never copied from the base config.
@@ -38,6 +38,7 @@ def swiftkv_config_for(base_config, num_key_value_layers: int, key_value_group_s
     """The SwiftKV config of `base_config`'s family with the given layout and SwiftKV on."""
     config_class = swiftkv_config_class(base_config.model_type)
     validate_swiftkv_layout(base_config.num_hidden_layers, num_key_value_layers, key_value_group_size)
+    validate_attention_types(base_config)
     fields = {k: v for k, v in base_config.to_dict().items() if k not in _OWN_FIELDS}
     config = config_class.from_dict(
         fields,
@@ -50,9 +51,7 @@ def swiftkv_config_for(base_config, num_key_value_layers: int, key_value_group_s
     return config
 
 
-def convert(
-    model: PreTrainedModel, num_key_value_layers: int, key_value_group_size: int = 1
-) -> PreTrainedModel:
+def convert(model: PreTrainedModel, num_key_value_layers: int, key_value_group_size: int = 1) -> PreTrainedModel:
     """A SwiftKV model that reuses `model`'s weight tensors (no copy) and adds recipe-initialised projections.
 
     `model` may be a stock model of a supported family or a SwiftKV model (its base weights are taken).
@@ -65,7 +64,10 @@ def convert(
     missing, unexpected = swift.load_state_dict(base_state, strict=False, assign=True)
     if unexpected or any("swiftkv" not in k for k in missing):
         raise ValueError(f"Base weights do not fit the SwiftKV model: missing {missing}, unexpected {unexpected}")
-    for name, buffer in model.named_buffers():  # non-persistent buffers (RoPE frequencies) are not in state_dict
+    for (
+        name,
+        buffer,
+    ) in model.named_buffers():  # non-persistent buffers (RoPE frequencies) are not in state_dict
         module_name, _, buffer_name = name.rpartition(".")
         swift.get_submodule(module_name)._buffers[buffer_name] = buffer
     init_swiftkv_parameters(swift)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
@@ -149,9 +149,7 @@ class SwiftKVModelMixin:
     def __init__(self, config):
         super().__init__(config)
         # The stock __init__ built stock layers; swap in SwiftKV ones (under from_pretrained this is on meta).
-        self.layers = nn.ModuleList(
-            [self.decoder_layer_class(config, idx) for idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, idx) for idx in range(config.num_hidden_layers)])
         self.norm_swiftkv = type(self.norm)(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
@@ -171,7 +169,9 @@ class SwiftKVModelMixin:
         _check_cache(cache, self.config)
         if not self.config.swiftkv:
             if num_kept_tokens is not None:
-                raise ValueError("num_kept_tokens needs swiftkv=True: the base model runs every token through every layer.")
+                raise ValueError(
+                    "num_kept_tokens needs swiftkv=True: the base model runs every token through every layer."
+                )
             call = super().forward
         else:
             call = functools.partial(self._swiftkv_forward, num_kept_tokens=num_kept_tokens)
@@ -211,7 +211,10 @@ class SwiftKVModelMixin:
 
         # Masks are sized from the cache BEFORE this step's K/V are written into it.
         mask_args = dict(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=cache,
             position_ids=position_ids,
         )
         mask = _mask_function(self.config)(**mask_args)
@@ -222,8 +225,13 @@ class SwiftKVModelMixin:
         num_kv_layers = self.config.num_key_value_layers
         for layer in self.layers[:num_kv_layers]:
             hidden = layer(
-                hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids,
-                cache=cache, use_cache=use_cache, **kwargs,
+                hidden,
+                attention_mask=mask,
+                position_embeddings=rope,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
             )
         group_kv = self._write_swiftkv_cache(self.norm_swiftkv(hidden), rope, cache, kwargs)
         if kept is not None:  # prompt tokens stop here; only the last `kept` tokens go on
@@ -231,8 +239,11 @@ class SwiftKVModelMixin:
             rope = (rope[0][:, -kept:], rope[1][:, -kept:])
         for idx in range(num_kv_layers, self.config.num_hidden_layers):
             hidden = self.layers[idx](
-                hidden, attention_mask=late_mask, position_embeddings=rope,
-                swiftkv_key_values=group_kv[self.config.leader_of(idx)], **kwargs,
+                hidden,
+                attention_mask=late_mask,
+                position_embeddings=rope,
+                swiftkv_key_values=group_kv[self.config.leader_of(idx)],
+                **kwargs,
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
 
@@ -284,17 +295,24 @@ class SwiftKVForCausalLMMixin:
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
-        """The stock loader, but a checkpoint whose SwiftKV weights don't match its config is an error."""
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(k for k in info["missing_keys"] if "swiftkv" in k)
-        unexpected = sorted(k for k in info["unexpected_keys"] if "swiftkv" in k)
-        if missing or unexpected:
+    def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
+        """The stock loader, but a checkpoint whose weights don't match its config is an error that names them."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = [f"missing {k}" for k in sorted(info["missing_keys"]) if "swiftkv" in k]
+        problems += [f"unexpected {k}" for k in sorted(info["unexpected_keys"]) if "swiftkv" in k]
+        problems += [
+            f"{key} has shape {tuple(found)} in the checkpoint but {tuple(wanted)} in the model"
+            for key, found, wanted in info["mismatched_keys"]
+            if "swiftkv" in key or not ignore_mismatched_sizes
+        ]
+        if problems:
+            config = model.config
             raise ValueError(
-                f"SwiftKV weights do not match the config (num_key_value_layers="
-                f"{model.config.num_key_value_layers}, key_value_group_size={model.config.key_value_group_size}): "
-                f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                f"{'...' if len(unexpected) > 6 else ''}. Convert the base model with `swiftkv convert` or fix config.json."
+                f"Checkpoint does not match its config (num_key_value_layers={config.num_key_value_layers}, "
+                f"key_value_group_size={config.key_value_group_size}): "
+                + "; ".join(problems[:8])
+                + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+                + ". Convert the base model with `swiftkv convert`, or fix config.json."
             )
         return (model, info) if output_loading_info else model
 
@@ -312,8 +330,12 @@ class SwiftKVForCausalLMMixin:
         **kwargs,
     ) -> CausalLMOutputWithPast:
         args = dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
         )
         if not self.config.swiftkv:
             return super().forward(**args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
