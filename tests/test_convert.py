@@ -168,6 +168,7 @@ def test_save_refuses_a_non_empty_directory_and_writes_nothing(tmp_path):
 def test_interrupted_save_leaves_no_checkpoint(tmp_path):
     class Exploding:
         def save_pretrained(self, path):
+            path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text("{}")
             raise KeyboardInterrupt
 

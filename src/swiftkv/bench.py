@@ -1,0 +1,489 @@
+"""Prefill and decode benchmark of SwiftKV against its own base model, next to the FLOPs and KV-bytes theory.
+
+Every measurement is an interleaved A/B comparison on ONE model object: `config.swiftkv = False` is the exact
+base model, `True` the SwiftKV model, so both modes share weights, memory layout and machine state. Shapes:
+T prompt tokens, N layers, L = `num_key_value_layers`, g = `key_value_group_size`, D hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+# Natural English for prompts (repeated, then truncated to exactly T tokens): real text gives the tokenizer
+# realistic token ids, which matters for nothing in the FLOPs but keeps the benchmark honest and reproducible.
+PROMPT_TEXT = (
+    "The river valley had been farmed for centuries before the railway arrived. Each spring the water rose "
+    "over the lower fields and left behind a layer of dark silt, and each autumn the families gathered to "
+    "bring in wheat, barley and apples before the first frost. When the engineers came to survey the line, "
+    "they found that the old stone bridge could not carry a locomotive, so they built a new one of iron a "
+    "mile downstream. The village grew toward the station: a post office, two inns, a school with a bell "
+    "that could be heard across the water. Older people still remember the sound of the evening train and "
+    "the smell of coal smoke drifting over the orchards on still summer nights. "
+)
+
+Timings = dict[str, list[float]]  # mode ("base" | "swiftkv") -> seconds per run
+
+
+# ---------------------------------------------------------------------------------------------- theory
+
+
+def _dims(config) -> dict[str, int]:
+    """Matrix sizes of one decoder layer: hidden D, query width H*Dh, key/value width Hkv*Dh, MLP width I."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "hidden": config.hidden_size,
+        "q": config.num_attention_heads * head_dim,
+        "kv": config.num_key_value_heads * head_dim,
+        "mlp": config.intermediate_size,
+        "vocab": config.vocab_size,
+    }
+
+
+def _layer_flops(d: dict[str, int], tokens: int, kv_tokens: int, pairs: float) -> float:
+    """FLOPs of one layer: q,o,MLP for `tokens`, k,v projections for `kv_tokens`, attention over `pairs`.
+
+    A matmul [M, K] x [K, N] costs 2*M*K*N. `pairs` = query-key pairs; each costs Q.K (2*H*Dh) plus P.V (2*H*Dh).
+    """
+    q_o_mlp = 2 * tokens * (2 * d["hidden"] * d["q"] + 3 * d["hidden"] * d["mlp"])  # q, o, gate/up/down
+    k_v = 2 * kv_tokens * 2 * d["hidden"] * d["kv"]
+    return q_o_mlp + k_v + 4 * pairs * d["q"]
+
+
+def prefill_flops(config, prompt_len: int, swiftkv: bool) -> float:
+    """FLOPs of `model(ids, logits_to_keep=1)` for a prompt of T tokens, without a cache (what generate runs).
+
+    Base: every layer runs all T tokens, causal attention over T(T+1)/2 pairs. SwiftKV: layers < L as the base;
+    each later layer runs q,o,MLP for the last token only, attending all T keys; the K/V projections of the
+    (N-L)/g group leaders run for all T tokens (the cache needs them). Both: lm_head for 1 token.
+    """
+    d, t = _dims(config), prompt_len
+    n_layers = config.num_hidden_layers
+    causal_pairs = t * (t + 1) / 2
+    lm_head = 2 * d["hidden"] * d["vocab"]
+    if not swiftkv:
+        return n_layers * _layer_flops(d, t, t, causal_pairs) + lm_head
+    n_kv, group = config.num_key_value_layers, config.key_value_group_size
+    early = n_kv * _layer_flops(d, t, t, causal_pairs)
+    leaders_kv = (n_layers - n_kv) // group * _layer_flops(d, 0, t, 0)
+    late = (n_layers - n_kv) * _layer_flops(d, 1, 0, t)  # one query, T keys
+    return early + leaders_kv + late + lm_head
+
+
+def theoretical_prefill_flops_ratio(config, prompt_len: int) -> float:
+    """SwiftKV prefill FLOPs / base prefill FLOPs; tends to L/N (from above) as the prompt grows."""
+    return prefill_flops(config, prompt_len, swiftkv=True) / prefill_flops(config, prompt_len, swiftkv=False)
+
+
+def kv_bytes_ratio(config) -> float:
+    """SwiftKV cache bytes / base cache bytes: one entry per layer < L plus one per AcrossKV group."""
+    n_layers, n_kv = config.num_hidden_layers, config.num_key_value_layers
+    return (n_kv + (n_layers - n_kv) / config.key_value_group_size) / n_layers
+
+
+def measured_kv_bytes(cache: Cache) -> int:
+    """Bytes of the DISTINCT tensor storages a cache holds (a storage shared by several layers counts once)."""
+    storages: dict[int, int] = {}
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def swiftkv_mode(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """Run with `config.swiftkv = enabled` (False: the exact base model), then restore the previous mode."""
+    previous = model.config.swiftkv
+    model.config.swiftkv = enabled
+    try:
+        yield
+    finally:
+        model.config.swiftkv = previous
+
+
+@contextlib.contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    """torch intra-op threads for the block (the benchmark's machine setting), restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor):
+    """What `generate` runs first: a new cache, only the last token's logits. input_ids [1, T]."""
+    return model(input_ids, use_cache=True, logits_to_keep=1)
+
+
+def interleaved(run: Callable[[bool], float], reps: int, warmup: int = 1) -> Timings:
+    """Call `run(swiftkv)` for both modes `reps` times, alternating which mode goes first (drift cancels).
+
+    `warmup` untimed rounds of both modes come first (allocator, thread pool and caches settle).
+    """
+    for _ in range(warmup):
+        run(False), run(True)
+    times: Timings = {"base": [], "swiftkv": []}
+    for rep in range(reps):
+        for swift in (False, True) if rep % 2 == 0 else (True, False):
+            times["swiftkv" if swift else "base"].append(run(swift))
+    return times
+
+
+@torch.inference_mode()
+def measure_prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, reps: int = 5, warmup: int = 1, threads: int = 2
+) -> Timings:
+    """Seconds per prefill of `input_ids` [1, T], base and SwiftKV interleaved."""
+
+    def run(swift: bool) -> float:
+        with swiftkv_mode(model, swift):
+            return _timed(lambda: prefill(model, input_ids))
+
+    with num_threads(threads):
+        return interleaved(run, reps, warmup)
+
+
+@torch.inference_mode()
+def _prefilled(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+    """Cache after the prompt [1, P] and the greedy first token [1, 1] (current mode)."""
+    out = prefill(model, input_ids)
+    return out.cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.inference_mode()
+def greedy_decode(model: PreTrainedModel, cache: Cache, token: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`new_tokens` greedy steps from `cache`, one token [1, 1] at a time, never stopping early (fixed length)."""
+    out_tokens = []
+    for _ in range(new_tokens):
+        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits  # [1, 1, V]
+        token = logits[:, -1:].argmax(-1)
+        out_tokens.append(token)
+    return torch.cat(out_tokens, dim=1)  # [1, new_tokens]
+
+
+def measure_decode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    new_tokens: int = 32,
+    reps: int = 5,
+    warmup: int = 1,
+    threads: int = 2,
+) -> Timings:
+    """Seconds for `new_tokens` greedy decode steps after the prompt `input_ids` [1, P], modes interleaved.
+
+    Each mode is prefilled ONCE (untimed); every run crops its cache back to the P prompt tokens, so all runs
+    decode from the same state without paying for the prompt again.
+    """
+    with num_threads(threads):
+        states = {}
+        for swift in (False, True):
+            with swiftkv_mode(model, swift):
+                states[swift] = _prefilled(model, input_ids)
+
+        def run(swift: bool) -> float:
+            cache, first = states[swift]
+            with swiftkv_mode(model, swift):
+                seconds = _timed(lambda: greedy_decode(model, cache, first, new_tokens))
+            cache.crop(-new_tokens)  # back to the prompt only
+            return seconds
+
+        return interleaved(run, reps, warmup)
+
+
+def summary(times: Sequence[float]) -> dict[str, object]:
+    """Every run plus median / min / max, in seconds."""
+    return {"times_s": list(times), "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+# ---------------------------------------------------------------------------------------------- KV bytes
+
+
+@torch.inference_mode()
+def measure_kv_bytes(model: PreTrainedModel, input_ids: torch.Tensor) -> dict[str, float]:
+    """Cache bytes after one prefill of `input_ids` [1, P] in each mode, next to `kv_bytes_ratio`."""
+    measured = {}
+    for swift in (False, True):
+        with swiftkv_mode(model, swift):
+            measured[swift] = measured_kv_bytes(prefill(model, input_ids).cache)
+    return {
+        "prompt_len": input_ids.shape[1],
+        "base_bytes": measured[False],
+        "swiftkv_bytes": measured[True],
+        "measured_ratio": measured[True] / measured[False],
+        "theoretical_ratio": kv_bytes_ratio(model.config),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) from a Hugging Face dir (a stock or a SwiftKV checkpoint); tokenizer None if absent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import swiftkv  # noqa: F401  (registers *_swiftkv types, so SwiftKV checkpoints load too)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Exactly `length` token ids [1, length]: PROMPT_TEXT repeated and tokenised, or seeded random ids."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(3, vocab_size, (1, length), generator=generator)
+    ids = tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+    repeats = length // len(ids) + 1
+    return torch.tensor([(ids * repeats)[:length]], dtype=torch.long)
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    """What a reader needs to compare runs: versions, threads, CPU."""
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _prefill_entry(model: PreTrainedModel, ids: torch.Tensor, reps: int, warmup: int, threads: int) -> dict:
+    """Timings of one prompt length, with the measured time ratio next to the theoretical FLOPs ratio."""
+    times = measure_prefill(model, ids, reps, warmup, threads)
+    base, swift = summary(times["base"]), summary(times["swiftkv"])
+    paired = [s / b for s, b in zip(times["swiftkv"], times["base"], strict=True)]
+    return {
+        "prompt_len": ids.shape[1],
+        "base": base,
+        "swiftkv": swift,
+        "measured_ratio": swift["median_s"] / base["median_s"],  # ratio of medians (headline)
+        "paired_ratios": paired,  # run r of SwiftKV / run r of base: spread of the ratio itself
+        "theoretical_flops_ratio": theoretical_prefill_flops_ratio(model.config, ids.shape[1]),
+    }
+
+
+def _decode_entry(
+    model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, reps: int, warmup: int, threads: int
+) -> dict:
+    """Decode timings after the prompt `ids` [1, P], as seconds per run and tokens/s."""
+    times = measure_decode(model, ids, new_tokens, reps, warmup, threads)
+    entry: dict[str, object] = {"prompt_len": ids.shape[1], "new_tokens": new_tokens}
+    for mode, runs in times.items():
+        entry[mode] = {**summary(runs), "tokens_per_s": [new_tokens / t for t in runs]}
+        entry[mode]["tokens_per_s_median"] = statistics.median(entry[mode]["tokens_per_s"])
+    entry["speedup"] = entry["swiftkv"]["tokens_per_s_median"] / entry["base"]["tokens_per_s_median"]
+    return entry
+
+
+def run_benchmark(
+    model_dir_or_model: str | os.PathLike | PreTrainedModel,
+    prompt_lengths: Sequence[int] = (256, 512, 1024, 2048),
+    settings: Sequence[tuple[int, int]] = ((15, 1), (15, 3)),
+    reps: int = 5,
+    decode_tokens: int = 32,
+    json_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    threads: int = 2,
+    warmup: int = 1,
+    decode_prompt_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizer=None,
+) -> dict:
+    """Convert the base model for each (L, g) and measure prefill, decode and KV bytes against the theory.
+
+    `decode_prompt_len` defaults to the longest prompt length; `decode_tokens=0` skips decode. Returns the
+    result dict that is also written to `json_path` (and drawn to `plot_path`).
+    """
+    from swiftkv.convert import convert
+
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        model, tokenizer = load_model(model_dir_or_model, dtype)
+        name = str(model_dir_or_model)
+    else:
+        model, name = model_dir_or_model.eval(), type(model_dir_or_model).__name__
+    decode_len = decode_prompt_len or max(prompt_lengths)
+    prompts = {t: prompt_ids(tokenizer, model.config.vocab_size, t) for t in {*prompt_lengths, decode_len}}
+    result = {
+        "machine": machine_info(threads),
+        "model": _model_info(model, name, dtype),
+        "benchmark": {
+            "prompt_lengths": list(prompt_lengths),
+            "reps": reps,
+            "warmup": warmup,
+            "decode_tokens": decode_tokens,
+            "decode_prompt_len": decode_len,
+            "prompt": "PROMPT_TEXT repeated" if tokenizer is not None else "random ids (seed 0)",
+        },
+        "settings": [],
+    }
+    steps = len(settings) * (len(prompt_lengths) + 1 + bool(decode_tokens))
+    with tqdm(total=steps, desc="swiftkv bench", unit="step") as bar:
+        for n_kv, group in settings:
+            swift = convert(model, n_kv, group)  # shares the base weight tensors: no copy
+            result["settings"].append(
+                _run_setting(swift, prompts, prompt_lengths, decode_len, decode_tokens, reps, warmup, threads, bar)
+            )
+            del swift
+    if json_path is not None:
+        write_json(result, json_path)
+    if plot_path is not None:
+        plot(result, plot_path)
+    return result
+
+
+def _run_setting(
+    model: PreTrainedModel,
+    prompts: dict[int, torch.Tensor],
+    prompt_lengths: Sequence[int],
+    decode_len: int,
+    decode_tokens: int,
+    reps: int,
+    warmup: int,
+    threads: int,
+    bar: tqdm,
+) -> dict:
+    """All measurements of one converted model (one (L, g) layout)."""
+    config = model.config
+    layout = f"L={config.num_key_value_layers} g={config.key_value_group_size}"
+    entry = {
+        "num_key_value_layers": config.num_key_value_layers,
+        "key_value_group_size": config.key_value_group_size,
+        "prefill": [],
+    }
+    for length in prompt_lengths:
+        bar.set_postfix_str(f"{layout} prefill T={length}")
+        entry["prefill"].append(_prefill_entry(model, prompts[length], reps, warmup, threads))
+        bar.update()
+    bar.set_postfix_str(f"{layout} KV bytes")
+    entry["kv_bytes"] = measure_kv_bytes(model, prompts[decode_len])
+    bar.update()
+    if decode_tokens:
+        bar.set_postfix_str(f"{layout} decode P={decode_len}")
+        entry["decode"] = _decode_entry(model, prompts[decode_len], decode_tokens, reps, warmup, threads)
+        bar.update()
+    return entry
+
+
+def _model_info(model: PreTrainedModel, name: str, dtype: torch.dtype) -> dict[str, object]:
+    config = model.config
+    return {
+        "name": name,
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": config._attn_implementation,
+    }
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def plot(result: dict, path: str | os.PathLike) -> Path:
+    """Prefill speed-up (base time / SwiftKV time) vs prompt length: measured (solid) and FLOPs theory (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, setting in enumerate(result["settings"]):
+        lengths = [p["prompt_len"] for p in setting["prefill"]]
+        label = f"L={setting['num_key_value_layers']}, g={setting['key_value_group_size']}"
+        color = f"C{i}"
+        ax.plot(
+            lengths, [1 / p["measured_ratio"] for p in setting["prefill"]], "o-", color=color, label=f"{label} measured"
+        )
+        ax.plot(
+            lengths,
+            [1 / p["theoretical_flops_ratio"] for p in setting["prefill"]],
+            "--",
+            color=color,
+            label=f"{label} FLOPs theory",
+        )
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("prefill speed-up vs base (x)")
+    machine = result["machine"]
+    ax.set_title(
+        f"{Path(result['model']['name']).name}: {machine['threads']} threads, {machine['cpu_model']}", fontsize=9
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(result: dict) -> list[str]:
+    """A few human-readable lines: one per (layout, prompt length), plus decode and KV bytes per layout."""
+    lines = [f"{'layout':<10} {'T':>6} {'base ms':>9} {'swiftkv ms':>11} {'measured':>9} {'theory':>7}"]
+    for s in result["settings"]:
+        layout = f"L={s['num_key_value_layers']} g={s['key_value_group_size']}"
+        for p in s["prefill"]:
+            lines.append(
+                f"{layout:<10} {p['prompt_len']:>6} {1e3 * p['base']['median_s']:>9.1f} "
+                f"{1e3 * p['swiftkv']['median_s']:>11.1f} {p['measured_ratio']:>9.3f} "
+                f"{p['theoretical_flops_ratio']:>7.3f}"
+            )
+        if "decode" in s:
+            d = s["decode"]
+            lines.append(
+                f"{layout:<10} decode after P={d['prompt_len']}: base {d['base']['tokens_per_s_median']:.1f} tok/s, "
+                f"swiftkv {d['swiftkv']['tokens_per_s_median']:.1f} tok/s (x{d['speedup']:.2f})"
+            )
+        kv = s["kv_bytes"]
+        lines.append(
+            f"{layout:<10} KV bytes: {kv['swiftkv_bytes'] / 2**20:.1f} / {kv['base_bytes'] / 2**20:.1f} MiB "
+            f"= {kv['measured_ratio']:.4f} (theory {kv['theoretical_ratio']:.4f})"
+        )
+    return lines

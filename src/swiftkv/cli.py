@@ -1,0 +1,243 @@
+"""`swiftkv` command line: one entry point, subcommands call the library (no math here)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TextStreamer
+
+from swiftkv import bench
+from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.files import prepare_output_dir
+from swiftkv.loading import DEFAULT_MODEL, DTYPES, is_swiftkv, load_model, resolve_model_path
+
+DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
+
+
+def _add_layout_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--num-key-value-layers", "-L", type=int, help="L: layers 0..L-1 run for every prompt token")
+    group.add_argument("--skip", type=float, help="fraction of layers prompt tokens skip, e.g. 0.5 (L = N - 0.5 N)")
+    parser.add_argument("--key-value-group-size", "-g", type=int, default=1, help="AcrossKV group size (1: off)")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load, write nothing
+    model, tokenizer = load_model(args.src, args.dtype)
+    num_kv_layers = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
+    swift = convert(model, num_kv_layers, args.key_value_group_size)
+    out = save_atomic(args.out, args.overwrite, swift, tokenizer)
+    print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}")
+
+
+def _swiftkv_model(args: argparse.Namespace):
+    """Load MODEL; a base checkpoint is converted on the fly when a layout is given."""
+    model, tokenizer = load_model(args.model, args.dtype)
+    if not is_swiftkv(model):
+        if getattr(args, "num_key_value_layers", None) is None and getattr(args, "skip", None) is None:
+            raise SystemExit(f"{args.model} is not a SwiftKV checkpoint: pass --num-key-value-layers or --skip.")
+        n_kv = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
+        model = convert(model, n_kv, args.key_value_group_size)
+    return model, tokenizer
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    model, _ = _swiftkv_model(args)
+    config = model.config
+    added = sum(p.numel() for n, p in model.named_parameters() if "swiftkv" in n)
+    total = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("model type", config.model_type),
+        ("layers N", config.num_hidden_layers),
+        ("num_key_value_layers L", config.num_key_value_layers),
+        ("key_value_group_size g", config.key_value_group_size),
+        ("base parameters", f"{total - added:,}"),
+        ("SwiftKV parameters added", f"{added:,} ({added / (total - added):.1%})"),
+        (
+            f"prefill FLOPs ratio @ {args.prompt_length} tokens",
+            f"{bench.theoretical_prefill_flops_ratio(config, args.prompt_length):.3f}",
+        ),
+        ("KV-cache bytes ratio", f"{bench.kv_bytes_ratio(config):.3f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+class TimingStreamer(TextStreamer):
+    """Prints tokens as they come and records when each arrives (the first `put` is the prompt)."""
+
+    def __init__(self, tokenizer, quiet: bool = False):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.quiet, self.start, self.token_times = quiet, time.perf_counter(), []
+
+    def put(self, value):
+        if self.next_tokens_are_prompt:
+            return super().put(value)
+        self.token_times.append(time.perf_counter())
+        return None if self.quiet else super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if not self.quiet:
+            super().on_finalized_text(text, stream_end)
+
+
+def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.inference_mode()
+def generate_text(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, quiet: bool = False) -> dict:
+    """Greedy generation with streaming; returns text, time to first token and decode tokens/s."""
+    streamer = TimingStreamer(tokenizer, quiet=quiet)
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    times = streamer.token_times
+    decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {
+        "text": tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True),
+        "prompt_tokens": input_ids.shape[1],
+        "new_tokens": len(times),
+        "ttft_s": times[0] - streamer.start,
+        "decode_tokens_per_s": (len(times) - 1) / decode_s if len(times) > 1 else float("nan"),
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype)
+    if is_swiftkv(model):
+        model.config.swiftkv = not args.no_swiftkv
+    elif not args.no_swiftkv:
+        print(f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model", file=sys.stderr)
+    result = generate_text(model, tokenizer, _encode(tokenizer, args.prompt, args.chat), args.max_new_tokens)
+    print(
+        f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new] time to first token "
+        f"{result['ttft_s'] * 1000:.0f} ms, decode {result['decode_tokens_per_s']:.1f} tokens/s",
+        file=sys.stderr,
+    )
+
+
+def _demo_prompt(tokenizer, target_tokens: int) -> torch.Tensor:
+    """A long chat prompt: a document of about `target_tokens` tokens followed by a question about it."""
+    per_copy = len(tokenizer(bench.PROMPT_TEXT)["input_ids"])
+    document = bench.PROMPT_TEXT * max(1, target_tokens // per_copy)
+    return _encode(tokenizer, f"{document}\n\n{DEMO_QUESTION}", chat=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, args.dtype)
+    if not is_swiftkv(model):
+        model = convert(model, args.num_key_value_layers, args.key_value_group_size)
+    ids = _demo_prompt(tokenizer, args.prompt_tokens)
+    config = model.config
+    print(
+        f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
+        f"g={config.key_value_group_size}; prompt: {ids.shape[1]} tokens; {args.threads} threads\n"
+    )
+    for enabled in (False, True):
+        with bench.swiftkv_mode(model, enabled):
+            result = generate_text(model, tokenizer, ids, args.max_new_tokens, quiet=True)
+        label = "SwiftKV" if enabled else "base"
+        print(f"--- {label} answer (time to first token {result['ttft_s'] * 1000:.0f} ms):\n{result['text'].strip()}\n")
+    times = bench.measure_prefill(model, ids, reps=args.reps, threads=args.threads)
+    ratio = statistics.median(times["swiftkv"]) / statistics.median(times["base"])
+    kv = bench.measure_kv_bytes(model, ids)
+    flops = bench.theoretical_prefill_flops_ratio(config, ids.shape[1])
+    print(f"prefill time SwiftKV/base: {ratio:.2f} (median of {args.reps} interleaved runs; FLOPs theory {flops:.2f})")
+    print(f"KV-cache bytes SwiftKV/base: {kv['measured_ratio']:.3f} (theory {kv['theoretical_ratio']:.3f})")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    settings = [tuple(int(x) for x in s.split(",")) for s in args.settings]
+    result = bench.run_benchmark(
+        resolve_model_path(args.model),
+        prompt_lengths=args.prompt_lengths,
+        settings=settings,
+        reps=args.reps,
+        decode_tokens=args.decode_tokens,
+        json_path=args.json,
+        plot_path=args.plot,
+        threads=args.threads,
+    )
+    print("\n".join(bench.summary_lines(result)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swiftkv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str, model_arg: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if model_arg:
+            p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint dir, .gguf, or 'default'")
+        p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+        p.set_defaults(func=func)
+        return p
+
+    p = add("convert", cmd_convert, "convert a base checkpoint (dir or .gguf) to a SwiftKV checkpoint", False)
+    p.add_argument("src", help="base checkpoint directory, .gguf file, or 'default'")
+    p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    _add_layout_args(p)
+
+    p = add("info", cmd_info, "layers, L, g, parameter counts and predicted prefill-FLOPs / KV-bytes ratios")
+    p.add_argument("--prompt-length", type=int, default=2048)
+    _add_layout_args(p)
+    p._mutually_exclusive_groups[-1].required = False
+
+    p = add("generate", cmd_generate, "stream a completion; prints time to first token and tokens/s")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-swiftkv", action="store_true", help="run the base model (same weights, SwiftKV off)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+
+    p = add("demo", cmd_demo, "the main job: base vs SwiftKV on a long prompt, answers and measured speed-up")
+    p.add_argument("--num-key-value-layers", "-L", type=int, default=15)
+    p.add_argument("--key-value-group-size", "-g", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+
+    p = add("bench", cmd_bench, "interleaved base vs SwiftKV prefill/decode/KV benchmark, JSON + PNG")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--settings", nargs="+", default=["15,1", "15,3"], help="L,g pairs")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=Path("bench.json"))
+    p.add_argument("--plot", type=Path, default=Path("bench.png"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"swiftkv {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

