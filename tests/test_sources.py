@@ -58,7 +58,7 @@ def test_refuses_to_overwrite_non_empty_dir(fake_gguf: Path, tmp_path: Path) -> 
 def test_converts_into_empty_dir_and_overwrites_on_request(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "_load_gguf", _fake_loader())
+    monkeypatch.setattr(sources, "load_gguf", _fake_loader())
     out = tmp_path / "out"
     out.mkdir()
     assert sources.gguf_to_hf_dir(fake_gguf, out) == out
@@ -71,7 +71,7 @@ def test_converts_into_empty_dir_and_overwrites_on_request(
 def test_interrupted_conversion_leaves_nothing(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "_load_gguf", _fake_loader(fail=True))
+    monkeypatch.setattr(sources, "load_gguf", _fake_loader(fail=True))
     with pytest.raises(KeyboardInterrupt):
         sources.gguf_to_hf_dir(fake_gguf, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
@@ -93,10 +93,10 @@ def test_default_model_dir_converts_once_into_the_cache(
 ) -> None:
     monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sources, "smollm2_gguf", lambda: fake_gguf)
-    monkeypatch.setattr(sources, "_load_gguf", _fake_loader())
+    monkeypatch.setattr(sources, "load_gguf", _fake_loader())
     first = sources.default_model_dir()
     assert first == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
-    monkeypatch.setattr(sources, "_load_gguf", _fake_loader(fail=True))  # a second conversion would raise
+    monkeypatch.setattr(sources, "load_gguf", _fake_loader(fail=True))  # a second conversion would raise
     assert sources.default_model_dir() == first
 
 

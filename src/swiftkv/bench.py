@@ -277,6 +277,7 @@ def machine_info(threads: int) -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "load_average": list(os.getloadavg()),  # other processes on the machine slow some runs: look here first
     }
 
 

@@ -1,0 +1,69 @@
+"""SwiftKV vs its base model on CPU: prefill time vs the FLOPs theory, decode tokens/s, KV-cache bytes.
+
+    python benchmarks/prefill_decode.py                      # SmolLM2-135M-Instruct, T=256..2048, L=15 g=1 and g=3
+    python benchmarks/prefill_decode.py --prompt-lengths 2048 --settings 15:1 --reps 7
+
+Writes every run's time plus machine info to --json and a speed-up plot to --plot. Base and SwiftKV run
+interleaved on the same model object (config.swiftkv False / True), so both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from swiftkv.bench import run_benchmark, summary_lines
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _setting(text: str) -> tuple[int, int]:
+    """'15:3' -> (L=15, g=3); '15' -> (15, 1)."""
+    n_kv, _, group = text.partition(":")
+    return int(n_kv), int(group or 1)
+
+
+def parse_args() -> argparse.Namespace:
+    here = Path(__file__).resolve().parent / "results"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face dir (default: SmolLM2-135M-Instruct, converted once)")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--settings", type=_setting, nargs="+", default=[(15, 1), (15, 3)], metavar="L[:g]")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per mode (interleaved)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per decode run (0: skip)")
+    parser.add_argument("--decode-prompt-len", type=int, help="prompt before decoding (default: longest)")
+    parser.add_argument("--json", type=Path, default=here / "prefill_decode.json")
+    parser.add_argument("--plot", type=Path, default=here / "prefill_decode.png")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.model is None:
+        from swiftkv.sources import default_model_dir
+
+        args.model = default_model_dir()
+    result = run_benchmark(
+        args.model,
+        prompt_lengths=args.prompt_lengths,
+        settings=args.settings,
+        reps=args.reps,
+        decode_tokens=args.decode_tokens,
+        json_path=args.json,
+        plot_path=args.plot,
+        threads=args.threads,
+        warmup=args.warmup,
+        decode_prompt_len=args.decode_prompt_len,
+        dtype=DTYPES[args.dtype],
+    )
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
