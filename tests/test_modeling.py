@@ -185,3 +185,17 @@ def test_mistral_sliding_window_fast_equals_full():
     ids, _ = left_padded_batch(lengths=(12, 12))
     full = model(ids).logits
     torch.testing.assert_close(model(ids, logits_to_keep=2).logits, full[:, -2:], **TIGHT)
+
+
+def test_shared_prefix_api_gives_teacher_and_student_logits(pair):
+    """Distillation runs layers < L once and branches: both branches must equal their own full forward."""
+    _, model = pair
+    ids, mask = left_padded_batch()
+    decoder = model.model
+    hidden, inputs = decoder.prepare_layer_inputs(ids, attention_mask=mask)
+    prefix = decoder.run_prefix_layers(hidden, inputs)
+    student, _ = decoder.run_swiftkv_layers(prefix, inputs)
+    teacher, _ = decoder.run_base_layers(prefix, inputs)
+    torch.testing.assert_close(model.lm_head(decoder.norm(student)), model(ids, attention_mask=mask).logits, **TIGHT)
+    model.config.swiftkv = False
+    assert torch.equal(model.lm_head(decoder.norm(teacher)), model(ids, attention_mask=mask).logits)

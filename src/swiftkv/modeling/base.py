@@ -8,6 +8,7 @@ H query heads, Hkv key/value heads, Dh head dim, P tokens already in the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -131,6 +132,19 @@ def _check_cache(cache: Cache | None, config) -> None:
     cache._swiftkv_layout = layout
 
 
+@dataclasses.dataclass
+class LayerInputs:
+    """Everything the decoder layers of one forward share besides the hidden states."""
+
+    mask: torch.Tensor | None  # for layers < L (and every layer in the full forward); None = sdpa is_causal
+    late_mask: torch.Tensor | None  # rows of the kept queries, for layers >= L
+    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [B|1, T, Dh]
+    position_ids: torch.Tensor  # [B|1, T]
+    kept: int | None  # trailing tokens that run layers >= L; None = all of them
+    cache: Cache | None
+    use_cache: bool
+
+
 class SwiftKVDecoderLayerMixin:
     """The family's decoder layer with a SwiftKV attention (class attribute `attention_class`)."""
 
@@ -200,6 +214,23 @@ class SwiftKVModelMixin:
         num_kept_tokens: int | None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        hidden, inputs = self.prepare_layer_inputs(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, num_kept_tokens
+        )
+        hidden, _ = self.run_swiftkv_layers(self.run_prefix_layers(hidden, inputs, **kwargs), inputs, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=inputs.cache)
+
+    def prepare_layer_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = False,
+        num_kept_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, LayerInputs]:
+        """Embeddings [B, T, D] and what every layer needs (masks, RoPE, cache) for one forward."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
@@ -208,7 +239,6 @@ class SwiftKVModelMixin:
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
-
         # Masks are sized from the cache BEFORE this step's K/V are written into it.
         mask_args = dict(
             config=self.config,
@@ -219,33 +249,66 @@ class SwiftKVModelMixin:
         )
         mask = _mask_function(self.config)(**mask_args)
         kept = self._kept_tokens(hidden.shape[1], num_kept_tokens)
-        late_mask = mask if kept is None else _mask_rows(self.config, mask_args, kept)
-        rope = self.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin), each [B|1, T, Dh]
+        inputs = LayerInputs(
+            mask=mask,
+            late_mask=mask if kept is None else _mask_rows(self.config, mask_args, kept),
+            rope=self.rotary_emb(hidden, position_ids=position_ids),  # (cos, sin), each [B|1, T, Dh]
+            position_ids=position_ids,
+            kept=kept,
+            cache=cache,
+            use_cache=bool(use_cache),
+        )
+        return hidden, inputs
 
-        num_kv_layers = self.config.num_key_value_layers
-        for layer in self.layers[:num_kv_layers]:
+    def run_prefix_layers(self, hidden: torch.Tensor, inputs: LayerInputs, **kwargs) -> torch.Tensor:
+        """Layers 0..L-1 on every token: [B, T, D] -> h_L [B, T, D]. Identical for teacher and student."""
+        for layer in self.layers[: self.config.num_key_value_layers]:
             hidden = layer(
                 hidden,
-                attention_mask=mask,
-                position_embeddings=rope,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
+                attention_mask=inputs.mask,
+                position_embeddings=inputs.rope,
+                position_ids=inputs.position_ids,
+                cache=inputs.cache,
+                use_cache=inputs.use_cache,
                 **kwargs,
             )
-        group_kv = self._write_swiftkv_cache(self.norm_swiftkv(hidden), rope, cache, kwargs)
-        if kept is not None:  # prompt tokens stop here; only the last `kept` tokens go on
-            hidden = hidden[:, -kept:]
-            rope = (rope[0][:, -kept:], rope[1][:, -kept:])
-        for idx in range(num_kv_layers, self.config.num_hidden_layers):
+        return hidden
+
+    def run_swiftkv_layers(
+        self, hidden: torch.Tensor, inputs: LayerInputs, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student layers L..N-1 from h_L [B, T, D]: K/V of every group from norm_swiftkv(h_L), written once
+        into the cache; only the kept tokens [B, K, D] run the layers.
+
+        Returns (output of the last layer, before the final norm; input of the last layer), both [B, K, D].
+        """
+        rope = inputs.rope
+        group_kv = self._write_swiftkv_cache(self.norm_swiftkv(hidden), rope, inputs.cache, kwargs)
+        if inputs.kept is not None:  # prompt tokens stop here; only the last `kept` tokens go on
+            hidden = hidden[:, -inputs.kept :]
+            rope = (rope[0][:, -inputs.kept :], rope[1][:, -inputs.kept :])
+        last_input = hidden
+        for idx in range(self.config.num_key_value_layers, self.config.num_hidden_layers):
+            last_input = hidden
             hidden = self.layers[idx](
                 hidden,
-                attention_mask=late_mask,
+                attention_mask=inputs.late_mask,
                 position_embeddings=rope,
                 swiftkv_key_values=group_kv[self.config.leader_of(idx)],
                 **kwargs,
             )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
+        return hidden, last_input
+
+    def run_base_layers(self, hidden: torch.Tensor, inputs: LayerInputs, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher layers L..N-1 from h_L [B, T, D]: the base model's own attention, every token, no cache.
+
+        Returns (output of the last layer, before the final norm; input of the last layer), both [B, T, D].
+        """
+        last_input = hidden
+        for layer in self.layers[self.config.num_key_value_layers :]:
+            last_input = hidden
+            hidden = layer(hidden, attention_mask=inputs.mask, position_embeddings=inputs.rope, **kwargs)
+        return hidden, last_input
 
     def _kept_tokens(self, num_tokens: int, num_kept_tokens: int | None) -> int | None:
         """How many trailing tokens run layers >= L, or None when all of them must (full SwiftKV forward)."""
