@@ -1,0 +1,58 @@
+"""Integration on real weights (slow: minutes). Run with `python -m pytest -m slow`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_modeling import distinct_cache_bytes, reference_greedy
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swiftkv import sources
+from swiftkv.convert import convert
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Summarise in one sentence: the railway reached the valley, the village grew toward the station. " * 20
+
+
+def _real(model_dir_fn):
+    try:
+        path = model_dir_fn()
+    except ModuleNotFoundError as missing:
+        pytest.skip(str(missing))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module", params=["smollm2", "qwen2.5-coder"])
+def real(request):
+    fn = {"smollm2": sources.default_model_dir, "qwen2.5-coder": sources.qwen_coder_dir}[request.param]
+    return _real(fn)
+
+
+@torch.inference_mode()
+def test_real_model_parity_and_generation(real):
+    base, tokenizer = real
+    layers = base.config.num_hidden_layers
+    model = convert(base, layers // 2, 1)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :400]
+    mask = torch.ones_like(ids)
+    model.config.swiftkv = False
+    assert torch.equal(model(ids).logits, base(ids).logits)
+    model.config.swiftkv = True
+    full = model(ids).logits
+    torch.testing.assert_close(model(ids, logits_to_keep=1).logits, full[:, -1:], atol=1e-4, rtol=1e-4)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(out, reference_greedy(model, ids, mask, 6))
+
+
+@torch.inference_mode()
+def test_real_model_acrosskv_bytes(real):
+    base, tokenizer = real
+    layers = base.config.num_hidden_layers
+    num_kv, group = layers // 2, 3 if (layers - layers // 2) % 3 == 0 else 2
+    model = convert(base, num_kv, group)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :200]
+    swift = distinct_cache_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
+    model.config.swiftkv = False
+    full = distinct_cache_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
+    assert swift / full == (num_kv + (layers - num_kv) / group) / layers
