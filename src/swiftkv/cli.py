@@ -152,6 +152,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
         f"g={config.key_value_group_size}; prompt: {ids.shape[1]} tokens; {args.threads} threads\n"
     )
+    for enabled in (False, True):  # warm-up: the first call of a process pays one-off allocation costs
+        with bench.swiftkv_mode(model, enabled):
+            generate_text(model, tokenizer, ids[:, -16:], 2, quiet=True)
     for enabled in (False, True):
         with bench.swiftkv_mode(model, enabled):
             result = generate_text(model, tokenizer, ids, args.max_new_tokens, quiet=True)
