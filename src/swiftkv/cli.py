@@ -31,7 +31,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.src, args.dtype)
     num_kv_layers = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
     swift = convert(model, num_kv_layers, args.key_value_group_size)
-    out = save_atomic(args.out, args.overwrite, swift, tokenizer)
+    out = save_atomic(args.out, args.overwrite, swift, *([tokenizer] if tokenizer is not None else []))
     print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}")
 
 

@@ -30,7 +30,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
 
 
 def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer). A `.gguf` file is dequantised through transformers' GGUF loader."""
+    """(model in eval mode, tokenizer or None). A `.gguf` file is dequantised by transformers' GGUF loader."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     path = resolve_model_path(name)
@@ -38,7 +38,15 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
         model, tokenizer = sources.load_gguf(path)
         return model.to(DTYPES[dtype]).eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer, or None when it ships none (weights-only checkpoints convert fine)."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def is_swiftkv(model: PreTrainedModel) -> bool:

@@ -1,0 +1,79 @@
+"""The `swiftkv` command line on a tiny checkpoint: conversion, info, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_base
+
+from swiftkv.cli import main
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    path = tmp_path / "base"
+    tiny_base("qwen2").save_pretrained(path)
+    return path
+
+
+def test_convert_then_info(base_dir, tmp_path, capsys):
+    out = tmp_path / "swift"
+    assert main(["convert", str(base_dir), str(out), "-L", "2", "-g", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_layers"], config["key_value_group_size"]) == (
+        "qwen2_swiftkv",
+        2,
+        2,
+    )
+    assert main(["info", str(out), "--prompt-length", "64"]) == 0
+    rows = dict(line.rsplit("  ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    rows = {name.strip(): value.strip() for name, value in rows.items()}
+    assert rows["num_key_value_layers L"] == "2" and rows["key_value_group_size g"] == "2"
+    assert rows["KV-cache bytes ratio"] == "0.667"  # (2 + 4/2) / 6
+
+
+def test_skip_fraction(base_dir, tmp_path):
+    assert main(["convert", str(base_dir), str(tmp_path / "s"), "--skip", "0.5"]) == 0
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_key_value_layers"] == 3
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "message"),
+    [
+        (["-L", "9"], "num_key_value_layers=9 is invalid: the model has 6 layers"),
+        (["-L", "2", "-g", "3"], "key_value_group_size=3 does not divide the 4 SwiftKV layers"),
+    ],
+)
+def test_bad_layout_writes_nothing(base_dir, tmp_path, capsys, argv_tail, message):
+    out = tmp_path / "swift"
+    assert main(["convert", str(base_dir), str(out), *argv_tail]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_non_empty_output_is_refused_unless_overwrite(base_dir, tmp_path, capsys):
+    out = tmp_path / "swift"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["convert", str(base_dir), str(out), "-L", "3"]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(["convert", str(base_dir), str(out), "-L", "3", "--overwrite"]) == 0
+    assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_missing_gguf_is_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "model.gguf"
+    assert main(["convert", str(missing), str(tmp_path / "out"), "-L", "3"]) == 2
+    assert f"Model {str(missing)!r} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_family(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "-L", "1"]) == 2
+    assert "supports llama, mistral, qwen2, qwen3" in capsys.readouterr().err
