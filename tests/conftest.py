@@ -66,3 +66,18 @@ def left_padded_batch(seed: int = 0, lengths=(9, 6, 12)) -> tuple[torch.Tensor, 
         ids[row, width - length :] = torch.randint(3, 128, (length,), generator=gen)
         mask[row, width - length :] = 1
     return ids, mask
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids: '<pad>' 0, '<s>' 1, '</s>' 2, 'w3'..'w127'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 128)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
+    )
+    return tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -11,8 +12,10 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from swiftkv import bench
+from swiftkv import batch, bench
 from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.distill import cli as distill_cli
+from swiftkv.evaluate import cli as evaluate_cli
 from swiftkv.files import prepare_output_dir
 from swiftkv.loading import DEFAULT_MODEL, DTYPES, is_swiftkv, load_model, resolve_model_path
 
@@ -121,11 +124,19 @@ def generate_text(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
 
 def cmd_generate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    if (args.prompt is None) == (args.input is None) or (args.input is None) != (args.output is None):
+        raise ValueError("Give either --prompt TEXT, or --input PROMPTS.jsonl with --output RESULTS.jsonl.")
     model, tokenizer = load_model(args.model, args.dtype)
     if is_swiftkv(model):
         model.config.swiftkv = not args.no_swiftkv
     elif not args.no_swiftkv:
         print(f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model", file=sys.stderr)
+    if args.input is not None:
+        stats = batch.run(
+            model, tokenizer, args.input, args.output, args.batch_size, args.max_new_tokens, args.skip_bad_lines
+        )
+        print(json.dumps(stats), file=sys.stderr)
+        return
     result = generate_text(model, tokenizer, _encode(tokenizer, args.prompt, args.chat), args.max_new_tokens)
     print(
         f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new] time to first token "
@@ -207,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p._mutually_exclusive_groups[-1].required = False
 
     p = add("generate", cmd_generate, "stream a completion; prints time to first token and tokens/s")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="one prompt, streamed to stdout")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--input", type=Path, help="batch mode: JSONL of {id?, prompt | messages}")
+    p.add_argument("--output", type=Path, help="batch mode: JSONL results, appended; finished ids are skipped")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad-lines", action="store_true", help="batch mode: skip malformed input lines")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-swiftkv", action="store_true", help="run the base model (same weights, SwiftKV off)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -229,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     p.add_argument("--plot", type=Path, default=Path("bench.png"))
+    distill_cli.register(sub)
+    evaluate_cli.register(sub)
     return parser
 
 
