@@ -5,6 +5,9 @@
 
 Writes every run's time plus machine info to --json and a speed-up plot to --plot. Base and SwiftKV run
 interleaved on the same model object (config.swiftkv False / True), so both see the same machine state.
+Other processes on the machine inflate some runs: compare medians, and check "load_average" in the JSON.
+glibc returns freed activations to the OS and page-faults them back (the base model, with more activations,
+pays more); `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296` before the command avoids it.
 """
 
 from __future__ import annotations
@@ -26,19 +29,26 @@ def _setting(text: str) -> tuple[int, int]:
 
 
 def parse_args() -> argparse.Namespace:
-    here = Path(__file__).resolve().parent / "results"
+    out = Path(__file__).resolve().parents[1] / "out" / "bench"  # out/ is git-ignored
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face dir (default: SmolLM2-135M-Instruct, converted once)")
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--settings", type=_setting, nargs="+", default=[(15, 1), (15, 3)], metavar="L[:g]")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], metavar="T")
+    parser.add_argument(
+        "--settings",
+        type=_setting,
+        nargs="+",
+        default=[(15, 1), (15, 3)],
+        metavar="L[:g]",
+        help="SwiftKV layouts: num_key_value_layers[:key_value_group_size] (default: 15:1 15:3)",
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed runs per mode (interleaved)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per decode run (0: skip)")
     parser.add_argument("--decode-prompt-len", type=int, help="prompt before decoding (default: longest)")
-    parser.add_argument("--json", type=Path, default=here / "prefill_decode.json")
-    parser.add_argument("--plot", type=Path, default=here / "prefill_decode.png")
+    parser.add_argument("--json", type=Path, default=out / "prefill_decode.json")
+    parser.add_argument("--plot", type=Path, default=out / "prefill_decode.png")
     return parser.parse_args()
 
 

@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +34,14 @@ PROMPT_TEXT = (
     "the smell of coal smoke drifting over the orchards on still summer nights. "
 )
 
-Timings = dict[str, list[float]]  # mode ("base" | "swiftkv") -> seconds per run
+
+@dataclass(frozen=True)
+class Run:
+    wall_s: float  # what the user waits for: the timed quantity
+    cpu_s: float  # CPU time of this process, all threads: ~threads * wall_s unless other processes compete
+
+
+Timings = dict[str, list[Run]]  # mode ("base" | "swiftkv") -> one Run per timed call
 
 
 # ---------------------------------------------------------------------------------------------- theory
@@ -128,10 +136,10 @@ def num_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> Run:
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return Run(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor):
@@ -139,13 +147,14 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor):
     return model(input_ids, use_cache=True, logits_to_keep=1)
 
 
-def interleaved(run: Callable[[bool], float], reps: int, warmup: int = 1) -> Timings:
+def interleaved(run: Callable[[bool], Run], reps: int, warmup: int = 1) -> Timings:
     """Call `run(swiftkv)` for both modes `reps` times, alternating which mode goes first (drift cancels).
 
     `warmup` untimed rounds of both modes come first (allocator, thread pool and caches settle).
     """
     for _ in range(warmup):
-        run(False), run(True)
+        for swift in (False, True):
+            run(swift)
     times: Timings = {"base": [], "swiftkv": []}
     for rep in range(reps):
         for swift in (False, True) if rep % 2 == 0 else (True, False):
@@ -157,9 +166,9 @@ def interleaved(run: Callable[[bool], float], reps: int, warmup: int = 1) -> Tim
 def measure_prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, reps: int = 5, warmup: int = 1, threads: int = 2
 ) -> Timings:
-    """Seconds per prefill of `input_ids` [1, T], base and SwiftKV interleaved."""
+    """Wall and CPU seconds per prefill of `input_ids` [1, T], base and SwiftKV interleaved."""
 
-    def run(swift: bool) -> float:
+    def run(swift: bool) -> Run:
         with swiftkv_mode(model, swift):
             return _timed(lambda: prefill(model, input_ids))
 
@@ -193,7 +202,7 @@ def measure_decode(
     warmup: int = 1,
     threads: int = 2,
 ) -> Timings:
-    """Seconds for `new_tokens` greedy decode steps after the prompt `input_ids` [1, P], modes interleaved.
+    """Wall and CPU seconds for `new_tokens` greedy decode steps after the prompt `input_ids` [1, P], modes interleaved.
 
     Each mode is prefilled ONCE (untimed); every run crops its cache back to the P prompt tokens, so all runs
     decode from the same state without paying for the prompt again.
@@ -204,19 +213,26 @@ def measure_decode(
             with swiftkv_mode(model, swift):
                 states[swift] = _prefilled(model, input_ids)
 
-        def run(swift: bool) -> float:
+        def run(swift: bool) -> Run:
             cache, first = states[swift]
             with swiftkv_mode(model, swift):
-                seconds = _timed(lambda: greedy_decode(model, cache, first, new_tokens))
+                timing = _timed(lambda: greedy_decode(model, cache, first, new_tokens))
             cache.crop(-new_tokens)  # back to the prompt only
-            return seconds
+            return timing
 
         return interleaved(run, reps, warmup)
 
 
-def summary(times: Sequence[float]) -> dict[str, object]:
-    """Every run plus median / min / max, in seconds."""
-    return {"times_s": list(times), "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+def summary(runs: Sequence[Run]) -> dict[str, object]:
+    """Every run's wall and CPU seconds, plus median / min / max of the wall times."""
+    times = [r.wall_s for r in runs]
+    return {
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "cpu_times_s": [r.cpu_s for r in runs],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- KV bytes
@@ -293,12 +309,13 @@ def _prefill_entry(model: PreTrainedModel, ids: torch.Tensor, reps: int, warmup:
     """Timings of one prompt length, with the measured time ratio next to the theoretical FLOPs ratio."""
     times = measure_prefill(model, ids, reps, warmup, threads)
     base, swift = summary(times["base"]), summary(times["swiftkv"])
-    paired = [s / b for s, b in zip(times["swiftkv"], times["base"], strict=True)]
+    paired = [s.wall_s / b.wall_s for s, b in zip(times["swiftkv"], times["base"], strict=True)]
     return {
         "prompt_len": ids.shape[1],
         "base": base,
         "swiftkv": swift,
         "measured_ratio": swift["median_s"] / base["median_s"],  # ratio of medians (headline)
+        "min_ratio": swift["min_s"] / base["min_s"],  # fastest runs: least disturbed by other processes
         "paired_ratios": paired,  # run r of SwiftKV / run r of base: spread of the ratio itself
         "theoretical_flops_ratio": theoretical_prefill_flops_ratio(model.config, ids.shape[1]),
     }
@@ -311,7 +328,7 @@ def _decode_entry(
     times = measure_decode(model, ids, new_tokens, reps, warmup, threads)
     entry: dict[str, object] = {"prompt_len": ids.shape[1], "new_tokens": new_tokens}
     for mode, runs in times.items():
-        entry[mode] = {**summary(runs), "tokens_per_s": [new_tokens / t for t in runs]}
+        entry[mode] = {**summary(runs), "tokens_per_s": [new_tokens / r.wall_s for r in runs]}
         entry[mode]["tokens_per_s_median"] = statistics.median(entry[mode]["tokens_per_s"])
     entry["speedup"] = entry["swiftkv"]["tokens_per_s_median"] / entry["base"]["tokens_per_s_median"]
     return entry
@@ -333,8 +350,9 @@ def run_benchmark(
 ) -> dict:
     """Convert the base model for each (L, g) and measure prefill, decode and KV bytes against the theory.
 
-    `decode_prompt_len` defaults to the longest prompt length; `decode_tokens=0` skips decode. Returns the
-    result dict that is also written to `json_path` (and drawn to `plot_path`).
+    `decode_prompt_len` defaults to the longest prompt length; `decode_tokens=0` skips decode. `tokenizer` (for a
+    model object; a dir brings its own) makes prompts of real text, else seeded random ids. Returns the result
+    dict that is also written to `json_path` (and drawn to `plot_path`). Medians are over the timed `reps`.
     """
     from swiftkv.convert import convert
 
@@ -365,7 +383,6 @@ def run_benchmark(
             result["settings"].append(
                 _run_setting(swift, prompts, prompt_lengths, decode_len, decode_tokens, reps, warmup, threads, bar)
             )
-            del swift
     if json_path is not None:
         write_json(result, json_path)
     if plot_path is not None:
@@ -427,7 +444,7 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
 
 
 def plot(result: dict, path: str | os.PathLike) -> Path:
-    """Prefill speed-up (base time / SwiftKV time) vs prompt length: measured (solid) and FLOPs theory (dashed)."""
+    """Prefill speed-up (base / SwiftKV median time) vs prompt length: measured (solid) and FLOPs theory (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -438,9 +455,11 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
         lengths = [p["prompt_len"] for p in setting["prefill"]]
         label = f"L={setting['num_key_value_layers']}, g={setting['key_value_group_size']}"
         color = f"C{i}"
-        ax.plot(
-            lengths, [1 / p["measured_ratio"] for p in setting["prefill"]], "o-", color=color, label=f"{label} measured"
-        )
+        speedup = [1 / p["measured_ratio"] for p in setting["prefill"]]
+        # Bars span the per-run (paired) speed-ups: wide bars mean other processes disturbed some runs.
+        low = [s - 1 / max(p["paired_ratios"]) for s, p in zip(speedup, setting["prefill"], strict=True)]
+        high = [1 / min(p["paired_ratios"]) - s for s, p in zip(speedup, setting["prefill"], strict=True)]
+        ax.errorbar(lengths, speedup, yerr=[low, high], fmt="o-", capsize=3, color=color, label=f"{label} measured")
         ax.plot(
             lengths,
             [1 / p["theoretical_flops_ratio"] for p in setting["prefill"]],
@@ -467,13 +486,13 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
 
 def summary_lines(result: dict) -> list[str]:
     """A few human-readable lines: one per (layout, prompt length), plus decode and KV bytes per layout."""
-    lines = [f"{'layout':<10} {'T':>6} {'base ms':>9} {'swiftkv ms':>11} {'measured':>9} {'theory':>7}"]
+    lines = [f"{'layout':<10} {'T':>6} {'base ms':>9} {'swiftkv ms':>11} {'measured':>9} {'min':>6} {'theory':>7}"]
     for s in result["settings"]:
         layout = f"L={s['num_key_value_layers']} g={s['key_value_group_size']}"
         for p in s["prefill"]:
             lines.append(
                 f"{layout:<10} {p['prompt_len']:>6} {1e3 * p['base']['median_s']:>9.1f} "
-                f"{1e3 * p['swiftkv']['median_s']:>11.1f} {p['measured_ratio']:>9.3f} "
+                f"{1e3 * p['swiftkv']['median_s']:>11.1f} {p['measured_ratio']:>9.3f} {p['min_ratio']:>6.3f} "
                 f"{p['theoretical_flops_ratio']:>7.3f}"
             )
         if "decode" in s:

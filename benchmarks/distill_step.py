@@ -1,0 +1,165 @@
+"""Distillation step time: shared prefix (layers < L once, target-only logits) vs the naive step.
+
+Naive = teacher forward (swiftkv off, no grad) + student forward (swiftkv on) + backward, whole-model calls with
+every position's logits, as a straightforward implementation does. Shared = `swiftkv.distill.loss`: layers < L
+run once for both, then the teacher and student branches, and only target positions go through the LM head.
+A middle variant (shared prefix, all logits) separates the two savings. Same loss value and gradients (tests).
+
+Timings are interleaved (naive, shared, ... per repetition) on one model object and one real micro-batch of
+chat data (assistant-only targets). Prints a few lines and writes JSON.
+
+    python benchmarks/distill_step.py --model default -L 15 -g 1 --seq-len 512 --threads 2 --json distill_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from swiftkv.convert import convert
+from swiftkv.distill.data import collate, encode_chat
+from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
+from swiftkv.loading import load_model
+
+MODES = ("naive", "shared_all_logits", "shared")
+
+
+def chat_batch(tokenizer, source: str, seq_len: int, micro_batch: int):
+    """`micro_batch` held-out-free training conversations of at least `seq_len` tokens, cut to exactly `seq_len`."""
+    from swiftkv.corpora import load_examples
+
+    sequences = []
+    for example in load_examples(source, split="train"):
+        seq = encode_chat(tokenizer, example["messages"], assistant_only=True, max_length=seq_len)
+        if len(seq.input_ids) >= seq_len:
+            seq.input_ids, seq.labels = seq.input_ids[:seq_len], seq.labels[:seq_len]
+            sequences.append(seq)
+        if len(sequences) == micro_batch:
+            return collate(sequences, tokenizer.pad_token_id or 0)
+    raise ValueError(f"{source} has fewer than {micro_batch} conversations of {seq_len} tokens")
+
+
+def step(model, batch, mode: str, hidden_layer: int, n_targets: int, n_tokens: int) -> float:
+    """One forward + backward; returns the loss."""
+    if mode == "shared_all_logits":
+        student, teacher, h_s, h_t = shared_prefix_forward(model, batch, hidden_layer, all_logits=True)
+        loss = kl_sum(student, teacher, 2.0) / n_targets + ((h_s - h_t) ** 2).mean(-1).sum() / n_tokens
+    else:
+        terms = distill_loss(
+            model,
+            batch,
+            temperature=2.0,
+            hidden_weight=1.0,
+            hidden_layer=hidden_layer,
+            num_targets=n_targets,
+            num_tokens=n_tokens,
+            shared_prefix=mode == "shared",
+        )
+        loss = terms.total
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def theoretical_ratio(config, target_fraction: float) -> dict:
+    """Matmul FLOPs (2 per weight per token; attention scores ignored) of shared / naive.
+
+    Backward through a frozen layer computes input gradients only (~1x its forward). Naive: teacher N layers +
+    student N layers + backward N-L, LM head 3x on every position. Shared: L + teacher N-L + student N-L +
+    backward N-L, LM head 3x on target positions only.
+    """
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d, q, kv = config.hidden_size, config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    layer = 2 * d * q + 2 * d * kv + 3 * d * config.intermediate_size
+    head = d * config.vocab_size
+    n, late = config.num_hidden_layers, config.num_hidden_layers - config.num_key_value_layers
+    naive = (2 * n + late) * layer + 3 * head
+    shared_all = (n + 2 * late) * layer + 3 * head
+    shared = (n + 2 * late) * layer + 3 * head * target_fraction
+    return {"shared_all_logits": shared_all / naive, "shared": shared / naive}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("-L", "--num-key-value-layers", type=int, default=15)
+    parser.add_argument("-g", "--key-value-group-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--data", default="chitchat")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=Path("distill_step.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    base, tokenizer = load_model(args.model)
+    model = convert(base, args.num_key_value_layers, args.key_value_group_size).eval().to(args.device)
+    for name, param in model.named_parameters():
+        param.requires_grad_("swiftkv" in name)
+    batch = chat_batch(tokenizer, args.data, args.seq_len, args.micro_batch)
+    batch = type(batch)(*(t.to(args.device) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
+    n_targets = int((batch.labels[:, 1:] != -100).sum())
+    n_tokens = int(batch.attention_mask.sum())
+    hidden_layer = model.config.num_hidden_layers - 1
+
+    def timed(mode: str) -> tuple[float, float]:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step(model, batch, mode, hidden_layer, n_targets, n_tokens)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, loss
+
+    for mode in MODES:  # warm-up
+        timed(mode)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    losses = {}
+    for _ in range(args.reps):
+        for mode in MODES:
+            seconds, losses[mode] = timed(mode)
+            times[mode].append(seconds)
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    theory = theoretical_ratio(model.config, n_targets / n_tokens)
+    result = {
+        "model": args.model,
+        "num_key_value_layers": args.num_key_value_layers,
+        "key_value_group_size": args.key_value_group_size,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "target_fraction": n_targets / n_tokens,
+        "threads": args.threads,
+        "device": args.device,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "times_s": times,
+        "median_s": median,
+        "ratio_vs_naive": {mode: median[mode] / median["naive"] for mode in MODES},
+        "theoretical_ratio": theory,
+        "tokens_per_s": {mode: n_tokens / median[mode] for mode in MODES},
+        "loss": losses,
+    }
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{args.model} L={args.num_key_value_layers} g={args.key_value_group_size}: {args.micro_batch}x{args.seq_len} "
+        f"tokens ({result['target_fraction']:.0%} targets), {args.threads} threads, median of {args.reps}"
+    )
+    for mode in MODES:
+        theory_note = f" (FLOPs theory {theory[mode]:.2f})" if mode in theory else ""
+        print(
+            f"  {mode:<18} {median[mode] * 1000:7.0f} ms/step  {result['tokens_per_s'][mode]:6.0f} tok/s  "
+            f"ratio {result['ratio_vs_naive'][mode]:.3f}{theory_note}  loss {losses[mode]:.5f}"
+        )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`swiftkv distill CONFIG.yaml [key=value ...]` and `swiftkv apply-adapter BASE ADAPTER OUT` (no math here)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from swiftkv.loading import DTYPES
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from swiftkv.distill.config import load_config
+    from swiftkv.distill.recipe import distill
+
+    config = load_config(args.config, args.overrides)
+    result = distill(config, resume=args.resume, overwrite=args.overwrite)
+    if result.get("adapter"):
+        print(f"wrote adapter {result['adapter']}" + (f" and checkpoint {result['model']}" if result["model"] else ""))
+
+
+def cmd_apply_adapter(args: argparse.Namespace) -> None:
+    from swiftkv.adapter import apply_adapter_to_dir
+
+    out = apply_adapter_to_dir(
+        args.base, args.adapter, args.out, args.overwrite, args.dtype, check_base_weights=not args.no_check_base
+    )
+    print(f"wrote {out}")
+
+
+def register(sub) -> None:
+    """Add the distillation subcommands to `swiftkv`'s subparsers."""
+    p = sub.add_parser(
+        "distill",
+        help="distil a SwiftKV model from its own base weights (YAML config + key=value overrides)",
+        description="Distil a SwiftKV model from its own base weights. Runs under torchrun for data parallelism.",
+    )
+    p.add_argument("config", type=Path, help="YAML config (see configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 max_steps=100 data=[chitchat]")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty output_dir")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "apply-adapter",
+        help="base model + SwiftKV adapter -> full SwiftKV checkpoint",
+        description="Apply a SwiftKV adapter to its base model and write a full SwiftKV checkpoint.",
+    )
+    p.add_argument("base", help="base checkpoint directory, .gguf file, or 'default'")
+    p.add_argument("adapter", type=Path, help="adapter directory (adapter_config.json + adapter.safetensors)")
+    p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--no-check-base", action="store_true", help="skip the base-weights fingerprint check")
+    p.set_defaults(func=cmd_apply_adapter)

