@@ -64,7 +64,7 @@ def step(model, batch, mode: str, hidden_layer: int, n_targets: int, n_tokens: i
         loss = terms.total
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return float(loss)
+    return loss.item()
 
 
 def theoretical_ratio(config, target_fraction: float) -> dict:
