@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_distill_helpers import chat_file, tiny_config, tiny_model_dir
 
 from swiftkv.adapter import read_adapter
-from swiftkv.distill.recipe import DistillRecipe
+from swiftkv.distill.recipe import DistillRecipe, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _yaml(config, path):
 
 
 def _weights(out):
-    return load_file(out / "checkpoint" / "trainable.safetensors")
+    return load_file(latest_checkpoint(out) / "trainable.safetensors")
 
 
 def _env():
@@ -49,7 +49,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, mod
     command += ["-m", "swiftkv.cli", "distill", str(_yaml(two, tmp_path / "two.yaml"))]
     run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["world_size"] == 2
+    assert json.loads((latest_checkpoint(tmp_path / "two") / "state.json").read_text())["world_size"] == 2
     single, double = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert single.keys() == double.keys()
     for name in single:
@@ -72,16 +72,16 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
     config = tiny_config(model_dir, chats, tmp_path / "killed", **settings)
     command = [sys.executable, "-m", "swiftkv.cli", "distill", str(_yaml(config, tmp_path / "c.yaml"))]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = tmp_path / "killed" / "checkpoint" / "state.json"
+    checkpoints = tmp_path / "killed" / "checkpoint"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 6:
+    while time.monotonic() < deadline and process.poll() is None:  # kill once the step-6 checkpoint is complete
+        if any(int(p.name.removeprefix("step-")) >= 6 for p in checkpoints.glob("step-*")):
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, f"the run was not killed mid-way: {stderr[-2000:]}"
-    saved = json.loads(state.read_text())["step"]
+    saved = json.loads((latest_checkpoint(tmp_path / "killed") / "state.json").read_text())["step"]
     assert 6 <= saved < 150
 
     resumed = DistillRecipe(config, resume=True, quiet=True)

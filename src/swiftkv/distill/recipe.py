@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,15 @@ from swiftkv.distill.loss import distill_loss
 from swiftkv.files import prepare_output_dir, staged
 from swiftkv.loading import DTYPES, load_model
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `out/checkpoint` (each appears by one atomic rename), or None."""
+    steps = sorted((Path(out) / CHECKPOINT_DIR).glob("step-*"))
+    return steps[-1] if steps else None
+
+
 # Config fields a resumed run must share with the checkpoint (they fix the model, the data order and the schedule).
 RESUME_KEYS = (
     "model",
@@ -112,7 +121,7 @@ class DistillRecipe:
         self._setup_distributed()
         if self.rank == 0 and not self.resume:
             prepare_output_dir(self.out, self.overwrite)
-        if self.resume and not (self.out / CHECKPOINT_DIR / "state.json").is_file():
+        if self.resume and latest_checkpoint(self.out) is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out / CHECKPOINT_DIR}; start without --resume.")
         base, self.tokenizer = load_model(os.path.expanduser(cfg.model), cfg.dtype)
         cfg.validate_for_model(base.config)
@@ -254,7 +263,7 @@ class DistillRecipe:
         total, kl, hidden = stats.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            where = self.out / CHECKPOINT_DIR
+            where = latest_checkpoint(self.out)
             kept = (
                 f"the last good checkpoint (step {self.last_saved}) is in {where}"
                 if self.last_saved
@@ -338,7 +347,9 @@ class DistillRecipe:
         else:
             rng = [_rng_state()]
         if self.rank == 0:
-            with staged(self.out / CHECKPOINT_DIR, replace=True) as staging:
+            # A new directory per checkpoint, renamed into place when complete, then older ones removed: a kill at
+            # any moment leaves at least one complete checkpoint (replacing one directory in place cannot).
+            with staged(self.out / CHECKPOINT_DIR / f"step-{self.step:08d}", replace=True) as staging:
                 staging.mkdir()
                 save_file(weights, staging / "trainable.safetensors")
                 torch.save(
@@ -354,13 +365,15 @@ class DistillRecipe:
                     "config": self.config.to_dict(),
                 }
                 (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            for old in sorted((self.out / CHECKPOINT_DIR).glob("step-*"))[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
             self._write_plot()
         self.last_saved = self.step
         if self.world > 1:
             dist.barrier()
 
     def _load_checkpoint(self) -> None:
-        where = self.out / CHECKPOINT_DIR
+        where = latest_checkpoint(self.out)
         state = json.loads((where / "state.json").read_text())
         saved, now = state["config"], self.config.to_dict()
         changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
@@ -525,8 +538,9 @@ def evaluate(
     max_examples: int | None = None,
     assistant_only: bool = True,
     progress: bool = False,
+    split: str = "heldout",
 ) -> dict:
-    """Held-out split of each source, on target (assistant) tokens: perplexity of the base model (`base_ppl`)
+    """Held-out split (`split`) of each source, on target (assistant) tokens: perplexity of the base model (`base_ppl`)
     and of each SwiftKV variant (`{name}_ppl`), and each variant's top-1 agreement with the base model
     (`{name}_agreement`).
 
@@ -542,7 +556,7 @@ def evaluate(
     results = {}
     try:
         for source in sources:
-            sequences, _ = build_sequences(tokenizer, [source], max_length, assistant_only, "heldout", max_examples)
+            sequences, _ = build_sequences(tokenizer, [source], max_length, assistant_only, split, max_examples)
             nll = dict.fromkeys(["base", *variants], 0.0)
             agree = dict.fromkeys(variants, 0)
             count = 0
