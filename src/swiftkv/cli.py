@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,12 +12,15 @@ import torch
 from transformers import TextStreamer
 
 from swiftkv import batch, bench
+from swiftkv.adapter import load_with_adapter
 from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
 from swiftkv.distill import cli as distill_cli
 from swiftkv.evaluate import cli as evaluate_cli
 from swiftkv.files import prepare_output_dir
 from swiftkv.loading import DEFAULT_MODEL, DTYPES, is_swiftkv, load_model, resolve_model_path
 
+# Distilled adapters of the default model, committed in the repository (see docs/quality.md).
+BUNDLED_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
 
 
@@ -152,16 +154,29 @@ def _demo_prompt(tokenizer, target_tokens: int) -> torch.Tensor:
     return _encode(tokenizer, f"{document}\n\n{DEMO_QUESTION}", chat=True)
 
 
+def _demo_model(args: argparse.Namespace):
+    """The distilled adapter shipped in the repo for the default model (if it fits -L/-g), else a conversion."""
+    adapter = args.adapter
+    if adapter is None and args.model == DEFAULT_MODEL:
+        bundled = BUNDLED_ADAPTERS / f"smollm2-L{args.num_key_value_layers}-g{args.key_value_group_size}"
+        adapter = bundled if (bundled / "adapter_config.json").exists() else None
+    if adapter is not None and str(adapter) != "none":
+        model, tokenizer = load_with_adapter(args.model, adapter, args.dtype)
+        return model, tokenizer, f"distilled adapter {adapter}"
+    model, tokenizer = load_model(args.model, args.dtype)
+    if is_swiftkv(model):
+        return model, tokenizer, "SwiftKV checkpoint"
+    return convert(model, args.num_key_value_layers, args.key_value_group_size), tokenizer, "converted, undistilled"
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype)
-    if not is_swiftkv(model):
-        model = convert(model, args.num_key_value_layers, args.key_value_group_size)
+    model, tokenizer, origin = _demo_model(args)
     ids = _demo_prompt(tokenizer, args.prompt_tokens)
     config = model.config
     print(
         f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
-        f"g={config.key_value_group_size}; prompt: {ids.shape[1]} tokens; {args.threads} threads\n"
+        f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; {args.threads} threads\n"
     )
     for enabled in (False, True):  # warm-up: the first call of a process pays one-off allocation costs
         with bench.swiftkv_mode(model, enabled):
@@ -172,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         label = "SwiftKV" if enabled else "base"
         print(f"--- {label} answer (time to first token {result['ttft_s'] * 1000:.0f} ms):\n{result['text'].strip()}\n")
     times = bench.measure_prefill(model, ids, reps=args.reps, threads=args.threads)
-    ratio = statistics.median(times["swiftkv"]) / statistics.median(times["base"])
+    ratio = bench.summary(times["swiftkv"])["median_s"] / bench.summary(times["base"])["median_s"]
     kv = bench.measure_kv_bytes(model, ids)
     flops = bench.theoretical_prefill_flops_ratio(config, ids.shape[1])
     print(f"prefill time SwiftKV/base: {ratio:.2f} (median of {args.reps} interleaved runs; FLOPs theory {flops:.2f})")
@@ -231,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the main job: base vs SwiftKV on a long prompt, answers and measured speed-up")
     p.add_argument("--num-key-value-layers", "-L", type=int, default=15)
     p.add_argument("--key-value-group-size", "-g", type=int, default=1)
+    p.add_argument("--adapter", help="SwiftKV adapter dir ('none': undistilled conversion); default: the bundled one")
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=5)
