@@ -77,3 +77,23 @@ def test_unsupported_family(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     assert main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "-L", "1"]) == 2
     assert "supports llama, mistral, qwen2, qwen3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def chat_dir(tmp_path):
+    from conftest import tiny_tokenizer
+
+    path = tmp_path / "chat"
+    tiny_base("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_demo_and_generate_smoke(chat_dir, capsys):
+    argv = ["demo", str(chat_dir), "-L", "3", "-g", "3", "--adapter", "none", "--prompt-tokens", "64"]
+    assert main([*argv, "--max-new-tokens", "3", "--reps", "1", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "(converted, undistilled)" in printed and "--- SwiftKV answer" in printed
+    assert "KV-cache bytes SwiftKV/base: 0.667 (theory 0.667)" in printed
+    assert main(["generate", str(chat_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "3", "--threads", "1"]) == 0
+    assert "time to first token" in capsys.readouterr().err
