@@ -277,24 +277,27 @@ class SwiftKVModelMixin:
     def run_swiftkv_layers(
         self, hidden: torch.Tensor, inputs: LayerInputs, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student layers L..N-1 from h_L [B, T, D]: K/V of every group from norm_swiftkv(h_L), written once
-        into the cache; only the kept tokens [B, K, D] run the layers.
+        """Student layers L..N-1 from h_L [B, T, D]: each group's K/V comes from norm_swiftkv(h_L) and is written
+        once into the group's cache entry; only the kept tokens [B, K, D] run the layers.
 
         Returns (output of the last layer, before the final norm; input of the last layer), both [B, K, D].
         """
-        rope = inputs.rope
-        group_kv = self._write_swiftkv_cache(self.norm_swiftkv(hidden), rope, inputs.cache, kwargs)
+        x, full_rope, rope = self.norm_swiftkv(hidden), inputs.rope, inputs.rope  # x [B, T, D]
         if inputs.kept is not None:  # prompt tokens stop here; only the last `kept` tokens go on
             hidden = hidden[:, -inputs.kept :]
             rope = (rope[0][:, -inputs.kept :], rope[1][:, -inputs.kept :])
         last_input = hidden
         for idx in range(self.config.num_key_value_layers, self.config.num_hidden_layers):
+            if self.config.leader_of(idx) == idx:
+                # Just in time, not all groups up front: a group's cache is read right after it is written,
+                # while it is still in the CPU cache (measurably faster decode than writing all 15 first).
+                group_kv = self._group_key_values(idx, x, full_rope, inputs.cache, kwargs)
             last_input = hidden
             hidden = self.layers[idx](
                 hidden,
                 attention_mask=inputs.late_mask,
                 position_embeddings=rope,
-                swiftkv_key_values=group_kv[self.config.leader_of(idx)],
+                swiftkv_key_values=group_kv,
                 **kwargs,
             )
         return hidden, last_input
@@ -318,22 +321,17 @@ class SwiftKVModelMixin:
             return None
         return num_kept_tokens
 
-    def _write_swiftkv_cache(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Cache | None, kwargs: dict
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """K/V of every group from x = norm_swiftkv(h_L) [B, T, D], written ONCE per group into the cache.
+    def _group_key_values(
+        self, leader: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Cache | None, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the group led by `leader` from x = norm_swiftkv(h_L) [B, T, D], appended to its ONE cache entry.
 
-        Returns {leader index: (K, V)} with K, V [B, Hkv, P+T, Dh] (all cached tokens plus the new ones).
+        Returns K, V [B, Hkv, P+T, Dh]: every cached token plus the new ones.
         """
-        group_kv = {}
-        for idx in range(self.config.num_key_value_layers, self.config.num_hidden_layers):
-            if self.config.leader_of(idx) != idx:
-                continue
-            keys, values = self.layers[idx].self_attn.swiftkv_key_values(x, rope)
-            if cache is not None:
-                keys, values = cache.update(keys, values, idx, kwargs=kwargs)
-            group_kv[idx] = (keys, values)
-        return group_kv
+        keys, values = self.layers[leader].self_attn.swiftkv_key_values(x, rope)
+        if cache is not None:
+            keys, values = cache.update(keys, values, leader, kwargs=kwargs)
+        return keys, values
 
 
 def _mask_rows(config, mask_args: dict, kept: int) -> torch.Tensor:
