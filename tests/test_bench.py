@@ -125,3 +125,13 @@ def test_run_benchmark_smoke(tiny_swiftkv, tmp_path):
         decode = setting["decode"]
         assert decode["new_tokens"] == 3 and len(decode["swiftkv"]["tokens_per_s"]) == 2
     assert len(bench.summary_lines(result)) == 1 + 2 * (2 + 2)
+
+
+def test_measure_workload_schema():
+    model = convert(tiny_base("llama"), 3, 3)
+    prompts = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    result = bench.measure_workload(model, prompts, new_tokens=2, batch_size=2, reps=1, warmup=0, threads=1)
+    assert (result["prompts"], result["prompt_len"], result["new_tokens"]) == (3, 20, 2)
+    for mode in ("base", "swiftkv"):
+        assert len(result[mode]["times_s"]) == 1 and result[mode]["tokens_per_s"] > 0
+    assert result["throughput_ratio"] == result["swiftkv"]["tokens_per_s"] / result["base"]["tokens_per_s"]
