@@ -26,6 +26,7 @@ from swiftkv import bench
 from swiftkv.convert import convert
 from swiftkv.corpora import NAMED_SOURCES, as_text, load_examples
 from swiftkv.evaluate.scoring import BASE, mode
+from swiftkv.files import save_figure
 
 
 def text_samples(tokenizer, source: str, limit: int = 32, max_tokens: int = 256) -> list[torch.Tensor]:
@@ -222,9 +223,4 @@ def plot(result: dict, path: str | Path, recommended: dict | None = None, max_kl
     right.set_xlabel("layer i (h_i = residual stream entering layer i)")
     right.set_ylabel("mean cosine similarity")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

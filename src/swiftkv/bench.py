@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from swiftkv.files import save_figure
+
 # Natural English for prompts (repeated, then truncated to exactly T tokens): real text gives the tokenizer
 # realistic token ids, which matters for nothing in the FLOPs but keeps the benchmark honest and reproducible.
 PROMPT_TEXT = (
@@ -524,12 +526,7 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
         f"{Path(result['model']['name']).name}: {machine['threads']} threads, {machine['cpu_model']}", fontsize=9
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -31,3 +31,15 @@ def staged(dest: Path, replace: bool = False) -> Iterator[Path]:
         if replace and dest.exists():
             dest.rename(Path(tmp) / "replaced")  # moved aside, not deleted in place, so dest is never half gone
         os.replace(staging, dest)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG (parent directories created) and free it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -36,7 +36,7 @@ from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences
 from swiftkv.distill.loss import distill_loss
-from swiftkv.files import prepare_output_dir, staged
+from swiftkv.files import prepare_output_dir, save_figure, staged
 from swiftkv.loading import DTYPES, load_model
 
 CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
@@ -620,6 +620,4 @@ def write_loss_plot(metrics: Path, out: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
