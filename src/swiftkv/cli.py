@@ -40,19 +40,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}")
 
 
-def _swiftkv_model(args: argparse.Namespace):
-    """Load MODEL; a base checkpoint is converted on the fly when a layout is given."""
-    model, tokenizer = load_model(args.model, args.dtype)
-    if not is_swiftkv(model):
-        if getattr(args, "num_key_value_layers", None) is None and getattr(args, "skip", None) is None:
-            raise SystemExit(f"{args.model} is not a SwiftKV checkpoint: pass --num-key-value-layers or --skip.")
+def cmd_info(args: argparse.Namespace) -> None:
+    model, _ = load_model(args.model, args.dtype)
+    if not is_swiftkv(model):  # a base checkpoint: show the layout it would get
+        if args.num_key_value_layers is None and args.skip is None:
+            raise ValueError(f"{args.model} is not a SwiftKV checkpoint: pass --num-key-value-layers or --skip.")
         n_kv = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
         model = convert(model, n_kv, args.key_value_group_size)
-    return model, tokenizer
-
-
-def cmd_info(args: argparse.Namespace) -> None:
-    model, _ = _swiftkv_model(args)
     config = model.config
     added = sum(p.numel() for n, p in model.named_parameters() if "swiftkv" in n)
     total = sum(p.numel() for p in model.parameters())
