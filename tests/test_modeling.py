@@ -7,6 +7,7 @@ import torch
 from conftest import left_padded_batch, tiny_base
 from transformers import DynamicCache
 
+from swiftkv.bench import measured_kv_bytes
 from swiftkv.convert import convert
 
 TIGHT = {"atol": 1e-5, "rtol": 1e-5}
@@ -147,15 +148,6 @@ def test_generate_continues_from_returned_cache_and_skips_the_new_chunk(pair):
     assert torch.equal(second, reference_greedy(model, prompt, torch.ones_like(prompt), 4))
 
 
-def distinct_cache_bytes(cache) -> int:
-    storages = {}
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None and tensor.numel():
-                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("layout", [(15, 3), (15, 1), (10, 5), (24, 2)])
 def test_acrosskv_cache_holds_one_entry_per_group(layout):
     """N=30: the cache holds exactly (L + (N-L)/g)/N of the base model's KV bytes."""
@@ -165,7 +157,7 @@ def test_acrosskv_cache_holds_one_entry_per_group(layout):
     swift_out = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
     model.config.swiftkv = False
     base_out = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
-    ratio = distinct_cache_bytes(swift_out.cache) / distinct_cache_bytes(base_out.cache)
+    ratio = measured_kv_bytes(swift_out.cache) / measured_kv_bytes(base_out.cache)
     assert ratio == (num_kv_layers + (30 - num_kv_layers) / group) / 30
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_modeling import distinct_cache_bytes, reference_greedy
+from test_modeling import reference_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swiftkv import sources
+from swiftkv.bench import measured_kv_bytes
 from swiftkv.convert import convert
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_real_model_acrosskv_bytes(real):
     num_kv, group = layers // 2, 3 if (layers - layers // 2) % 3 == 0 else 2
     model = convert(base, num_kv, group)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :200]
-    swift = distinct_cache_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
+    swift = measured_kv_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
     model.config.swiftkv = False
-    full = distinct_cache_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
+    full = measured_kv_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
     assert swift / full == (num_kv + (layers - num_kv) / group) / layers

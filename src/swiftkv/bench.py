@@ -259,20 +259,6 @@ def measure_kv_bytes(model: PreTrainedModel, input_ids: torch.Tensor) -> dict[st
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) from a Hugging Face dir (a stock or a SwiftKV checkpoint); tokenizer None if absent."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import swiftkv  # noqa: F401  (registers *_swiftkv types, so SwiftKV checkpoints load too)
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
-
-
 def prompt_ids(tokenizer, vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
     """Exactly `length` token ids [1, length]: PROMPT_TEXT repeated and tokenised, or seeded random ids."""
     if tokenizer is None:
@@ -407,7 +393,10 @@ def run_benchmark(
     from swiftkv.convert import convert
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
-        model, tokenizer = load_model(model_dir_or_model, dtype)
+        from swiftkv.loading import load_model
+
+        model, tokenizer = load_model(model_dir_or_model)
+        model = model.to(dtype)
         name = str(model_dir_or_model)
     else:
         model, name = model_dir_or_model.eval(), type(model_dir_or_model).__name__
