@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -99,3 +100,23 @@ def test_adapter_refuses_another_base_model(distilled):
         adapters.apply_adapter(tiny_base("qwen2"), run / "adapter")
     with pytest.raises(FileNotFoundError, match="is not a SwiftKV adapter"):
         adapters.apply_adapter(other, run)
+
+
+def test_distillation_can_start_from_an_adapter(distilled, tmp_path):
+    base_dir, run = distilled
+    config = tiny_config(
+        base_dir,
+        chat_file(tmp_path / "chats.jsonl"),
+        tmp_path / "more",
+        num_key_value_layers=2,
+        key_value_group_size=2,
+        init_adapter=str(run / "adapter"),
+    )
+    recipe = DistillRecipe(config, quiet=True).setup()
+    _, tensors = adapters.read_adapter(run / "adapter")
+    for name, param in recipe.model.named_parameters():
+        if "swiftkv" in name:
+            assert torch.equal(param, tensors[name]), f"{name} does not start from the adapter"
+    mismatched = dataclasses.replace(config, key_value_group_size=1, output_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="key_value_group_size=2, but this run trains L=2, g=1"):
+        DistillRecipe(mismatched, quiet=True).setup()

@@ -127,7 +127,7 @@ class DistillRecipe:
         cfg.validate_for_model(base.config)
         self.identity = adapters.base_identity(base, cfg.model)
         num_layers = base.config.num_hidden_layers
-        self.model = convert(base, cfg.resolved_num_key_value_layers(num_layers), cfg.key_value_group_size).eval()
+        self.model = self._student(base, cfg.resolved_num_key_value_layers(num_layers)).eval()
         del base
         self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
         self._freeze()
@@ -164,6 +164,21 @@ class DistillRecipe:
             f"{self.total_steps} steps x {self.plan.global_batch} sequences; {self.world} process(es)"
         )
         return self
+
+    def _student(self, base, num_kv_layers: int):
+        """The SwiftKV model to train: the recipe's initialisation, or the weights of `init_adapter`."""
+        cfg = self.config
+        if cfg.init_adapter is None:
+            return convert(base, num_kv_layers, cfg.key_value_group_size)
+        adapter_config, _ = adapters.read_adapter(cfg.init_adapter)
+        layout = (adapter_config["num_key_value_layers"], adapter_config["key_value_group_size"])
+        if layout != (num_kv_layers, cfg.key_value_group_size):
+            raise ValueError(
+                f"init_adapter={cfg.init_adapter!r} has num_key_value_layers={layout[0]}, key_value_group_size="
+                f"{layout[1]}, but this run trains L={num_kv_layers}, g={cfg.key_value_group_size}; use an adapter of "
+                "the same layout (or set num_key_value_layers / key_value_group_size to match it)."
+            )
+        return adapters.apply_adapter(base, cfg.init_adapter)
 
     def _setup_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
