@@ -28,7 +28,7 @@ class DistillConfig:
     dtype: str = "float32"  # dtype of the frozen weights; trainable weights and optimizer state stay float32
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    init_adapter: str | None = None  # start from this SwiftKV adapter's weights (continue a distillation); None: recipe init
+    init_adapter: str | None = None  # start from this SwiftKV adapter's weights (None: the recipe's init)
     # --- data
     data: list[str] = dataclasses.field(default_factory=lambda: ["chitchat"])  # named sources or local paths
     split: str = "train"  # 'train' (all but the fixed ~5% held-out part) or 'all' (never 'heldout')
