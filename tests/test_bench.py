@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from swiftkv import bench
 from swiftkv.convert import convert
+from swiftkv.modeling.cache import SwiftKVCache
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def test_prompt_ids_repeat_the_text_to_exact_length():
 
 def test_cropped_cache_decodes_the_same_tokens_again(tiny_swiftkv):
     """measure_decode reuses one prefilled cache by cropping it back to the prompt after every run."""
-    cache, first = bench._prefilled(tiny_swiftkv, bench.prompt_ids(None, 128, 12))
+    cache, first = bench._prefilled(tiny_swiftkv, bench.prompt_ids(None, 128, 12), new_tokens=4)
+    assert isinstance(cache, SwiftKVCache)  # what generate uses: the fast decode step
     once = bench.greedy_decode(tiny_swiftkv, cache, first, new_tokens=4)
     cache.crop(-4)
     assert cache.get_seq_length() == 12

@@ -57,3 +57,18 @@ def test_real_model_acrosskv_bytes(real):
     model.config.swiftkv = False
     full = measured_kv_bytes(model(ids, use_cache=True, logits_to_keep=1).cache)
     assert swift / full == (num_kv + (layers - num_kv) / group) / layers
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("group", [1, 3])
+def test_real_model_fast_decode_picks_the_stock_tokens(real, group):
+    """generate's fast decode step (SwiftKVCache, oneDNN GEMVs) == transformers' DynamicCache path, 32 tokens."""
+    base, tokenizer = real
+    layers = base.config.num_hidden_layers
+    model = convert(base, layers // 2, group)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :300]
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    for swift in (True, False):
+        model.config.swiftkv = swift
+        fast = model.generate(ids, **options)
+        assert torch.equal(fast, model.generate(ids, cache_implementation="dynamic", **options))

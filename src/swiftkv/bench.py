@@ -23,6 +23,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from swiftkv.files import save_figure
+from swiftkv.loading import is_swiftkv
+from swiftkv.modeling.cache import SwiftKVCache
 
 # Natural English for prompts (repeated, then truncated to exactly T tokens): real text gives the tokenizer
 # realistic token ids, which matters for nothing in the FLOPs but keeps the benchmark honest and reproducible.
@@ -43,7 +45,7 @@ class Run:
     cpu_s: float  # CPU time of this process, all threads: ~threads * wall_s unless other processes compete
 
 
-Timings = dict[str, list[Run]]  # mode ("base" | "swiftkv") -> one Run per timed call
+Timings = dict[str, list[Run]]  # mode ("base" | "swiftkv") or engine name -> one Run per timed call
 
 
 # ---------------------------------------------------------------------------------------------- theory
@@ -138,29 +140,41 @@ def num_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _timed(fn: Callable[[], object]) -> Run:
+def timed(fn: Callable[[], object]) -> Run:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return Run(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor):
-    """What `generate` runs first: a new cache, only the last token's logits. input_ids [1, T]."""
-    return model(input_ids, use_cache=True, logits_to_keep=1)
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int = 0):
+    """What `generate` runs first: a new cache (room for `new_tokens` more), only the last token's logits.
+
+    input_ids [B, T]. SwiftKV models get the `SwiftKVCache` their `generate` uses (fast decode step); stock models
+    transformers' `DynamicCache`.
+    """
+    cache = SwiftKVCache(model.config, input_ids.shape[1] + new_tokens) if is_swiftkv(model) else None
+    return model(input_ids, cache=cache, use_cache=True, logits_to_keep=1)
 
 
 def interleaved(run: Callable[[bool], Run], reps: int, warmup: int = 1) -> Timings:
-    """Call `run(swiftkv)` for both modes `reps` times, alternating which mode goes first (drift cancels).
+    """Call `run(swiftkv)` for both modes `reps` times, alternating which mode goes first (drift cancels)."""
+    return rotated({"base": lambda: run(False), "swiftkv": lambda: run(True)}, reps, warmup)
 
-    `warmup` untimed rounds of both modes come first (allocator, thread pool and caches settle).
+
+def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> Timings:
+    """Time every named run `reps` times, rotating which goes first each round (drift cancels).
+
+    `warmup` untimed rounds come first (allocator, thread pool and caches settle).
     """
+    names = list(runs)
     for _ in range(warmup):
-        for swift in (False, True):
-            run(swift)
-    times: Timings = {"base": [], "swiftkv": []}
+        for name in names:
+            runs[name]()
+    times: Timings = {name: [] for name in names}
     for rep in range(reps):
-        for swift in (False, True) if rep % 2 == 0 else (True, False):
-            times["swiftkv" if swift else "base"].append(run(swift))
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(runs[name]())
     return times
 
 
@@ -172,16 +186,16 @@ def measure_prefill(
 
     def run(swift: bool) -> Run:
         with swiftkv_mode(model, swift):
-            return _timed(lambda: prefill(model, input_ids))
+            return timed(lambda: prefill(model, input_ids))
 
     with num_threads(threads):
         return interleaved(run, reps, warmup)
 
 
 @torch.inference_mode()
-def _prefilled(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+def _prefilled(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[Cache, torch.Tensor]:
     """Cache after the prompt [1, P] and the greedy first token [1, 1] (current mode)."""
-    out = prefill(model, input_ids)
+    out = prefill(model, input_ids, new_tokens)
     return out.cache, out.logits[:, -1:].argmax(-1)
 
 
@@ -213,12 +227,12 @@ def measure_decode(
         states = {}
         for swift in (False, True):
             with swiftkv_mode(model, swift):
-                states[swift] = _prefilled(model, input_ids)
+                states[swift] = _prefilled(model, input_ids, new_tokens)
 
         def run(swift: bool) -> Run:
             cache, first = states[swift]
             with swiftkv_mode(model, swift):
-                timing = _timed(lambda: greedy_decode(model, cache, first, new_tokens))
+                timing = timed(lambda: greedy_decode(model, cache, first, new_tokens))
             cache.crop(-new_tokens)  # back to the prompt only
             return timing
 
@@ -299,7 +313,7 @@ def measure_workload(
 
     def run(swift: bool) -> Run:
         with swiftkv_mode(model, swift):
-            return _timed(workload)
+            return timed(workload)
 
     with num_threads(threads):
         times = interleaved(run, reps, warmup)

@@ -15,13 +15,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
+
+from swiftkv.modeling import decode
+from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.common import apply_rope, mask_function
 
 # Attention implementations whose masks are dense tensors we can slice by query row; others run the
 # full SwiftKV forward (still correct, just without the prefill saving).
@@ -39,10 +42,8 @@ def _linear_like(proj: nn.Linear) -> nn.Linear:
     )
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on one tensor [B, heads, T, Dh]; same arithmetic as the families' `apply_rotary_pos_emb`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
+def _call(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    return proj(x)
 
 
 class SwiftKVAttentionMixin:
@@ -62,22 +63,24 @@ class SwiftKVAttentionMixin:
                 self.k_proj_swiftkv = _linear_like(self.k_proj)
                 self.v_proj_swiftkv = _linear_like(self.v_proj)
 
-    def _heads(self, x: torch.Tensor, proj: nn.Linear, norm_name: str | None = None) -> torch.Tensor:
-        """proj(x) split into heads, with the family's per-head norm if it has one: [B, T, D] -> [B, heads, T, Dh]."""
-        heads = proj(x).view(*x.shape[:-1], -1, self.head_dim)  # [B, T, heads, Dh]
+    def heads(self, projected: torch.Tensor, norm_name: str | None = None) -> torch.Tensor:
+        """A projection split into heads, with the family's per-head norm if it has one: [B, T, heads*Dh] ->
+        [B, heads, T, Dh]."""
+        heads = projected.view(*projected.shape[:-1], -1, self.head_dim)  # [B, T, heads, Dh]
         norm = getattr(self, norm_name, None) if norm_name else None
         if norm is not None:
             heads = norm(heads)
         return heads.transpose(1, 2)
 
     def swiftkv_key_values(
-        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor] = _call,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [B, Hkv, T, Dh] of this group from x = norm_swiftkv(h_L) [B, T, D]; RoPE at each token's position."""
-        cos, sin = position_embeddings
-        keys = _rope(self._heads(x, self.k_proj_swiftkv, "k_norm"), cos, sin)
-        values = self._heads(x, self.v_proj_swiftkv)
-        return keys, values
+        keys = apply_rope(self.heads(linear(x, self.k_proj_swiftkv), "k_norm"), position_embeddings)
+        return keys, self.heads(linear(x, self.v_proj_swiftkv))
 
     def forward(
         self,
@@ -91,7 +94,7 @@ class SwiftKVAttentionMixin:
         if swiftkv_key_values is None:  # layers < L, and every layer of the base model: the stock forward
             return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
         # Later layer: only the kept tokens arrive here [B, K, D]; K/V cover every token [B, Hkv, P+T, Dh].
-        queries = _rope(self._heads(hidden_states, self.q_proj_swiftkv, "q_norm"), *position_embeddings)
+        queries = apply_rope(self.heads(self.q_proj_swiftkv(hidden_states), "q_norm"), position_embeddings)
         keys, values = swiftkv_key_values
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -108,10 +111,6 @@ class SwiftKVAttentionMixin:
         )
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(output), weights
-
-
-def _mask_function(config) -> Callable:
-    return create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
 
 
 def _check_cache(cache: Cache | None, config) -> None:
@@ -247,7 +246,7 @@ class SwiftKVModelMixin:
             cache=cache,
             position_ids=position_ids,
         )
-        mask = _mask_function(self.config)(**mask_args)
+        mask = mask_function(self.config)(**mask_args)
         kept = self._kept_tokens(hidden.shape[1], num_kept_tokens)
         inputs = LayerInputs(
             mask=mask,
@@ -336,7 +335,7 @@ class SwiftKVModelMixin:
 
 def _mask_rows(config, mask_args: dict, kept: int) -> torch.Tensor:
     """The mask rows of the last `kept` queries: [B, 1, kept, P+T] (materialised, never an `is_causal` None)."""
-    full = _mask_function(config)(**mask_args, allow_is_causal_skip=False)  # [B, 1, T, P+T]
+    full = mask_function(config)(**mask_args, allow_is_causal_skip=False)  # [B, 1, T, P+T]
     return full[:, :, -kept:, :]
 
 
@@ -377,6 +376,18 @@ class SwiftKVForCausalLMMixin:
             )
         return (model, info) if output_loading_info else model
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """`generate` writes into a `SwiftKVCache` (preallocated, fast decode step) unless told otherwise.
+
+        `cache_implementation="dynamic"` (or any other) and a user-given cache keep transformers' behaviour.
+        """
+        wants_default = generation_config.cache_implementation is None and not generation_config.is_assistant
+        if wants_default and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            max_cache_length = kwargs.get("max_cache_length", args[-1] if args else 0)
+            model_kwargs["cache"] = SwiftKVCache(self.config, max_cache_len=max_cache_length)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -390,6 +401,10 @@ class SwiftKVForCausalLMMixin:
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if decode.applies(self, input_ids, cache, labels, logits_to_keep, kwargs):
+            _check_cache(cache, self.config)
+            logits = decode.decode_logits(self, input_ids, attention_mask, position_ids, cache)
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
         args = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,

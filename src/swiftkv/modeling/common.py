@@ -1,0 +1,20 @@
+"""Small pieces the SwiftKV forward (base.py) and the decode step (decode.py) share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
+
+
+def apply_rope(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on one tensor [B, heads, T, Dh]; same arithmetic as the families' `apply_rotary_pos_emb`."""
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def mask_function(config) -> Callable:
+    """transformers' mask builder for the config's attention type (SwiftKV needs one type for all layers)."""
+    return create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask

@@ -1,0 +1,98 @@
+"""The decode step: one new token per sequence through a `SwiftKVCache`, in base or SwiftKV mode.
+
+At batch 1 a decode step is ~80% matrix-vector products. The stock `F.linear` runs them through MKL's GEMV on
+ONE core (~16 GB/s of weights on this 2-core machine) while oneDNN's `_linear_pointwise` streams the weights
+with every OpenMP thread (~40 GB/s), so on CPU in float32 every projection (and the LM head) goes through
+oneDNN. The cache is written in place (no per-token `torch.cat`), and the step walks the layers directly: no
+per-layer module kwargs plumbing, output capturing or mask rebuilding. The arithmetic is the stock layers' own,
+in the same order; only the GEMV kernel differs, so logits agree to float32 rounding (~1e-5) and greedy tokens
+match the reference path (tests/test_decode.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.common import apply_rope, mask_function
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """proj(x) for x [..., in]: oneDNN's multi-threaded kernel for float32 on CPU, the stock kernel otherwise."""
+    weight = proj.weight
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, proj.bias, "none", [], "")
+    return F.linear(x, weight, proj.bias)
+
+
+def applies(model, input_ids, cache, labels, logits_to_keep, kwargs: dict) -> bool:
+    """True when this forward is one plain decode step the fast path computes exactly."""
+    config = model.config
+    return (
+        not torch.is_grad_enabled()
+        and isinstance(cache, SwiftKVCache)
+        and cache.preallocated
+        and input_ids is not None
+        and input_ids.shape[1] == 1
+        and labels is None
+        and isinstance(logits_to_keep, int)
+        and config._attn_implementation in ("sdpa", "eager")
+        and not kwargs.get("output_attentions", config.output_attentions)
+        and not kwargs.get("output_hidden_states", config.output_hidden_states)
+    )
+
+
+def decode_logits(
+    causal_lm,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: SwiftKVCache,
+) -> torch.Tensor:
+    """Logits [B, 1, V] of the next token after `input_ids` [B, 1]; writes the step's K/V into `cache`."""
+    model, config = causal_lm.model, causal_lm.config
+    hidden = model.embed_tokens(input_ids)  # [B, 1, D]
+    if position_ids is None:
+        position_ids = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=hidden.device)
+    mask = mask_function(config)(  # sized from the cache BEFORE this step's K/V are written; None = no padding
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+    )
+    rope = model.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin), each [B|1, 1, Dh]
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
+    h_l = None  # norm_swiftkv(h_L) [B, 1, D]: the K/V input of every layer >= L
+    for idx, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        if idx >= own_layers and h_l is None:
+            h_l = model.norm_swiftkv(hidden)
+        x = layer.input_layernorm(hidden)  # [B, 1, D]
+        if idx < own_layers:
+            queries = apply_rope(attn.heads(linear(x, attn.q_proj), "q_norm"), rope)  # [B, H, 1, Dh]
+            keys = apply_rope(attn.heads(linear(x, attn.k_proj), "k_norm"), rope)  # [B, Hkv, 1, Dh]
+            keys, values = cache.update(keys, attn.heads(linear(x, attn.v_proj)), idx)  # [B, Hkv, P+1, Dh]
+        else:
+            queries = apply_rope(attn.heads(linear(x, attn.q_proj_swiftkv), "q_norm"), rope)
+            keys, values = _group_key_values(cache, model, config.leader_of(idx), idx, h_l, rope)
+        out, _ = attend(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling)  # [B, 1, H, Dh]
+        hidden = hidden + linear(out.reshape(*x.shape[:-1], -1).contiguous(), attn.o_proj)
+        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+    return linear(model.norm(hidden), causal_lm.lm_head)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The families' gated MLP, down(act(gate(x)) * up(x)), on [B, 1, D]."""
+    return linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+
+
+def _group_key_values(cache: SwiftKVCache, model, leader: int, idx: int, h_l: torch.Tensor, rope):
+    """K, V [B, Hkv, P+1, Dh] of layer idx's AcrossKV group: computed and cached when its leader runs, then read."""
+    if idx == leader:
+        keys, values = model.layers[leader].self_attn.swiftkv_key_values(h_l, rope, linear)
+        return cache.update(keys, values, leader)
+    return cache.layers[leader].keys, cache.layers[leader].values

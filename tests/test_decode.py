@@ -1,0 +1,104 @@
+"""The preallocated SwiftKVCache and the decode step: same values as transformers' DynamicCache path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_base
+from transformers import DynamicCache
+
+from swiftkv.bench import measured_kv_bytes, swiftkv_mode
+from swiftkv.convert import convert
+from swiftkv.modeling import decode
+from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache
+
+# The decode step changes only the GEMV kernel (oneDNN instead of MKL on CPU): float32 rounding differences.
+CLOSE = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _kv(batch=2, tokens=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, tokens, 4, generator=gen), torch.randn(batch, 2, tokens, 4, generator=gen)
+
+
+def test_preallocated_layer_writes_in_place_and_matches_concatenation():
+    layer, chunks = PreallocatedLayer(capacity=8), [_kv(tokens=t, seed=t) for t in (3, 1, 1)]
+    for keys, values in chunks:
+        out_keys, out_values = layer.update(keys, values)
+    assert out_keys.data_ptr() == layer._buffers[0].data_ptr()  # a view of the buffer, no copy per step
+    assert torch.equal(out_keys, torch.cat([k for k, _ in chunks], dim=-2))
+    assert torch.equal(out_values, torch.cat([v for _, v in chunks], dim=-2))
+    assert layer.get_seq_length() == 5 and layer._buffers[0].shape[-2] == 8
+
+
+def test_preallocated_layer_grows_crops_and_reorders():
+    layer = PreallocatedLayer(capacity=2)
+    first, second, third = _kv(tokens=3, seed=1), _kv(tokens=2, seed=2), _kv(tokens=1, seed=3)
+    layer.update(*first)  # more than the capacity: grows
+    layer.crop(-1)  # a shorter view of the same buffer
+    layer.update(*second)
+    expected = torch.cat([first[0][:, :, :2], second[0]], dim=-2)
+    assert torch.equal(layer.keys, expected)
+    layer.reorder_cache(torch.tensor([1, 0]))  # beam search swaps rows: keys become a new tensor
+    keys, _ = layer.update(*third)
+    assert torch.equal(keys, torch.cat([expected.flip(0), third[0]], dim=-2))
+    assert keys.data_ptr() == layer._buffers[0].data_ptr()
+
+
+@pytest.mark.parametrize("layout", [(3, 1), (3, 3)])
+def test_swiftkv_cache_keeps_one_buffer_per_acrosskv_group(layout):
+    model = convert(tiny_base("llama"), *layout)
+    ids, mask = left_padded_batch()
+    dynamic, preallocated = DynamicCache(config=model.config), SwiftKVCache(model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=dynamic, use_cache=True)
+        model(ids, attention_mask=mask, cache=preallocated, use_cache=True)
+    assert measured_kv_bytes(preallocated) == measured_kv_bytes(dynamic)
+    assert preallocated.preallocated
+
+
+@pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
+@pytest.mark.parametrize("layout", [(3, 1), (2, 2)])
+def test_decode_step_equals_the_stock_path(family, layout, swift):
+    model = convert(tiny_base(family), *layout)
+    ids, mask = left_padded_batch()
+    with swiftkv_mode(model, swift), torch.no_grad():
+        caches = [DynamicCache(config=model.config), SwiftKVCache(model.config)]
+        steps = [model(ids, attention_mask=mask, cache=c, use_cache=True, logits_to_keep=1) for c in caches]
+        for _ in range(4):
+            next_ids = steps[0].logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+            position_ids = mask.sum(-1, keepdim=True) - 1
+            assert decode.applies(model, next_ids, caches[1], None, 1, {})
+            steps = [
+                model(next_ids, attention_mask=mask, position_ids=position_ids, cache=c, use_cache=True) for c in caches
+            ]
+            torch.testing.assert_close(steps[1].logits, steps[0].logits, **CLOSE)
+
+
+def test_decode_step_is_not_used_where_it_does_not_apply():
+    model = convert(tiny_base("llama"), 3, 1)
+    cache, ids = SwiftKVCache(model.config), torch.tensor([[5]])
+    assert not decode.applies(model, ids, cache, None, 1, {})  # gradients enabled: training
+    with torch.no_grad():
+        assert decode.applies(model, ids, cache, None, 1, {})
+        assert not decode.applies(model, ids, DynamicCache(config=model.config), None, 1, {})
+        assert not decode.applies(model, torch.tensor([[5, 6]]), cache, None, 1, {})  # a prompt chunk
+        assert not decode.applies(model, ids, cache, ids, 1, {})  # labels
+        assert not decode.applies(model, ids, cache, None, 1, {"output_hidden_states": True})
+
+
+@pytest.mark.parametrize("layout", [(3, 1), (3, 3)])
+def test_generate_uses_the_fast_step_and_picks_the_same_tokens(family, layout, monkeypatch):
+    model = convert(tiny_base(family), *layout)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded_batch()
+    calls = []
+    step = decode.decode_logits
+    monkeypatch.setattr(decode, "decode_logits", lambda *a: calls.append(1) or step(*a))
+    options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    fast = model.generate(ids, return_dict_in_generate=True, **options)
+    assert isinstance(fast.cache, SwiftKVCache) and len(calls) == 7  # every token after the first
+    stock = model.generate(ids, cache_implementation="dynamic", **options)
+    assert len(calls) == 7
+    assert torch.equal(fast.sequences, stock)
