@@ -126,7 +126,19 @@ def test_run_benchmark_smoke(tiny_swiftkv, tmp_path):
         assert setting["kv_bytes"]["measured_ratio"] == setting["kv_bytes"]["theoretical_ratio"]
         decode = setting["decode"]
         assert decode["new_tokens"] == 3 and len(decode["swiftkv"]["tokens_per_s"]) == 2
-    assert len(bench.summary_lines(result)) == 1 + 2 * (2 + 2)
+        latency = setting["latency"]  # the decode prompt (16) was a measured prefill length: TTFT is its median
+        assert latency["swiftkv"]["ttft_s"] == setting["prefill"][1]["swiftkv"]["median_s"]
+        assert latency["base"]["tpot_s"] == 1 / decode["base"]["tokens_per_s_median"]
+        assert all(v is None or v >= 0 for v in setting["peak_memory_bytes"].values())
+    assert len(bench.summary_lines(result)) == 1 + 2 * (2 + 3)
+
+
+def test_peak_memory_delta_sees_a_new_allocation():
+    if bench.peak_memory_delta(lambda: None) is None:
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    size = 64 * 2**20
+    grown = bench.peak_memory_delta(lambda: torch.ones(size // 4).sum())  # 64 MiB touched, then freed
+    assert size * 0.9 <= grown <= size * 1.5
 
 
 def test_measure_workload_schema():
@@ -134,6 +146,6 @@ def test_measure_workload_schema():
     prompts = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(0))
     result = bench.measure_workload(model, prompts, new_tokens=2, batch_size=2, reps=1, warmup=0, threads=1)
     assert (result["prompts"], result["prompt_len"], result["new_tokens"]) == (3, 20, 2)
-    for mode in ("base", "swiftkv"):
+    for mode in ("transformers", "base", "swiftkv"):
         assert len(result[mode]["times_s"]) == 1 and result[mode]["tokens_per_s"] > 0
     assert result["throughput_ratio"] == result["swiftkv"]["tokens_per_s"] / result["base"]["tokens_per_s"]

@@ -8,6 +8,8 @@ T prompt tokens, N layers, L = `num_key_value_layers`, g = `key_value_group_size
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -273,6 +275,51 @@ def measure_kv_bytes(model: PreTrainedModel, input_ids: torch.Tensor) -> dict[st
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def _proc_status_kb(field: str) -> int | None:
+    """A `VmRSS`/`VmHWM` line of /proc/self/status in KiB (None where /proc is not Linux's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_delta(fn: Callable[[], object]) -> int | None:
+    """Bytes the process's peak RSS rises above its RSS just before `fn()` (Linux; None elsewhere).
+
+    Freed memory goes back to the OS first (gc + glibc malloc_trim) and the kernel's peak-RSS mark is reset
+    (`5` into /proc/self/clear_refs), so the figure is this call's own working set: activations and KV cache.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _proc_status_kb("VmRSS")
+    fn()
+    peak = _proc_status_kb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) * 1024
+
+
+@torch.inference_mode()
+def measure_peak_memory(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> dict[str, int | None]:
+    """Peak process memory above the loaded model while prefilling `input_ids` [1, P] and decoding `new_tokens`."""
+    result = {}
+    for swift in (False, True):
+        with swiftkv_mode(model, swift):
+
+            def run() -> None:
+                cache, first = _prefilled(model, input_ids, new_tokens)
+                greedy_decode(model, cache, first, new_tokens)
+
+            result["swiftkv" if swift else "base"] = peak_memory_delta(run)
+    return result
+
+
 def prompt_ids(tokenizer, vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
     """Exactly `length` token ids [1, length]: PROMPT_TEXT repeated and tokenised, or seeded random ids."""
     if tokenizer is None:
@@ -293,13 +340,15 @@ def measure_workload(
     warmup: int = 1,
     threads: int = 2,
 ) -> dict[str, object]:
-    """End-to-end throughput of a batched generate workload (e.g. 10:1 prompt:output), modes interleaved.
+    """End-to-end throughput of a batched generate workload (e.g. 10:1 prompt:output), engines interleaved.
 
     prompts [n, T] (equal lengths: no padding), greedy, exactly `new_tokens` per prompt. Tokens/s counts prompt
-    plus output tokens, as an offline batch job pays for both.
+    plus output tokens, as an offline batch job pays for both. Engines: "transformers" (SwiftKV off, transformers'
+    DynamicCache: the stock model's generate, bit for bit), "base" (SwiftKV off through swiftkv's decode step)
+    and "swiftkv".
     """
 
-    def workload() -> None:
+    def workload(**options) -> None:
         for start in range(0, prompts.shape[0], batch_size):
             chunk = prompts[start : start + batch_size]
             model.generate(
@@ -309,14 +358,23 @@ def measure_workload(
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
+                **options,
             )
 
-    def run(swift: bool) -> Run:
-        with swiftkv_mode(model, swift):
-            return timed(workload)
+    def run(swift: bool, **options) -> Callable[[], Run]:
+        def timed_run() -> Run:
+            with swiftkv_mode(model, swift):
+                return timed(lambda: workload(**options))
 
+        return timed_run
+
+    engines = {
+        "transformers": run(False, cache_implementation="dynamic"),
+        "base": run(False),
+        "swiftkv": run(True),
+    }
     with num_threads(threads):
-        times = interleaved(run, reps, warmup)
+        times = rotated(engines, reps, warmup)
     tokens = prompts.numel() + prompts.shape[0] * new_tokens
     result = {
         mode: summary(runs) | {"tokens_per_s": tokens / summary(runs)["median_s"]} for mode, runs in times.items()
@@ -328,6 +386,7 @@ def measure_workload(
         "batch_size": batch_size,
         **result,
         "throughput_ratio": result["swiftkv"]["tokens_per_s"] / result["base"]["tokens_per_s"],
+        "throughput_ratio_vs_transformers": result["swiftkv"]["tokens_per_s"] / result["transformers"]["tokens_per_s"],
     }
 
 
@@ -468,12 +527,26 @@ def _run_setting(
         bar.update()
     bar.set_postfix_str(f"{layout} KV bytes")
     entry["kv_bytes"] = measure_kv_bytes(model, prompts[decode_len])
+    entry["peak_memory_bytes"] = measure_peak_memory(model, prompts[decode_len], decode_tokens)
     bar.update()
     if decode_tokens:
         bar.set_postfix_str(f"{layout} decode P={decode_len}")
         entry["decode"] = _decode_entry(model, prompts[decode_len], decode_tokens, reps, warmup, threads)
+        entry["latency"] = _latency(entry["prefill"], entry["decode"])
         bar.update()
     return entry
+
+
+def _latency(prefills: list[dict], decode: dict) -> dict:
+    """Time to first token (the prefill of the decode prompt, when it was measured) and time per output token."""
+    latency = {"prompt_len": decode["prompt_len"]}
+    for mode in ("base", "swiftkv"):
+        ttft = [p[mode]["median_s"] for p in prefills if p["prompt_len"] == decode["prompt_len"]]
+        latency[mode] = {
+            "ttft_s": ttft[0] if ttft else None,
+            "tpot_s": 1.0 / decode[mode]["tokens_per_s_median"],
+        }
+    return latency
 
 
 def _model_info(model: PreTrainedModel, name: str, dtype: torch.dtype) -> dict[str, object]:
@@ -544,10 +617,22 @@ def summary_lines(result: dict) -> list[str]:
                 f"{p['theoretical_flops_ratio']:>7.3f}"
             )
         if "decode" in s:
-            d = s["decode"]
+            d, lat = s["decode"], s["latency"]
             lines.append(
                 f"{layout:<10} decode after P={d['prompt_len']}: base {d['base']['tokens_per_s_median']:.1f} tok/s, "
-                f"swiftkv {d['swiftkv']['tokens_per_s_median']:.1f} tok/s (x{d['speedup']:.2f})"
+                f"swiftkv {d['swiftkv']['tokens_per_s_median']:.1f} tok/s (x{d['speedup']:.2f}); TPOT "
+                f"{1e3 * lat['base']['tpot_s']:.1f} / {1e3 * lat['swiftkv']['tpot_s']:.1f} ms"
+                + (
+                    f"; TTFT {1e3 * lat['base']['ttft_s']:.0f} / {1e3 * lat['swiftkv']['ttft_s']:.0f} ms"
+                    if lat["base"]["ttft_s"] is not None
+                    else ""
+                )
+            )
+        peak = s.get("peak_memory_bytes", {})
+        if peak.get("base") is not None:
+            lines.append(
+                f"{layout:<10} peak process memory above the loaded model (prefill + decode): base "
+                f"{peak['base'] / 2**20:.1f} MiB, swiftkv {peak['swiftkv'] / 2**20:.1f} MiB"
             )
         kv = s["kv_bytes"]
         lines.append(
