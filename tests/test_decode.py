@@ -11,6 +11,7 @@ from swiftkv.bench import measured_kv_bytes, swiftkv_mode
 from swiftkv.convert import convert
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache
+from swiftkv.modeling.kernels import FastLinear, onednn_linears
 
 # The decode step changes only the GEMV kernel (oneDNN instead of MKL on CPU): float32 rounding differences.
 CLOSE = {"atol": 1e-4, "rtol": 1e-4}
@@ -102,3 +103,20 @@ def test_generate_uses_the_fast_step_and_picks_the_same_tokens(family, layout, m
     stock = model.generate(ids, cache_implementation="dynamic", **options)
     assert len(calls) == 7
     assert torch.equal(fast.sequences, stock)
+
+
+def test_linears_use_onednn_only_where_no_gradient_flows():
+    model = convert(tiny_base("llama"), 3, 1)
+    proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(proj, FastLinear) and set(dict(model.named_parameters())) == set(model.state_dict()) - {
+        "lm_head.weight"
+    }
+    x = torch.randn(2, 5, proj.in_features)
+    with torch.no_grad():
+        fast = proj(x)
+        with onednn_linears(False):
+            stock = proj(x)
+    torch.testing.assert_close(fast, stock)
+    trainable = x.clone().requires_grad_()
+    proj(trainable).sum().backward()  # gradient through the input: the autograd-capable stock kernel
+    torch.testing.assert_close(trainable.grad, proj.weight.sum(0).expand_as(x))

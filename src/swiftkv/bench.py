@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache
 from swiftkv.files import save_figure
 from swiftkv.loading import is_swiftkv
 from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.kernels import onednn_linears
 
 # Natural English for prompts (repeated, then truncated to exactly T tokens): real text gives the tokenizer
 # realistic token ids, which matters for nothing in the FLOPs but keeps the benchmark honest and reproducible.
@@ -343,9 +344,9 @@ def measure_workload(
     """End-to-end throughput of a batched generate workload (e.g. 10:1 prompt:output), engines interleaved.
 
     prompts [n, T] (equal lengths: no padding), greedy, exactly `new_tokens` per prompt. Tokens/s counts prompt
-    plus output tokens, as an offline batch job pays for both. Engines: "transformers" (SwiftKV off, transformers'
-    DynamicCache: the stock model's generate, bit for bit), "base" (SwiftKV off through swiftkv's decode step)
-    and "swiftkv".
+    plus output tokens, as an offline batch job pays for both. Engines: "transformers" (SwiftKV off, stock MKL
+    kernels, transformers' DynamicCache: the stock model's generate, bit for bit), "base" (SwiftKV off with
+    swiftkv's kernels and decode step) and "swiftkv".
     """
 
     def workload(**options) -> None:
@@ -361,15 +362,15 @@ def measure_workload(
                 **options,
             )
 
-    def run(swift: bool, **options) -> Callable[[], Run]:
+    def run(swift: bool, stock: bool = False, **options) -> Callable[[], Run]:
         def timed_run() -> Run:
-            with swiftkv_mode(model, swift):
+            with swiftkv_mode(model, swift), onednn_linears(not stock):
                 return timed(lambda: workload(**options))
 
         return timed_run
 
     engines = {
-        "transformers": run(False, cache_implementation="dynamic"),
+        "transformers": run(False, stock=True, cache_implementation="dynamic"),
         "base": run(False),
         "swiftkv": run(True),
     }

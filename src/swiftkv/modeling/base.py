@@ -2,7 +2,8 @@
 
 Each family file subclasses the stock attention / decoder layer / model / causal-LM classes and puts the
 mixins below first in the MRO; with `config.swiftkv = False` every mixin defers to the stock forward, so the
-teacher is the base model bit for bit. Shapes: B batch, T new tokens, K kept tokens, D hidden size,
+teacher is the base model (bit for bit under `kernels.onednn_linears(False)`; otherwise the Linear layers use
+oneDNN on CPU, equal to float32 rounding). Shapes: B batch, T new tokens, K kept tokens, D hidden size,
 H query heads, Hkv key/value heads, Dh head dim, P tokens already in the cache.
 """
 
@@ -25,6 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
+from swiftkv.modeling.kernels import use_fast_linears
 
 # Attention implementations whose masks are dense tensors we can slice by query row; others run the
 # full SwiftKV forward (still correct, just without the prefill saving).
@@ -353,6 +355,7 @@ class SwiftKVForCausalLMMixin:
         super().__init__(config)
         self.model = self.swiftkv_model_class(config)
         self.post_init()
+        use_fast_linears(self)  # oneDNN products on CPU wherever no gradient flows (see kernels.py)
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):

@@ -1,34 +1,22 @@
 """The decode step: one new token per sequence through a `SwiftKVCache`, in base or SwiftKV mode.
 
-At batch 1 a decode step is ~80% matrix-vector products. The stock `F.linear` runs them through MKL's GEMV on
-ONE core (~16 GB/s of weights on this 2-core machine) while oneDNN's `_linear_pointwise` streams the weights
-with every OpenMP thread (~40 GB/s), so on CPU in float32 every projection (and the LM head) goes through
-oneDNN. The cache is written in place (no per-token `torch.cat`), and the step walks the layers directly: no
-per-layer module kwargs plumbing, output capturing or mask rebuilding. The arithmetic is the stock layers' own,
-in the same order; only the GEMV kernel differs, so logits agree to float32 rounding (~1e-5) and greedy tokens
-match the reference path (tests/test_decode.py).
+At batch 1 a decode step is ~80% matrix-vector products; they go through `kernels.linear` (oneDNN on CPU in
+float32: ~2.5x MKL's GEMV here). The cache is written in place (no per-token `torch.cat`), and the step walks the
+layers directly: no per-layer module kwargs plumbing, output capturing or mask rebuilding. The arithmetic is the
+stock layers' own, in the same order, so logits agree with transformers' path to float32 rounding and greedy
+tokens match (tests/test_decode.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """proj(x) for x [..., in]: oneDNN's multi-threaded kernel for float32 on CPU, the stock kernel otherwise."""
-    weight = proj.weight
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, proj.bias, "none", [], "")
-    return F.linear(x, weight, proj.bias)
+from swiftkv.modeling.kernels import linear
 
 
 def applies(model, input_ids, cache, labels, logits_to_keep, kwargs: dict) -> bool:
