@@ -1,8 +1,8 @@
 """A KV cache that is written in place instead of grown by concatenation.
 
-transformers' `DynamicLayer` appends each step with `torch.cat`, which copies the whole layer cache for every new
-token (the largest decode cost after the matrix products: ~5 ms of ~42 ms per token for SmolLM2 after 512 tokens
-on 2 CPU cores). `PreallocatedLayer` owns buffers [B, H, capacity, Dh], copies the new tokens into them and exposes
+transformers' `DynamicLayer` appends each step with `torch.cat`, which re-allocates and copies the whole layer
+cache for every new token (a cost that grows with the context). `PreallocatedLayer` owns buffers
+[B, H, capacity, Dh] (sized once by `generate`), copies the new tokens into them and exposes
 `keys`/`values` as views of the filled part [B, H, P+T, Dh], so attention and masks see exactly what a
 `DynamicLayer` would hold. AcrossKV sharing is kept: `SwiftKVCache` takes its layer types from the config like
 `DynamicCache`, so non-leaders are `DummyLayer`s and each group owns ONE buffer.
