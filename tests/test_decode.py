@@ -106,7 +106,7 @@ def test_generate_uses_the_fast_step_and_picks_the_same_tokens(family, layout, m
 
 
 def test_linears_use_onednn_only_where_no_gradient_flows():
-    model = convert(tiny_base("llama"), 3, 1)
+    model = convert(tiny_base("llama"), 3, 1).requires_grad_(False)
     proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(proj, FastLinear) and set(dict(model.named_parameters())) == set(model.state_dict()) - {
         "lm_head.weight"
@@ -117,6 +117,14 @@ def test_linears_use_onednn_only_where_no_gradient_flows():
         with onednn_linears(False):
             stock = proj(x)
     torch.testing.assert_close(fast, stock)
-    trainable = x.clone().requires_grad_()
-    proj(trainable).sum().backward()  # gradient through the input: the autograd-capable stock kernel
-    torch.testing.assert_close(trainable.grad, proj.weight.sum(0).expand_as(x))
+    grads = []
+    for enabled in (True, False):  # frozen weight, gradient through the input: oneDNN both ways vs stock
+        trainable = x.clone().requires_grad_()
+        with onednn_linears(enabled):
+            (proj(trainable) * torch.arange(proj.out_features)).sum().backward()
+        grads.append(trainable.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[1], (proj.weight * torch.arange(proj.out_features)[:, None]).sum(0).expand_as(x))
+    proj.weight.requires_grad_(True)  # a trainable weight gets its gradient from the stock kernel
+    proj(x).sum().backward()
+    torch.testing.assert_close(proj.weight.grad, x.sum((0, 1)).expand_as(proj.weight))

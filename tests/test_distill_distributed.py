@@ -57,7 +57,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, mod
     history = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(history, reference, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["tokens_seen"] == b["tokens_seen"]
+        # The KL of two nearly equal distributions (~6e-5 here) is a cancellation: compare it in absolute terms too
+        # (the per-process micro-batches have other shapes, so the kernels round differently).
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6) and a["tokens_seen"] == b["tokens_seen"]
     if mode == "fsdp":  # resuming loads full weights and optimizer state into the shards; nothing is left to run
         run = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=_env(), timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]

@@ -4,8 +4,8 @@ PyTorch's CPU `F.linear` goes through MKL. On this project's reference machine (
 MKL reaches ~200 GFLOP/s on prefill-sized products and ~16 GB/s of weights on the matrix-vector products of
 decoding, while oneDNN's `_linear_pointwise` (the kernel `torch.compile` uses for CPU linears) reaches
 ~420-450 GFLOP/s and ~40 GB/s: about 2x on both (benchmarks/vs_llamacpp.py, docs/decode.md). So in float32 on
-CPU, wherever no gradient has to flow through the product, SwiftKV models multiply with oneDNN. Training
-(distillation) still gets autograd: a Linear whose input or weight needs a gradient uses `F.linear`.
+CPU, SwiftKV models multiply with oneDNN wherever the weight needs no gradient: inference, and in distillation
+the frozen layers, whose input gradient is one more oneDNN product. Trainable weights use `F.linear`.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.
@@ -35,17 +35,40 @@ def onednn_linears(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """x @ W^T + b on oneDNN for a weight and bias that need no gradient: backward gives x's gradient only,
+    grad [.., out] @ W [out, in], also on oneDNN (W^T as a strided view, no copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return _onednn(grad.contiguous(), weight.t(), None), None, None
 
 
 def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """proj(x) for x [..., in] -> [..., out] with the kernel chosen above, without the module call overhead."""
-    if _onednn_applies(x, proj.weight):
-        return torch.ops.mkldnn._linear_pointwise(x, proj.weight, proj.bias, "none", [], "")
-    return F.linear(x, proj.weight, proj.bias)
+    """proj(x) for x [..., in] -> [..., out] with the kernel chosen above, without the module call overhead.
+
+    oneDNN when nothing needs a gradient, oneDNN forward and input-gradient when only x does (frozen layers in
+    distillation), `F.linear` when the weight or bias trains (or off CPU / float32).
+    """
+    weight, bias = proj.weight, proj.bias
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    if not torch.is_grad_enabled():
+        return _onednn(x, weight, bias)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(x, weight, bias)
+    return _FrozenWeightLinear.apply(x, weight, bias) if x.requires_grad else _onednn(x, weight, bias)
 
 
 class FastLinear(nn.Linear):
