@@ -46,6 +46,14 @@ def test_preallocated_layer_grows_crops_and_reorders():
     assert keys.data_ptr() == layer._buffers[0].data_ptr()
 
 
+def test_reset_layer_takes_another_batch_size():
+    layer = PreallocatedLayer(capacity=8)
+    layer.update(*_kv(batch=2))
+    layer.reset()
+    keys, values = _kv(batch=1, seed=5)
+    assert torch.equal(layer.update(keys, values)[0], keys)
+
+
 @pytest.mark.parametrize("layout", [(3, 1), (3, 3)])
 def test_swiftkv_cache_keeps_one_buffer_per_acrosskv_group(layout):
     model = convert(tiny_base("llama"), *layout)

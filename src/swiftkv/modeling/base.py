@@ -379,17 +379,20 @@ class SwiftKVForCausalLMMixin:
             )
         return (model, info) if output_loading_info else model
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
         """`generate` writes into a `SwiftKVCache` (preallocated, fast decode step) unless told otherwise.
 
         `cache_implementation="dynamic"` (or any other) and a user-given cache keep transformers' behaviour.
         """
         wants_default = generation_config.cache_implementation is None and not generation_config.is_assistant
         if wants_default and model_kwargs.get("cache") is None and generation_config.use_cache is not False:
-            max_cache_length = kwargs.get("max_cache_length", args[-1] if args else 0)
             model_kwargs["cache"] = SwiftKVCache(self.config, max_cache_len=max_cache_length)
             return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

@@ -29,6 +29,10 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = capacity
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # K, V [B, H, capacity, Dh]
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers = None  # after `reset()` the next sequence may have another batch size
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
