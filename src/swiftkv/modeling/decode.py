@@ -2,14 +2,15 @@
 
 At batch 1 a decode step is ~80% matrix-vector products; they go through `kernels.linear` (oneDNN on CPU in
 float32: ~2.5x MKL's GEMV here). The cache is written in place (no per-token `torch.cat`), and the step walks the
-layers directly: no per-layer module kwargs plumbing, output capturing or mask rebuilding. The arithmetic is the
-stock layers' own, in the same order, so logits agree with transformers' path to float32 rounding and greedy
-tokens match (tests/test_decode.py).
+layers directly: no per-layer module kwargs plumbing, output capturing or mask rebuilding, and RMSNorm as one fused
+op. The arithmetic is otherwise the stock layers' own, in the same order, so logits agree with transformers' path
+to float32 rounding and greedy tokens match (tests/test_decode.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -58,8 +59,8 @@ def decode_logits(
     for idx, layer in enumerate(model.layers):
         attn = layer.self_attn
         if idx >= own_layers and h_l is None:
-            h_l = model.norm_swiftkv(hidden)
-        x = layer.input_layernorm(hidden)  # [B, 1, D]
+            h_l = _rms_norm(model.norm_swiftkv, hidden)
+        x = _rms_norm(layer.input_layernorm, hidden)  # [B, 1, D]
         if idx < own_layers:
             queries = apply_rope(attn.heads(linear(x, attn.q_proj), "q_norm"), rope)  # [B, H, 1, Dh]
             keys = apply_rope(attn.heads(linear(x, attn.k_proj), "k_norm"), rope)  # [B, Hkv, 1, Dh]
@@ -69,8 +70,13 @@ def decode_logits(
             keys, values = _group_key_values(cache, model, config.leader_of(idx), idx, h_l, rope)
         out, _ = attend(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling)  # [B, 1, H, Dh]
         hidden = hidden + linear(out.reshape(*x.shape[:-1], -1).contiguous(), attn.o_proj)
-        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-    return linear(model.norm(hidden), causal_lm.lm_head)
+        hidden = hidden + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden))
+    return linear(_rms_norm(model.norm, hidden), causal_lm.lm_head)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The families' RMSNorm as ONE fused op (theirs is 7 eager ops); same formula, float32 rounding apart."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
