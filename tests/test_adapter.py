@@ -22,17 +22,15 @@ def distilled(tmp_path_factory):
     """(base model dir, distill output dir) of a short tiny run with a float32 adapter and a full checkpoint."""
     root = tmp_path_factory.mktemp("adapter")
     model_dir = tiny_model_dir(root / "base")
-    config = tiny_config(
-        model_dir,
-        chat_file(root / "chats.jsonl"),
-        root / "run",
-        num_key_value_layers=2,
-        key_value_group_size=2,
-        save_full_checkpoint=True,
-        adapter_dtype="float32",
-    )
+    config = _l2g2_config(model_dir, root, "run", save_full_checkpoint=True, adapter_dtype="float32")
     DistillRecipe(config, quiet=True).run()
     return model_dir, root / "run"
+
+
+def _l2g2_config(model_dir, root, out: str, **overrides):
+    """The tiny recipe at L=2, g=2 on a chat file in `root`, writing to root/out."""
+    data = chat_file(root / "chats.jsonl")
+    return tiny_config(model_dir, data, root / out, num_key_value_layers=2, key_value_group_size=2, **overrides)
 
 
 def _logits(model):
@@ -104,14 +102,7 @@ def test_adapter_refuses_another_base_model(distilled):
 
 def test_distillation_can_start_from_an_adapter(distilled, tmp_path):
     base_dir, run = distilled
-    config = tiny_config(
-        base_dir,
-        chat_file(tmp_path / "chats.jsonl"),
-        tmp_path / "more",
-        num_key_value_layers=2,
-        key_value_group_size=2,
-        init_adapter=str(run / "adapter"),
-    )
+    config = _l2g2_config(base_dir, tmp_path, "more", init_adapter=str(run / "adapter"))
     recipe = DistillRecipe(config, quiet=True).setup()
     _, tensors = adapters.read_adapter(run / "adapter")
     for name, param in recipe.model.named_parameters():

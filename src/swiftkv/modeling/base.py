@@ -44,10 +44,6 @@ def _linear_like(proj: nn.Linear) -> nn.Linear:
     )
 
 
-def _call(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    return proj(x)
-
-
 class SwiftKVAttentionMixin:
     """Adds `q_proj_swiftkv` to layers >= L and `k/v_proj_swiftkv` to AcrossKV group leaders.
 
@@ -78,11 +74,10 @@ class SwiftKVAttentionMixin:
         self,
         x: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor] = _call,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [B, Hkv, T, Dh] of this group from x = norm_swiftkv(h_L) [B, T, D]; RoPE at each token's position."""
-        keys = apply_rope(self.heads(linear(x, self.k_proj_swiftkv), "k_norm"), position_embeddings)
-        return keys, self.heads(linear(x, self.v_proj_swiftkv))
+        keys = apply_rope(self.heads(self.k_proj_swiftkv(x), "k_norm"), position_embeddings)
+        return keys, self.heads(self.v_proj_swiftkv(x))
 
     def forward(
         self,

@@ -87,6 +87,6 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _group_key_values(cache: SwiftKVCache, model, leader: int, idx: int, h_l: torch.Tensor, rope):
     """K, V [B, Hkv, P+1, Dh] of layer idx's AcrossKV group: computed and cached when its leader runs, then read."""
     if idx == leader:
-        keys, values = model.layers[leader].self_attn.swiftkv_key_values(h_l, rope, linear)
+        keys, values = model.layers[leader].self_attn.swiftkv_key_values(h_l, rope)  # FastLinear modules
         return cache.update(keys, values, leader)
     return cache.layers[leader].keys, cache.layers[leader].values
