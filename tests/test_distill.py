@@ -59,6 +59,10 @@ def test_overrides_are_yaml_typed_and_validated():
         load_config(None, ["max_steps=abc"])
     with pytest.raises(ValueError, match="never train on 'heldout'"):
         load_config(None, ["split=heldout"])
+    with pytest.raises(ValueError, match="init='lstsq' is invalid; choose one of recipe, least_squares"):
+        load_config(None, ["init=lstsq"])
+    with pytest.raises(ValueError, match="both set the starting weights"):
+        load_config(None, ["init=least_squares", "init_adapter=adapters/x"])
 
 
 def test_defaults_follow_the_reference_recipe():
@@ -295,6 +299,14 @@ def test_only_swiftkv_parameters_change(model_dir, chats, tmp_path):
             assert not torch.equal(param, initial[name]), f"{name} did not train"
         else:
             assert torch.equal(param, initial[name]), f"frozen {name} moved"
+
+
+def test_least_squares_init_starts_closer_to_the_teacher(model_dir, chats, tmp_path):
+    losses = {}
+    for init in ("recipe", "least_squares"):
+        recipe, _ = _trained(model_dir, chats, tmp_path / init, init=init, max_steps=1, split="all")
+        losses[init] = recipe.history[0]["kl"]
+    assert losses["least_squares"] < losses["recipe"]
 
 
 def test_metrics_plot_and_checkpoint_are_written(model_dir, chats, tmp_path):

@@ -42,6 +42,7 @@ def _env():
 def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, mode):
     model_dir, chats = setup
     common = dict(micro_batch_size=1, max_steps=3, split="all", distributed=mode, adapter_dtype="float32")
+    common |= dict(init="least_squares", init_tokens=2000)  # each process fits on its share: sums all-reduced
     one = tiny_config(model_dir, chats, tmp_path / "one", gradient_accumulation_steps=4, **common)
     DistillRecipe(one, quiet=True).run()
     two = tiny_config(model_dir, chats, tmp_path / "two", gradient_accumulation_steps=2, **common)

@@ -17,6 +17,7 @@ import yaml
 SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("recipe", "least_squares")
 
 
 @dataclasses.dataclass
@@ -28,7 +29,9 @@ class DistillConfig:
     dtype: str = "float32"  # dtype of the frozen weights; trainable weights and optimizer state stay float32
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    init_adapter: str | None = None  # start from this SwiftKV adapter's weights (None: the recipe's init)
+    init: str = "recipe"  # new projections' start: 'recipe' (copies, SWIFTKV.md §3) or 'least_squares' (K/V fit)
+    init_tokens: int = 100_000  # least_squares: calibration tokens taken from the training data
+    init_adapter: str | None = None  # start from this SwiftKV adapter's weights instead of `init`
     # --- data
     data: list[str] = dataclasses.field(default_factory=lambda: ["chitchat"])  # named sources or local paths
     split: str = "train"  # 'train' (all but the fixed ~5% held-out part) or 'all' (never 'heldout')
@@ -70,7 +73,7 @@ class DistillConfig:
         for name in (*positive, "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: it must be >= 1.")
-        for name in ("max_steps", "max_examples", "eval_max_examples", "threads"):
+        for name in ("max_steps", "max_examples", "eval_max_examples", "threads", "init_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} is invalid: it must be >= 1 (or null).")
@@ -80,6 +83,13 @@ class DistillConfig:
             raise ValueError(f"split={self.split!r} is invalid: use 'train' or 'all' (never train on 'heldout').")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is invalid; choose one of {', '.join(SCHEDULES)}.")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is invalid; choose one of {', '.join(INITS)}.")
+        if self.init_adapter is not None and self.init != "recipe":
+            raise ValueError(
+                f"init={self.init!r} and init_adapter={self.init_adapter!r} both set the starting weights; "
+                "keep one (continuing from an adapter ignores `init`, so leave init=recipe)."
+            )
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed={self.distributed!r} is invalid; choose one of {', '.join(DISTRIBUTED)}.")
         for name in ("dtype", "adapter_dtype"):

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
+from swiftkv.calibrate import fit_key_value_projections
 from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences
@@ -126,21 +127,23 @@ class DistillRecipe:
         base, self.tokenizer = load_model(os.path.expanduser(cfg.model), cfg.dtype)
         cfg.validate_for_model(base.config)
         self.identity = adapters.base_identity(base, cfg.model)
+        sequences, self.data_stats = build_sequences(
+            self.tokenizer, cfg.data, cfg.max_length, cfg.assistant_only, cfg.split, cfg.max_examples
+        )
         num_layers = base.config.num_hidden_layers
         self.model = self._student(base, cfg.resolved_num_key_value_layers(num_layers)).eval()
         del base
         self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
         self._freeze()
         self.model.to(self.device)
+        if cfg.init == "least_squares" and not self.resume:  # a resumed run loads its weights from the checkpoint
+            self._calibrate(sequences)
         if self.fsdp:
             self._shard()
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        sequences, self.data_stats = build_sequences(
-            self.tokenizer, cfg.data, cfg.max_length, cfg.assistant_only, cfg.split, cfg.max_examples
-        )
         self.plan = BatchPlan(sequences, cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.world, cfg.seed)
         self.total_steps = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
@@ -179,6 +182,20 @@ class DistillRecipe:
                 "the same layout (or set num_key_value_layers / key_value_group_size to match it)."
             )
         return adapters.apply_adapter(base, cfg.init_adapter)
+
+    def _calibrate(self, sequences: list) -> None:
+        """init=least_squares: fit the K/V projections on ~init_tokens training tokens (a fixed, seeded sample;
+        every process fits on its share and the sums are all-reduced, so all processes start identical)."""
+        order = list(range(len(sequences)))
+        random.Random(self.config.seed).shuffle(order)
+        chosen, tokens = [], 0
+        for index in order:
+            if tokens >= self.config.init_tokens:
+                break
+            chosen.append(sequences[index].input_ids)
+            tokens += len(chosen[-1])
+        seen = fit_key_value_projections(self.model, chosen[self.rank :: self.world], progress=not self.quiet and self.rank == 0)
+        self._say(f"init: least-squares K/V projections fitted on {seen:,} training tokens")
 
     def _setup_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
