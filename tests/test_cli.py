@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_base
 
 from swiftkv.cli import main
@@ -97,3 +98,26 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     assert "KV-cache bytes SwiftKV/base: 0.667 (theory 0.667)" in printed
     assert main(["generate", str(chat_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "3", "--threads", "1"]) == 0
     assert "time to first token" in capsys.readouterr().err
+
+
+def test_convert_calibrate_fits_the_key_values(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from test_distill_helpers import chat_file, tiny_model_dir
+
+    base, chats = tiny_model_dir(tmp_path / "base"), chat_file(tmp_path / "chats.jsonl")
+    assert main(["convert", str(base), str(tmp_path / "plain"), "-L", "3"]) == 0
+    argv = ["convert", str(base), str(tmp_path / "fit"), "-L", "3", "--calibrate", str(chats)]
+    assert main([*argv, "--calibration-tokens", "500"]) == 0
+    assert "least squares on" in capsys.readouterr().out
+    plain, fit = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "fit" / "model.safetensors")
+    for name in plain:  # only the leaders' K/V projections differ from the recipe's conversion
+        assert torch.equal(plain[name], fit[name]) != ("k_proj_swiftkv" in name or "v_proj_swiftkv" in name), name
+
+
+def test_convert_calibrate_bad_input_writes_nothing(base_dir, tmp_path, capsys):
+    argv = ["convert", str(base_dir), str(tmp_path / "a"), "-L", "3", "--calibrate", "chitchat"]
+    assert main([*argv, "--calibration-tokens", "0"]) == 2
+    assert "--calibration-tokens=0 is invalid: it must be >= 1" in capsys.readouterr().err
+    assert main(argv) == 2  # this checkpoint's tokenizer cannot render chats
+    assert "has no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

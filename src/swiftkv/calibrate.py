@@ -12,6 +12,7 @@ projection on both paths, so fitting the projection's output fits its input too.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 PROJECTIONS = ("k_proj", "v_proj")
+
+
+def sample_tokens(sequences: Sequence, tokens: int, seed: int = 0) -> list[list[int]]:
+    """A fixed, seeded random choice of whole sequences (objects with `input_ids`) holding >= `tokens` tokens."""
+    order = list(range(len(sequences)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for index in order:
+        if total >= tokens:
+            break
+        chosen.append(list(sequences[index].input_ids))
+        total += len(chosen[-1])
+    return chosen
 
 
 @torch.no_grad()

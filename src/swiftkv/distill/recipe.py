@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
-from swiftkv.calibrate import fit_key_value_projections
+from swiftkv.calibrate import fit_key_value_projections, sample_tokens
 from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences
@@ -186,15 +186,9 @@ class DistillRecipe:
     def _calibrate(self, sequences: list) -> None:
         """init=least_squares: fit the K/V projections on ~init_tokens training tokens (a fixed, seeded sample;
         every process fits on its share and the sums are all-reduced, so all processes start identical)."""
-        order = list(range(len(sequences)))
-        random.Random(self.config.seed).shuffle(order)
-        chosen, tokens = [], 0
-        for index in order:
-            if tokens >= self.config.init_tokens:
-                break
-            chosen.append(sequences[index].input_ids)
-            tokens += len(chosen[-1])
-        seen = fit_key_value_projections(self.model, chosen[self.rank :: self.world], progress=not self.quiet and self.rank == 0)
+        chosen = sample_tokens(sequences, self.config.init_tokens, self.config.seed)
+        progress = not self.quiet and self.rank == 0
+        seen = fit_key_value_projections(self.model, chosen[self.rank :: self.world], progress=progress)
         self._say(f"init: least-squares K/V projections fitted on {seen:,} training tokens")
 
     def _setup_distributed(self) -> None:
