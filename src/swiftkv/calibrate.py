@@ -12,6 +12,7 @@ projection on both paths, so fitting the projection's output fits its input too.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 
@@ -53,14 +54,14 @@ def fit_key_value_projections(
     cross: dict[tuple[int, str], torch.Tensor] = {}  # (leader, proj) -> sum x y^T / g   [dim, out]
     current: list[torch.Tensor] = []  # the sequence's x with the constant column [T, dim]
 
-    def accumulate(leader: int, name: str, output: torch.Tensor) -> None:
+    def accumulate(leader: int, name: str, _module, _inputs, output: torch.Tensor) -> None:
         y = output.reshape(-1, output.shape[-1]).double()  # [T, out]: pre-RoPE, pre-k_norm K (or V)
         term = current[0].T @ y / config.key_value_group_size
         cross[(leader, name)] = cross[(leader, name)] + term if (leader, name) in cross else term
 
     hooks = [
         getattr(decoder.layers[idx].self_attn, name).register_forward_hook(
-            lambda _m, _i, out, key=(config.leader_of(idx), name): accumulate(*key, out)
+            functools.partial(accumulate, config.leader_of(idx), name)
         )
         for idx in range(config.num_key_value_layers, config.num_hidden_layers)
         for name in PROJECTIONS
