@@ -9,13 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_base
+from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
 from swiftkv.convert import convert
 from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
 from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
 from swiftkv.distill.loss import distill_loss, kl_sum
-from swiftkv.distill.recipe import DistillRecipe, evaluate, latest_checkpoint, lr_multiplier
+from swiftkv.distill.recipe import (
+    INITIAL_WEIGHTS,
+    DistillRecipe,
+    evaluate,
+    format_eval_table,
+    latest_checkpoint,
+    lr_multiplier,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -304,9 +312,17 @@ def test_only_swiftkv_parameters_change(model_dir, chats, tmp_path):
 def test_least_squares_init_starts_closer_to_the_teacher(model_dir, chats, tmp_path):
     losses = {}
     for init in ("recipe", "least_squares"):
-        recipe, _ = _trained(model_dir, chats, tmp_path / init, init=init, max_steps=1, split="all")
+        recipe, initial = _trained(model_dir, chats, tmp_path / init, init=init, max_steps=1, eval_data=[str(chats)])
         losses[init] = recipe.history[0]["kl"]
     assert losses["least_squares"] < losses["recipe"]
+    assert not (tmp_path / "recipe" / INITIAL_WEIGHTS).exists()
+    saved = load_file(tmp_path / "least_squares" / INITIAL_WEIGHTS)  # the starting point, evaluated as 'initial'
+    assert saved.keys() == {n for n in initial if "swiftkv" in n}
+    assert all(torch.equal(saved[n], initial[n]) for n in saved)
+    table = recipe.finish()["eval"]
+    row = table[str(chats)]
+    assert {"undistilled_ppl", "initial_ppl", "distilled_ppl", "initial_agreement"} <= row.keys()
+    assert "init ppl" in format_eval_table(table)[0]
 
 
 def test_metrics_plot_and_checkpoint_are_written(model_dir, chats, tmp_path):

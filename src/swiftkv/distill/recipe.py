@@ -41,6 +41,7 @@ from swiftkv.files import prepare_output_dir, save_figure, staged
 from swiftkv.loading import DTYPES, load_model
 
 CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
+INITIAL_WEIGHTS = "initial.safetensors"  # the *_swiftkv weights training started from, when not the recipe's
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -138,6 +139,9 @@ class DistillRecipe:
         self.model.to(self.device)
         if cfg.init == "least_squares" and not self.resume:  # a resumed run loads its weights from the checkpoint
             self._calibrate(sequences)
+        if self._starts_off_recipe() and not self.resume and self.rank == 0:
+            with staged(self.out / INITIAL_WEIGHTS, replace=True) as staging:  # evaluated at the end as 'initial'
+                save_file(adapters.swiftkv_state(self.model), staging)
         if self.fsdp:
             self._shard()
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -182,6 +186,10 @@ class DistillRecipe:
                 "the same layout (or set num_key_value_layers / key_value_group_size to match it)."
             )
         return adapters.apply_adapter(base, cfg.init_adapter)
+
+    def _starts_off_recipe(self) -> bool:
+        """Whether training starts from other weights than the recipe's (least squares, or an adapter)."""
+        return self.config.init != "recipe" or self.config.init_adapter is not None
 
     def _calibrate(self, sequences: list) -> None:
         """init=least_squares: fit the K/V projections on ~init_tokens training tokens (a fixed, seeded sample;
@@ -477,7 +485,8 @@ class DistillRecipe:
         return result
 
     def evaluate_before_after(self) -> dict:
-        """Held-out perplexity and top-1 agreement of base, converted-undistilled and distilled (eval.json)."""
+        """Held-out perplexity and top-1 agreement of base, converted-undistilled (the recipe's copies), the run's
+        starting weights when they differ ('initial': least squares or init_adapter) and distilled (eval.json)."""
         cfg = self.config
         trained = {n: p for n, p in self.model.named_parameters() if "swiftkv" in n}  # the Parameter objects
         distilled = {n: p.detach().clone() for n, p in trained.items()}
@@ -486,11 +495,14 @@ class DistillRecipe:
         for name, param in trained.items():  # put the trained Parameter objects back
             module, _, attr = name.rpartition(".")
             setattr(self.model.get_submodule(module), attr, param)
+        variants = {"undistilled": undistilled}
+        if self._starts_off_recipe() and (self.out / INITIAL_WEIGHTS).exists():
+            variants["initial"] = load_file(self.out / INITIAL_WEIGHTS)
         table = evaluate(
             self.model,
             self.tokenizer,
             cfg.eval_data,
-            {"undistilled": undistilled, "distilled": distilled},
+            variants | {"distilled": distilled},
             cfg.max_length,
             cfg.eval_max_examples,
             progress=not self.quiet,
@@ -615,14 +627,18 @@ def evaluate(
 
 
 def format_eval_table(table: dict) -> list[str]:
+    labels = {"undistilled": "undist", "initial": "init", "distilled": "dist"}
+    shown = [name for name in labels if f"{name}_ppl" in next(iter(table.values()), {})]
     lines = [
-        f"{'held-out source':<14} {'tokens':>7} {'base ppl':>9} {'undist ppl':>10} {'dist ppl':>9} "
-        f"{'undist agree':>12} {'dist agree':>10}"
+        f"{'held-out source':<14} {'tokens':>7} {'base ppl':>9}"
+        + "".join(f" {labels[n] + ' ppl':>11}" for n in shown)
+        + "".join(f" {labels[n] + ' agree':>12}" for n in shown)
     ]
     for source, r in table.items():
         lines.append(
-            f"{source:<14} {r['tokens']:>7} {r['base_ppl']:>9.3f} {r['undistilled_ppl']:>10.3f} "
-            f"{r['distilled_ppl']:>9.3f} {r['undistilled_agreement']:>12.2%} {r['distilled_agreement']:>10.2%}"
+            f"{source:<14} {r['tokens']:>7} {r['base_ppl']:>9.3f}"
+            + "".join(f" {r[n + '_ppl']:>11.3f}" for n in shown)
+            + "".join(f" {r[n + '_agreement']:>12.2%}" for n in shown)
         )
     return lines
 
