@@ -102,7 +102,8 @@ def test_adapter_refuses_another_base_model(distilled):
 
 def test_distillation_can_start_from_an_adapter(distilled, tmp_path):
     base_dir, run = distilled
-    config = _l2g2_config(base_dir, tmp_path, "more", init_adapter=str(run / "adapter"))
+    # init_adapter takes precedence over `init` (the example configs set init: least_squares)
+    config = _l2g2_config(base_dir, tmp_path, "more", init_adapter=str(run / "adapter"), init="least_squares")
     recipe = DistillRecipe(config, quiet=True).setup()
     _, tensors = adapters.read_adapter(run / "adapter")
     for name, param in recipe.model.named_parameters():

@@ -69,8 +69,6 @@ def test_overrides_are_yaml_typed_and_validated():
         load_config(None, ["split=heldout"])
     with pytest.raises(ValueError, match="init='lstsq' is invalid; choose one of recipe, least_squares"):
         load_config(None, ["init=lstsq"])
-    with pytest.raises(ValueError, match="both set the starting weights"):
-        load_config(None, ["init=least_squares", "init_adapter=adapters/x"])
 
 
 def test_defaults_follow_the_reference_recipe():

@@ -31,7 +31,7 @@ class DistillConfig:
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
     init: str = "recipe"  # new projections' start: 'recipe' (copies, SWIFTKV.md §3) or 'least_squares' (K/V fit)
     init_tokens: int = 100_000  # least_squares: calibration tokens taken from the training data
-    init_adapter: str | None = None  # start from this SwiftKV adapter's weights instead of `init`
+    init_adapter: str | None = None  # start from this SwiftKV adapter's weights (then `init` is not used)
     # --- data
     data: list[str] = dataclasses.field(default_factory=lambda: ["chitchat"])  # named sources or local paths
     split: str = "train"  # 'train' (all but the fixed ~5% held-out part) or 'all' (never 'heldout')
@@ -85,11 +85,6 @@ class DistillConfig:
             raise ValueError(f"schedule={self.schedule!r} is invalid; choose one of {', '.join(SCHEDULES)}.")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is invalid; choose one of {', '.join(INITS)}.")
-        if self.init_adapter is not None and self.init != "recipe":
-            raise ValueError(
-                f"init={self.init!r} and init_adapter={self.init_adapter!r} both set the starting weights; "
-                "keep one (continuing from an adapter ignores `init`, so leave init=recipe)."
-            )
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed={self.distributed!r} is invalid; choose one of {', '.join(DISTRIBUTED)}.")
         for name in ("dtype", "adapter_dtype"):

@@ -137,7 +137,8 @@ class DistillRecipe:
         self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
         self._freeze()
         self.model.to(self.device)
-        if cfg.init == "least_squares" and not self.resume:  # a resumed run loads its weights from the checkpoint
+        # init_adapter wins over `init`; a resumed run loads its weights from the checkpoint.
+        if cfg.init == "least_squares" and cfg.init_adapter is None and not self.resume:
             self._calibrate(sequences)
         if self._starts_off_recipe() and not self.resume and self.rank == 0:
             with staged(self.out / INITIAL_WEIGHTS, replace=True) as staging:  # evaluated at the end as 'initial'
