@@ -121,3 +121,21 @@ def test_convert_calibrate_bad_input_writes_nothing(base_dir, tmp_path, capsys):
     assert main(argv) == 2  # this checkpoint's tokenizer cannot render chats
     assert "has no chat template" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_eval_calibrate_needs_an_on_the_fly_conversion(base_dir, capsys):
+    assert main(["eval", str(base_dir), "--tasks", "ppl:chitchat@2", "--calibrate", "chitchat"]) == 2
+    assert "give -L or --skip too" in capsys.readouterr().err
+
+
+def test_eval_calibrate_scores_the_fitted_model(tmp_path, capsys):
+    from test_distill_helpers import chat_file, tiny_model_dir
+
+    base, chats = tiny_model_dir(tmp_path / "base"), chat_file(tmp_path / "chats.jsonl")
+    argv = ["eval", str(base), "-L", "3", "--tasks", f"ppl:{chats}@4", "--json", str(tmp_path / "r.json")]
+    assert main([*argv, "--calibrate", str(chats), "--calibration-tokens", "400"]) == 0
+    fitted = json.loads((tmp_path / "r.json").read_text())
+    assert any("least squares" in note for note in fitted["notes"]), fitted["notes"]
+    assert main(argv) == 0
+    plain = json.loads((tmp_path / "r.json").read_text())
+    assert fitted["tasks"] != plain["tasks"]

@@ -12,6 +12,7 @@ projection on both paths, so fitting the projection's output fits its input too.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import random
 from collections.abc import Sequence
@@ -22,6 +23,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 PROJECTIONS = ("k_proj", "v_proj")
+MAX_LENGTH = 2048  # tokens per calibration sequence (the model's context if shorter)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--calibrate / --calibration-tokens, shared by `swiftkv convert` and `swiftkv eval`."""
+    parser.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="DATA",
+        help="fit the new K/V projections by least squares on these sources (named, e.g. chitchat, or local files; "
+        "their training split) instead of the recipe's copies: much closer to the base model before any distillation",
+    )
+    parser.add_argument("--calibration-tokens", type=int, default=100_000, help="tokens used by --calibrate")
+
+
+def calibrate(model: nn.Module, tokenizer, sources: Sequence[str], tokens: int = 100_000, seed: int = 0) -> int:
+    """`fit_key_value_projections` on ~`tokens` tokens of the sources' training split; returns the tokens used."""
+    from swiftkv.distill.data import build_sequences  # the distillation's data loading (chats, text, files)
+
+    if tokenizer is None:
+        raise ValueError("Calibration needs the model's tokenizer, and this checkpoint has none.")
+    if tokens < 1:
+        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
+    length = min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH, MAX_LENGTH)
+    sequences, _ = build_sequences(tokenizer, list(sources), length, assistant_only=False, split="train")
+    return fit_key_value_projections(model, sample_tokens(sequences, tokens, seed))
 
 
 def sample_tokens(sequences: Sequence, tokens: int, seed: int = 0) -> list[list[int]]:

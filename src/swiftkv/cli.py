@@ -13,10 +13,10 @@ from transformers import TextStreamer
 
 from swiftkv import batch, bench
 from swiftkv.adapter import load_with_adapter
-from swiftkv.calibrate import fit_key_value_projections, sample_tokens
+from swiftkv.calibrate import add_arguments as add_calibration_arguments
+from swiftkv.calibrate import calibrate
 from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
 from swiftkv.distill import cli as distill_cli
-from swiftkv.distill.data import build_sequences
 from swiftkv.evaluate import cli as evaluate_cli
 from swiftkv.files import prepare_output_dir
 from swiftkv.loading import DEFAULT_MODEL, DTYPES, is_swiftkv, load_model, resolve_model_path
@@ -39,21 +39,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     num_kv_layers = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
     swift = convert(model, num_kv_layers, args.key_value_group_size)
     if args.calibrate:
-        _calibrate(swift, tokenizer, args.calibrate, args.calibration_tokens)
+        seen = calibrate(swift, tokenizer, args.calibrate, args.calibration_tokens)
+        print(f"calibrated the K/V projections by least squares on {seen:,} tokens of {', '.join(args.calibrate)}")
     out = save_atomic(args.out, args.overwrite, swift, *([tokenizer] if tokenizer is not None else []))
     print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}")
-
-
-def _calibrate(model, tokenizer, sources: list[str], tokens: int) -> None:
-    """Least-squares K/V projections (swiftkv.calibrate) on ~`tokens` tokens of the sources' training split."""
-    if tokenizer is None:
-        raise ValueError("--calibrate needs the model's tokenizer, and this checkpoint has none.")
-    if tokens < 1:
-        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
-    context = min(getattr(model.config, "max_position_embeddings", None) or 2048, 2048)
-    sequences, _ = build_sequences(tokenizer, sources, context, assistant_only=False, split="train")
-    seen = fit_key_value_projections(model, sample_tokens(sequences, tokens))
-    print(f"calibrated the K/V projections by least squares on {seen:,} tokens of {', '.join(sources)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -235,14 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="base checkpoint directory, .gguf file, or 'default'")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument(
-        "--calibrate",
-        nargs="+",
-        metavar="DATA",
-        help="fit the new K/V projections by least squares on these sources (named, e.g. chitchat, or local files; "
-        "their training split) instead of the recipe's copies: much closer to the base model before any distillation",
-    )
-    p.add_argument("--calibration-tokens", type=int, default=100_000, help="tokens used by --calibrate")
+    add_calibration_arguments(p)
     _add_layout_args(p)
 
     p = add("info", cmd_info, "layers, L, g, parameter counts and predicted prefill-FLOPs / KV-bytes ratios")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from swiftkv import analyze as layer_analysis
+from swiftkv.calibrate import add_arguments as add_calibration_arguments
+from swiftkv.calibrate import calibrate
 from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
@@ -27,10 +29,15 @@ def _write_json(result: dict, path: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     for name in args.tasks:  # bad names fail before the model loads
         check_task(name)
+    if args.calibrate and args.num_key_value_layers is None and args.skip is None:
+        raise ValueError("--calibrate fits the projections of an on-the-fly conversion: give -L or --skip too.")
     torch.set_num_threads(args.threads)
     model, tokenizer, notes = load_for_eval(
         args.model, args.dtype, args.num_key_value_layers, args.skip, args.key_value_group_size, args.adapter
     )
+    if args.calibrate:
+        seen = calibrate(model, tokenizer, args.calibrate, args.calibration_tokens)
+        notes.append(f"K/V projections fitted by least squares on {seen:,} tokens of {', '.join(args.calibrate)}")
     options = EvalOptions(
         limit=args.limit,
         modes=tuple(args.modes),
@@ -115,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     layout.add_argument("--skip", type=float, help="convert a base MODEL on the fly, skipping this fraction of layers")
     p.add_argument("--key-value-group-size", "-g", type=int, default=1, help="AcrossKV group size for -L/--skip")
     p.add_argument("--adapter", type=Path, help="apply this distilled adapter (from `swiftkv distill`) to MODEL")
+    add_calibration_arguments(p)
     p.add_argument(
         "--modes",
         nargs="+",
