@@ -35,22 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fit the new K/V projections by least squares on these sources (named, e.g. chitchat, or local files; "
         "their training split) instead of the recipe's copies: much closer to the base model before any distillation",
     )
-    parser.add_argument("--calibration-tokens", type=_token_count, default=100_000, help="tokens used by --calibrate")
-
-
-def _token_count(text: str) -> int:
-    """argparse type: reject a bad count before the (slow) model load."""
-    tokens = int(text)  # a ValueError here: argparse says "invalid ... value"
-    try:
-        _check_tokens(tokens)
-    except ValueError as error:  # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return tokens
-
-
-def _check_tokens(tokens: int) -> None:
-    if tokens < 1:
-        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
+    parser.add_argument("--calibration-tokens", type=int, default=100_000, help="tokens used by --calibrate")
 
 
 def calibrate(model: nn.Module, tokenizer, sources: Sequence[str], tokens: int = 100_000, seed: int = 0) -> int:
@@ -59,7 +44,8 @@ def calibrate(model: nn.Module, tokenizer, sources: Sequence[str], tokens: int =
 
     if tokenizer is None:
         raise ValueError("Calibration needs the model's tokenizer, and this checkpoint has none.")
-    _check_tokens(tokens)
+    if tokens < 1:
+        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
     length = min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH, MAX_LENGTH)
     sequences, _ = build_sequences(tokenizer, list(sources), length, assistant_only=False, split="train")
     return fit_key_value_projections(model, sample_tokens(sequences, tokens, seed))
