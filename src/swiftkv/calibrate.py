@@ -38,14 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-tokens", type=int, default=100_000, help="tokens used by --calibrate")
 
 
+def check_tokens(tokens: int) -> None:
+    """Callers check before loading a model, so that a bad count fails fast."""
+    if tokens < 1:
+        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
+
+
 def calibrate(model: nn.Module, tokenizer, sources: Sequence[str], tokens: int = 100_000, seed: int = 0) -> int:
     """`fit_key_value_projections` on ~`tokens` tokens of the sources' training split; returns the tokens used."""
     from swiftkv.distill.data import build_sequences  # the distillation's data loading (chats, text, files)
 
     if tokenizer is None:
         raise ValueError("Calibration needs the model's tokenizer, and this checkpoint has none.")
-    if tokens < 1:
-        raise ValueError(f"--calibration-tokens={tokens} is invalid: it must be >= 1 (default 100000).")
+    check_tokens(tokens)
     length = min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH, MAX_LENGTH)
     sequences, _ = build_sequences(tokenizer, list(sources), length, assistant_only=False, split="train")
     return fit_key_value_projections(model, sample_tokens(sequences, tokens, seed))

@@ -15,6 +15,7 @@ from swiftkv import batch, bench
 from swiftkv.adapter import load_with_adapter
 from swiftkv.calibrate import add_arguments as add_calibration_arguments
 from swiftkv.calibrate import calibrate
+from swiftkv.calibrate import check_tokens as check_calibration_tokens
 from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
 from swiftkv.distill import cli as distill_cli
 from swiftkv.evaluate import cli as evaluate_cli
@@ -35,6 +36,8 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load, write nothing
+    if args.calibrate:
+        check_calibration_tokens(args.calibration_tokens)
     model, tokenizer = load_model(args.src, args.dtype)
     num_kv_layers = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
     swift = convert(model, num_kv_layers, args.key_value_group_size)

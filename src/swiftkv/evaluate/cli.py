@@ -12,6 +12,7 @@ import torch
 from swiftkv import analyze as layer_analysis
 from swiftkv.calibrate import add_arguments as add_calibration_arguments
 from swiftkv.calibrate import calibrate
+from swiftkv.calibrate import check_tokens as check_calibration_tokens
 from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
@@ -31,6 +32,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_task(name)
     if args.calibrate and args.num_key_value_layers is None and args.skip is None:
         raise ValueError("--calibrate fits the projections of an on-the-fly conversion: give -L or --skip too.")
+    if args.calibrate:
+        check_calibration_tokens(args.calibration_tokens)
     torch.set_num_threads(args.threads)
     model, tokenizer, notes = load_for_eval(
         args.model, args.dtype, args.num_key_value_layers, args.skip, args.key_value_group_size, args.adapter
