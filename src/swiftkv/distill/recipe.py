@@ -15,6 +15,7 @@ reduce-scatter itself.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -544,6 +545,10 @@ class DistillRecipe:
 
     def cleanup(self) -> None:
         if dist.is_initialized():
+            # Free the (FSDP) model and optimizer first: gloo work objects they still reference must not outlive
+            # the process group into interpreter finalization, where their destruction can abort the process.
+            self.model = self.optimizer = None
+            gc.collect()
             dist.destroy_process_group()
 
     def run(self) -> dict:
