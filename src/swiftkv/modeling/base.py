@@ -26,7 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
-from swiftkv.modeling.kernels import use_fast_linears
+from swiftkv.modeling.kernels import copy_weights_to_process_memory, use_fast_linears
 
 # Attention implementations whose masks are dense tensors we can slice by query row; others run the
 # full SwiftKV forward (still correct, just without the prefill saving).
@@ -356,6 +356,7 @@ class SwiftKVForCausalLMMixin:
     def from_pretrained(cls, *args, output_loading_info: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
         """The stock loader, but a checkpoint whose weights don't match its config is an error that names them."""
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        copy_weights_to_process_memory(model)
         problems = [f"missing {k}" for k in sorted(info["missing_keys"]) if "swiftkv" in k]
         problems += [f"unexpected {k}" for k in sorted(info["unexpected_keys"]) if "swiftkv" in k]
         problems += [

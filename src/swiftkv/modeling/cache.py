@@ -45,8 +45,19 @@ class PreallocatedLayer(DynamicLayer):
             self._reallocate(key_states, value_states, max(end, self.capacity, 2 * past))
         for buffer, new in zip(self._buffers, (key_states, value_states), strict=True):
             buffer[:, :, past:end].copy_(new)
-        self.keys, self.values = (buffer[:, :, :end] for buffer in self._buffers)
+        self.advance(end)
         return self.keys, self.values
+
+    def reserve(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers K, V [B, H, capacity, Dh] holding the cached tokens, with room for `end` tokens (a native step
+        writes into them, then calls `advance`)."""
+        if not self._owns_views() or end > self._buffers[0].shape[-2]:
+            self._reallocate(self.keys, self.values, max(end, self.capacity, 2 * self.get_seq_length()))
+        return self._buffers
+
+    def advance(self, end: int) -> None:
+        """The first `end` positions of the buffers are now the cached tokens."""
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self._buffers)
 
     def _owns_views(self) -> bool:
         """False when `keys`/`values` were replaced by new tensors (beam reordering, batch selection...)."""

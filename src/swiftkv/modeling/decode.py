@@ -15,6 +15,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from swiftkv.modeling import native
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
 from swiftkv.modeling.kernels import linear
@@ -53,6 +54,8 @@ def decode_logits(
         config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
     )
     rope = model.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin), each [B|1, 1, Dh]
+    if (native_model := native.runtime(causal_lm, cache, hidden)) is not None:
+        return linear(native.step(native_model, causal_lm, cache, hidden, mask, rope), causal_lm.lm_head)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
     own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
     h_l = None  # norm_swiftkv(h_L) [B, 1, D]: the K/V input of every layer >= L

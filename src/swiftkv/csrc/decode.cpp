@@ -1,0 +1,237 @@
+// The decode step of a SwiftKV (or base) Llama-family model as one native call per token.
+//
+// Why: at batch 1 on a CPU, eager PyTorch spends ~7 ms per token issuing ~1,900 small ops (norms, RoPE, residuals)
+// and its matrix-vector products stay below the memory bandwidth (docs/decode.md). Here every layer runs as plain
+// loops over float32 buffers: the products read each weight row once for the whole batch (at::parallel_for over
+// rows, torch's own thread pool), everything else is fused. Same formulas and order as the stock layers; sums are
+// reordered, so results agree with the Python step to float32 rounding (tests/test_native.py).
+//
+// Shapes: B sequences, one new token each; D hidden, H query heads, Hkv key/value heads, Dh head dim, S = past + 1
+// attended positions. Cache buffers are [B, Hkv, capacity, Dh]; this step writes position `past`.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+typedef float v16 __attribute__((vector_size(64)));  // GCC vectors: AVX-512, 2x AVX2 or NEON, chosen by -march
+
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four independent FMA chains
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    s0 += load16(a + i) * load16(b + i);
+    s1 += load16(a + i + 16) * load16(b + i + 16);
+    s2 += load16(a + i + 32) * load16(b + i + 32);
+    s3 += load16(a + i + 48) * load16(b + i + 48);
+  }
+  for (; i + 16 <= n; i += 16) s0 += load16(a + i) * load16(b + i);
+  v16 s = (s0 + s1) + (s2 + s3);
+  float r = 0.f;
+  for (int j = 0; j < 16; ++j) r += s[j];
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// y [B, out] = x [B, in] @ W^T (+ bias); W [out, in]. Each thread streams a contiguous block of rows once.
+void gemv(const float* x, int64_t B, const Tensor& weight, const OptTensor& bias, float* y) {
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const float* w = weight.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, out, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t o = lo; o < hi; ++o)
+      for (int64_t r = 0; r < B; ++r) y[r * out + o] = dot(w + o * in, x + r * in, in) + (b ? b[o] : 0.f);
+  });
+}
+
+// y [rows, n] = RMSNorm(x) * weight, computed like the families' RMSNorm (mean of squares, rsqrt, scale).
+void rms_norm(const float* x, int64_t rows, int64_t n, const Tensor& weight, double eps, float* y) {
+  const float* w = weight.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    const float scale = 1.f / std::sqrt(dot(xr, xr, n) / n + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) yr[i] = w[i] * (xr[i] * scale);
+  }
+}
+
+// RoPE in place on [B, heads, Dh] with cos/sin [B, Dh]: x*cos + rotate_half(x)*sin.
+void rope(float* x, int64_t B, int64_t heads, int64_t dh, const float* cos, const float* sin) {
+  const int64_t half = dh / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (b * heads + h) * dh;
+      const float* c = cos + b * dh;
+      const float* s = sin + b * dh;
+      for (int64_t i = 0; i < half; ++i) {
+        const float lo = v[i], hi = v[i + half];
+        v[i] = lo * c[i] - hi * s[i];
+        v[i + half] = hi * c[i + half] + lo * s[i + half];
+      }
+    }
+}
+
+struct Layer {
+  Tensor input_norm, post_norm, q, k, v, o, gate, up, down;  // k/v empty when the layer reads its leader's K/V
+  OptTensor q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
+  double eps, scaling;
+  bool swiftkv;  // K/V (if computed here) come from norm_swiftkv(h_L) instead of this layer's input
+};
+
+class Runtime {
+ public:
+  Runtime(int64_t heads, int64_t kv_heads, int64_t head_dim, Tensor final_norm, double final_eps)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), final_norm_(final_norm), final_eps_(final_eps) {}
+
+  void set_swiftkv_norm(Tensor weight, double eps) {
+    swiftkv_norm_ = weight;
+    swiftkv_eps_ = eps;
+  }
+
+  void add_layer(std::vector<Tensor> weights, OptTensor k, OptTensor v, OptTensor q_bias, OptTensor k_bias,
+                 OptTensor v_bias, OptTensor o_bias, OptTensor q_norm, OptTensor k_norm, double eps, double scaling,
+                 bool swiftkv) {
+    TORCH_CHECK(weights.size() == 7, "add_layer: weights = [input_norm, post_norm, q, o, gate, up, down]");
+    Layer l{weights[0], weights[1], weights[2], k.value_or(Tensor()), v.value_or(Tensor()), weights[3], weights[4],
+            weights[5], weights[6], q_bias, k_bias, v_bias, o_bias, q_norm, k_norm, eps, scaling, swiftkv};
+    layers_.push_back(std::move(l));
+  }
+
+  // hidden [B, D] (the token embeddings); cos/sin [B, Dh]; mask [B, S] additive or None; keys/values: one
+  // [B, Hkv, capacity, Dh] buffer per layer (a non-leader gets its leader's). Returns final-normed hidden [B, D].
+  Tensor step(Tensor hidden, Tensor cos, Tensor sin, OptTensor mask, std::vector<Tensor> keys,
+              std::vector<Tensor> values, int64_t past) {
+    TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one K/V buffer per layer");
+    hidden = hidden.contiguous().clone();
+    const int64_t B = hidden.size(0), D = hidden.size(1);
+    const int64_t q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
+    auto opts = hidden.options();
+    Tensor x = at::empty({B, D}, opts), swift = at::empty({B, D}, opts), q = at::empty({B, q_dim}, opts);
+    Tensor k = at::empty({B, kv_dim}, opts), v = at::empty({B, kv_dim}, opts), att = at::empty({B, q_dim}, opts);
+    const int64_t inter = layers_.empty() ? 0 : layers_[0].gate.size(0);
+    Tensor gate = at::empty({B, inter}, opts), up = at::empty({B, inter}, opts), tmp = at::empty({B, D}, opts);
+    float* h = hidden.data_ptr<float>();
+    bool have_swift = false;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& l = layers_[i];
+      float* xp = x.data_ptr<float>();
+      rms_norm(h, B, D, l.input_norm, l.eps, xp);
+      if (l.swiftkv && !have_swift) {  // norm_swiftkv(h_L): the K/V input of every later layer
+        rms_norm(h, B, D, swiftkv_norm_, swiftkv_eps_, swift.data_ptr<float>());
+        have_swift = true;
+      }
+      if (l.k.defined()) {
+        const float* src = l.swiftkv ? swift.data_ptr<float>() : xp;
+        project_kv(l, src, B, k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, keys[i], values[i], past);
+      }
+      gemv(xp, B, l.q, l.q_bias, q.data_ptr<float>());
+      if (l.q_norm) rms_norm(q.data_ptr<float>(), B * heads_, head_dim_, *l.q_norm, l.eps, q.data_ptr<float>());
+      rope(q.data_ptr<float>(), B, heads_, head_dim_, cos.data_ptr<float>(), sin.data_ptr<float>());
+      attend(q.data_ptr<float>(), keys[i], values[i], mask, past + 1, l.scaling, B, att.data_ptr<float>());
+      add_projection(att.data_ptr<float>(), B, l.o, l.o_bias, tmp.data_ptr<float>(), h);
+      rms_norm(h, B, D, l.post_norm, l.eps, xp);
+      mlp(l, xp, B, gate.data_ptr<float>(), up.data_ptr<float>(), tmp.data_ptr<float>(), h);
+    }
+    rms_norm(h, B, D, final_norm_, final_eps_, x.data_ptr<float>());
+    return x;
+  }
+
+ private:
+  // K, V of this token from src [B, D]: projections, per-head k_norm, RoPE on K, written at `past` in the cache.
+  void project_kv(const Layer& l, const float* src, int64_t B, float* k, float* v, const Tensor& cos,
+                  const Tensor& sin, Tensor& key_cache, Tensor& value_cache, int64_t past) const {
+    gemv(src, B, l.k, l.k_bias, k);
+    gemv(src, B, l.v, l.v_bias, v);
+    if (l.k_norm) rms_norm(k, B * kv_heads_, head_dim_, *l.k_norm, l.eps, k);
+    rope(k, B, kv_heads_, head_dim_, cos.data_ptr<float>(), sin.data_ptr<float>());
+    const int64_t capacity = key_cache.size(2);
+    float* kc = key_cache.data_ptr<float>();
+    float* vc = value_cache.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        const int64_t at = ((b * kv_heads_ + h) * capacity + past) * head_dim_;
+        const int64_t from = (b * kv_heads_ + h) * head_dim_;
+        std::copy(k + from, k + from + head_dim_, kc + at);
+        std::copy(v + from, v + from + head_dim_, vc + at);
+      }
+  }
+
+  // out [B, H*Dh] = softmax(q K^T * scaling + mask) V per query head over S cached positions (GQA: head h reads
+  // key/value head h / (H / Hkv)).
+  void attend(const float* q, const Tensor& key_cache, const Tensor& value_cache, const OptTensor& mask, int64_t S,
+              double scaling, int64_t B, float* out) const {
+    const int64_t capacity = key_cache.size(2), group = heads_ / kv_heads_, dh = head_dim_;
+    const float* kc = key_cache.data_ptr<float>();
+    const float* vc = value_cache.data_ptr<float>();
+    const float* m = mask ? mask->data_ptr<float>() : nullptr;
+    at::parallel_for(0, B * heads_, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> scores(S);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t b = bh / heads_, kvh = (bh % heads_) / group;
+        const float* qv = q + bh * dh;
+        const float* keys = kc + (b * kv_heads_ + kvh) * capacity * dh;
+        const float* vals = vc + (b * kv_heads_ + kvh) * capacity * dh;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < S; ++s) {
+          scores[s] = dot(qv, keys + s * dh, dh) * static_cast<float>(scaling) + (m ? m[b * S + s] : 0.f);
+          top = std::max(top, scores[s]);
+        }
+        float total = 0.f;
+        for (int64_t s = 0; s < S; ++s) total += (scores[s] = std::exp(scores[s] - top));
+        float* o = out + bh * dh;
+        std::fill(o, o + dh, 0.f);
+        for (int64_t s = 0; s < S; ++s) {
+          const float p = scores[s] / total;
+          const float* vs = vals + s * dh;
+          for (int64_t d = 0; d < dh; ++d) o[d] += p * vs[d];
+        }
+      }
+    });
+  }
+
+  // h += x @ W^T (+ bias), through `tmp` [B, out].
+  static void add_projection(const float* x, int64_t B, const Tensor& w, const OptTensor& bias, float* tmp,
+                             float* h) {
+    gemv(x, B, w, bias, tmp);
+    const int64_t n = B * w.size(0);
+    for (int64_t i = 0; i < n; ++i) h[i] += tmp[i];
+  }
+
+  // h += down(silu(gate(x)) * up(x)).
+  static void mlp(const Layer& l, const float* x, int64_t B, float* gate, float* up, float* tmp, float* h) {
+    gemv(x, B, l.gate, std::nullopt, gate);
+    gemv(x, B, l.up, std::nullopt, up);
+    const int64_t n = B * l.gate.size(0);
+    for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    add_projection(gate, B, l.down, std::nullopt, tmp, h);
+  }
+
+  int64_t heads_, kv_heads_, head_dim_;
+  Tensor final_norm_, swiftkv_norm_;
+  double final_eps_, swiftkv_eps_ = 0.0;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Runtime>(m, "Runtime")
+      .def(pybind11::init<int64_t, int64_t, int64_t, Tensor, double>())
+      .def("set_swiftkv_norm", &Runtime::set_swiftkv_norm)
+      .def("add_layer", &Runtime::add_layer)
+      .def("step", &Runtime::step);
+}

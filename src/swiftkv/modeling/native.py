@@ -1,0 +1,193 @@
+"""The native decode step (csrc/decode.cpp): one C++ call per token for float32 models on CPU.
+
+The extension is compiled on first use with the machine's own instruction set (`-march=native`, ~1 min, g++ and
+ninja) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards (a fraction of a second). If it
+cannot be built, decoding keeps the Python step (decode.py) and a warning says why once. `SWIFTKV_NATIVE=0`
+turns it off. Which step runs changes nothing but float32 rounding (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swiftkv.modeling.cache import SwiftKVCache
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
+FLAGS = ["-O3", "-march=native"]
+
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def native_decode(enabled: bool) -> Iterator[None]:
+    """Allow (True) or forbid (False: decode.py's Python step) the native step inside the block, then restore."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def enabled() -> bool:
+    """False inside `native_decode(False)` or when SWIFTKV_NATIVE=0/false/off/no."""
+    return _enabled and os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cpu_tag() -> str:
+    """Binaries built with -march=native only run on the CPU they were built for: key them by its flags."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def extension():
+    """The compiled module, or None (with one warning) when it cannot be built here."""
+    from swiftkv.sources import cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    name = f"swiftkv_decode_{digest.hexdigest()[:12]}"
+    build_dir = cache_dir() / "native" / _cpu_tag() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_dir))
+    except Exception as error:  # no compiler, no ninja, a build error: the Python step still works
+        warnings.warn(
+            f"swiftkv: the native decode step could not be built ({type(error).__name__}: {error}); decoding uses "
+            "the slower Python step. Install g++ and ninja (pip install ninja), or set SWIFTKV_NATIVE=0 to silence.",
+            stacklevel=2,
+        )
+        return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary is not there unless the venv is active."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def runtime(causal_lm, cache: SwiftKVCache, hidden: torch.Tensor):
+    """The native model for this generation, or None when the Python step must run (other device/dtype/activation,
+    extension unavailable, SWIFTKV_NATIVE=0). Built once per cache; weights are referenced, not copied."""
+    if not enabled() or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+        return None
+    built = getattr(cache, "_native_runtime", None)
+    if built is None:
+        built = _build(causal_lm) if _supported(causal_lm) and extension() is not None else False
+        cache._native_runtime = built
+    return built or None
+
+
+def _supported(causal_lm) -> bool:
+    """The model is what csrc/decode.cpp implements: float32 weights, SiLU-gated MLP without biases, one RMSNorm eps."""
+    model = causal_lm.model
+    norms = [m for m in model.modules() if hasattr(m, "variance_epsilon")]
+    return (
+        causal_lm.config.hidden_act == "silu"
+        and all(layer.mlp.gate_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.layers)
+        and all(p.dtype == torch.float32 for p in model.parameters())
+        and len({float(m.variance_epsilon) for m in norms}) == 1
+    )
+
+
+def step(rt, causal_lm, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
+    """The final-normed hidden state [B, 1, D] after every layer for token embeddings `hidden` [B, 1, D]; writes this
+    token's K/V into `cache` and advances it by one position."""
+    config = causal_lm.config
+    batch, dim = hidden.shape[0], hidden.shape[-1]
+    past = cache.get_seq_length()
+    end = past + 1
+    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
+    storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
+    buffers = {idx: cache.layers[idx].reserve(end) for idx in set(storage)}  # K, V [B, Hkv, capacity, Dh]
+    cos, sin = (t.reshape(-1, t.shape[-1]).expand(batch, -1).contiguous() for t in rope)  # [B, Dh]
+    out = rt.step(
+        hidden.reshape(batch, dim),
+        cos,
+        sin,
+        _additive_mask(mask, batch, end),
+        [buffers[idx][0] for idx in storage],
+        [buffers[idx][1] for idx in storage],
+        past,
+    )
+    for idx in buffers:
+        cache.layers[idx].advance(end)
+    return out.view(batch, 1, dim)
+
+
+def _additive_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """transformers' decode mask [B, 1, 1, S] (bool: True = attend, or additive float) as additive float [B, S]."""
+    if mask is None:
+        return None
+    mask = mask[..., -length:].reshape(batch, length)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    return mask.to(torch.float32).contiguous()
+
+
+def _build(causal_lm):
+    """A Runtime holding references to every weight the decode step reads, layer by layer."""
+    model, config = causal_lm.model, causal_lm.config
+    rt = extension().Runtime(
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        model.layers[0].self_attn.head_dim,
+        _weight(model.norm),
+        _eps(model.norm),
+    )
+    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
+    if own_layers < config.num_hidden_layers:
+        rt.set_swiftkv_norm(_weight(model.norm_swiftkv), _eps(model.norm_swiftkv))
+    for idx, layer in enumerate(model.layers):
+        attn, mlp, swiftkv = layer.self_attn, layer.mlp, idx >= own_layers
+        q = attn.q_proj_swiftkv if swiftkv else attn.q_proj
+        k, v = attn.k_proj, attn.v_proj
+        if swiftkv:  # AcrossKV non-leaders (None) read the K/V their leader wrote
+            k, v = getattr(attn, "k_proj_swiftkv", None), getattr(attn, "v_proj_swiftkv", None)
+        norms_and_products = [layer.input_layernorm, layer.post_attention_layernorm, q, attn.o_proj]
+        norms_and_products += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        rt.add_layer(
+            [_weight(module) for module in norms_and_products],
+            *(_weight(k), _weight(v), _bias(q), _bias(k), _bias(v), _bias(attn.o_proj)),
+            *(_weight(getattr(attn, "q_norm", None)), _weight(getattr(attn, "k_norm", None))),
+            _eps(layer.input_layernorm),
+            float(attn.scaling),
+            swiftkv,
+        )
+    return rt
+
+
+def _weight(module: nn.Module | None) -> torch.Tensor | None:
+    return None if module is None else module.weight.detach().contiguous()
+
+
+def _bias(module: nn.Module | None) -> torch.Tensor | None:
+    return None if module is None or module.bias is None else module.bias.detach().contiguous()
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(norm.variance_epsilon)
