@@ -30,6 +30,16 @@ inline v16 load16(const float* p) {
   return v;
 }
 
+// Sum of the 16 lanes as a tree of halves (4 shuffles + adds instead of 15 dependent scalar adds).
+inline float hsum(v16 v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four independent FMA chains
   int64_t i = 0;
@@ -40,11 +50,31 @@ inline float dot(const float* a, const float* b, int64_t n) {
     s3 += load16(a + i + 48) * load16(b + i + 48);
   }
   for (; i + 16 <= n; i += 16) s0 += load16(a + i) * load16(b + i);
-  v16 s = (s0 + s1) + (s2 + s3);
-  float r = 0.f;
-  for (int j = 0; j < 16; ++j) r += s[j];
+  float r = hsum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
+}
+
+// o [DH] = scale * sum_s p[s] v[s, :] with the accumulator in registers (head dims 64 and 128).
+template <int DH>
+inline void weighted_sum(const float* p, float scale, const float* v, int64_t S, float* o) {
+  v16 acc[DH / 16] = {};
+  for (int64_t s = 0; s < S; ++s)
+    for (int j = 0; j < DH / 16; ++j) acc[j] += p[s] * load16(v + s * DH + 16 * j);
+  for (int j = 0; j < DH / 16; ++j) {
+    const v16 r = acc[j] * scale;
+    __builtin_memcpy(o + 16 * j, &r, sizeof(r));
+  }
+}
+
+// o [n] += p * v [n]
+inline void axpy(float p, const float* v, float* o, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16 acc = load16(o + i) + p * load16(v + i);
+    __builtin_memcpy(o + i, &acc, sizeof(acc));
+  }
+  for (; i < n; ++i) o[i] += p * v[i];
 }
 
 // y [B, out] = x [B, in] @ W^T (+ bias); W [out, in]. Each thread streams a contiguous block of rows once.
@@ -193,11 +223,13 @@ class Runtime {
         float total = 0.f;
         for (int64_t s = 0; s < S; ++s) total += (scores[s] = std::exp(scores[s] - top));
         float* o = out + bh * dh;
-        std::fill(o, o + dh, 0.f);
-        for (int64_t s = 0; s < S; ++s) {
-          const float p = scores[s] / total;
-          const float* vs = vals + s * dh;
-          for (int64_t d = 0; d < dh; ++d) o[d] += p * vs[d];
+        if (dh == 64) {
+          weighted_sum<64>(scores.data(), 1.f / total, vals, S, o);
+        } else if (dh == 128) {
+          weighted_sum<128>(scores.data(), 1.f / total, vals, S, o);
+        } else {
+          std::fill(o, o + dh, 0.f);
+          for (int64_t s = 0; s < S; ++s) axpy(scores[s] / total, vals + s * dh, o, dh);
         }
       }
     });

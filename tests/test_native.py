@@ -1,0 +1,101 @@
+"""The native decode step (csrc/decode.cpp): same logits and tokens as the Python step, and a clean fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_base
+
+from swiftkv.bench import swiftkv_mode
+from swiftkv.convert import convert
+from swiftkv.modeling import native
+from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.native import native_decode
+
+# Sums run in another order than oneDNN's: float32 rounding differences only.
+CLOSE = {"atol": 1e-4, "rtol": 1e-4}
+
+pytestmark = pytest.mark.skipif(native.extension() is None, reason="the native extension cannot be built here")
+
+
+def _decode(model, ids, mask, steps, use_native, capacity=0, attention="sdpa"):
+    """Logits [B, 1, V] of `steps` greedy decode steps after a left-padded prompt, and the cache."""
+    model.config._attn_implementation = attention
+    cache, logits = SwiftKVCache(model.config, max_cache_len=capacity), []
+    with torch.no_grad(), native_decode(use_native):
+        out = model(ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(steps):
+            next_ids = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+            position_ids = mask.sum(-1, keepdim=True) - 1
+            out = model(next_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("hidden", [32, 256], ids=["head_dim8", "head_dim64"])
+@pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
+@pytest.mark.parametrize("layout", [(3, 1), (2, 2)])
+def test_native_step_equals_the_python_step(family, layout, swift, hidden):
+    model = convert(tiny_base(family, hidden=hidden), *layout)
+    ids, mask = left_padded_batch()
+    with swiftkv_mode(model, swift):
+        fast, cache = _decode(model, ids, mask, 5, use_native=True)
+        slow, python_cache = _decode(model, ids, mask, 5, use_native=False)
+    assert cache._native_runtime and not getattr(python_cache, "_native_runtime", None)
+    torch.testing.assert_close(fast, slow, **CLOSE)
+    for layer, python_layer in zip(cache.layers, python_cache.layers, strict=True):  # same K/V written
+        torch.testing.assert_close(layer.keys, python_layer.keys, **CLOSE)
+
+
+def test_native_step_grows_the_cache_and_takes_additive_masks():
+    """Past the preallocated capacity the buffers double; the eager attention's float mask works like sdpa's."""
+    model = convert(tiny_base("llama"), 3, 3)
+    ids, mask = left_padded_batch()
+    fast, cache = _decode(model, ids, mask, 8, use_native=True, capacity=ids.shape[1] + 2, attention="eager")
+    slow, _ = _decode(model, ids, mask, 8, use_native=False, attention="eager")
+    assert cache.layers[0]._buffers[0].shape[-2] >= ids.shape[1] + 8
+    torch.testing.assert_close(fast, slow, **CLOSE)
+
+
+@pytest.mark.parametrize("layout", [(3, 1), (3, 3)])
+def test_generate_picks_the_same_tokens_with_and_without_the_native_step(family, layout):
+    model = convert(tiny_base(family), *layout)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded_batch()
+    options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with native_decode(True):
+        fast = model.generate(ids, return_dict_in_generate=True, **options)
+    with native_decode(False):
+        slow = model.generate(ids, **options)
+    assert fast.cache._native_runtime
+    assert torch.equal(fast.sequences, slow)
+
+
+def test_native_step_is_skipped_where_it_does_not_apply(monkeypatch):
+    model = convert(tiny_base("llama"), 3, 1)
+    cache, hidden = SwiftKVCache(model.config), torch.zeros(1, 1, 32)
+    monkeypatch.setenv("SWIFTKV_NATIVE", "0")
+    assert native.runtime(model, cache, hidden) is None
+    monkeypatch.delenv("SWIFTKV_NATIVE")
+    assert native.runtime(model, cache, hidden.double()) is None
+    model.config.hidden_act = "gelu"  # not what csrc/decode.cpp implements: the Python step runs
+    assert native.runtime(model, cache, hidden) is None and cache._native_runtime is False
+
+
+def test_a_failed_build_warns_once_and_leaves_the_python_step(tmp_path, monkeypatch):
+    broken = tmp_path / "decode.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    native.extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="native decode step could not be built"):
+            assert native.extension() is None
+        model = convert(tiny_base("llama"), 3, 1)
+        model.generation_config.eos_token_id = None
+        ids, mask = left_padded_batch()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + 3
+    finally:
+        native.extension.cache_clear()
