@@ -261,7 +261,7 @@ class Runtime {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Runtime>(m, "Runtime")
+  pybind11::class_<Runtime>(m, "Runtime", pybind11::dynamic_attr())  // dynamic_attr: Python keeps `storage` on it
       .def(pybind11::init<int64_t, int64_t, int64_t, Tensor, double>())
       .def("set_swiftkv_norm", &Runtime::set_swiftkv_norm)
       .def("add_layer", &Runtime::add_layer)

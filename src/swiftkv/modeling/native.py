@@ -114,15 +114,13 @@ def _supported(causal_lm) -> bool:
     )
 
 
-def step(rt, causal_lm, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
+def step(rt, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
     """The final-normed hidden state [B, 1, D] after every layer for token embeddings `hidden` [B, 1, D]; writes this
     token's K/V into `cache` and advances it by one position."""
-    config = causal_lm.config
     batch, dim = hidden.shape[0], hidden.shape[-1]
     past = cache.get_seq_length()
     end = past + 1
-    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
-    storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
+    storage = rt.storage
     buffers = {idx: cache.layers[idx].reserve(end) for idx in set(storage)}  # K, V [B, Hkv, capacity, Dh]
     cos, sin = (t.reshape(-1, t.shape[-1]).expand(batch, -1).contiguous() for t in rope)  # [B, Dh]
     out = rt.step(
@@ -178,6 +176,7 @@ def _build(causal_lm):
             float(attn.scaling),
             swiftkv,
         )
+    rt.storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
     return rt
 
 
