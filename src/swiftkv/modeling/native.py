@@ -58,14 +58,19 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+def build_root() -> Path:
+    """Where builds live: <swiftkv cache>/native/<cpu tag>/ (one folder per source version inside)."""
+    from swiftkv.sources import cache_dir
+
+    return cache_dir() / "native" / _cpu_tag()
+
+
 @functools.cache
 def extension():
     """The compiled module, or None (with one warning) when it cannot be built here."""
-    from swiftkv.sources import cache_dir
-
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
     name = f"swiftkv_decode_{digest.hexdigest()[:12]}"
-    build_dir = cache_dir() / "native" / _cpu_tag() / name
+    build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         from torch.utils.cpp_extension import load
