@@ -72,6 +72,21 @@ def test_generate_picks_the_same_tokens_with_and_without_the_native_step(family,
     assert torch.equal(fast.sequences, slow)
 
 
+def test_a_cache_continued_by_another_model_uses_that_models_weights():
+    first, second = (convert(tiny_base("llama", seed=seed), 3, 1) for seed in (0, 1))
+    ids, mask = left_padded_batch()
+    results = []  # the second model's logits, native then Python step
+    for use_native in (True, False):
+        cache = SwiftKVCache(first.config)
+        with torch.no_grad(), native_decode(use_native):
+            first(ids, attention_mask=mask, cache=cache, use_cache=True)
+            first(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), cache=cache, use_cache=True)
+            mask2 = torch.cat([mask, mask[:, -2:]], 1)
+            logits = second(ids[:, -1:], attention_mask=mask2, cache=cache, use_cache=True).logits
+        results.append(logits)
+    torch.testing.assert_close(results[0], results[1], **CLOSE)
+
+
 def test_native_step_is_skipped_where_it_does_not_apply(monkeypatch):
     model = convert(tiny_base("llama"), 3, 1)
     cache, hidden = SwiftKVCache(model.config), torch.zeros(1, 1, 32)

@@ -100,10 +100,10 @@ def runtime(causal_lm, cache: SwiftKVCache, hidden: torch.Tensor):
     extension unavailable, SWIFTKV_NATIVE=0). Built once per cache; weights are referenced, not copied."""
     if not enabled() or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return None
-    built = getattr(cache, "_native_runtime", None)
-    if built is None:
+    built, owner = getattr(cache, "_native_runtime", None), getattr(cache, "_native_owner", None)
+    if built is None or owner is not causal_lm:  # a cache handed from one model to another gets its own runtime
         built = _build(causal_lm) if _supported(causal_lm) and extension() is not None else False
-        cache._native_runtime = built
+        cache._native_runtime, cache._native_owner = built, causal_lm
     return built or None
 
 
