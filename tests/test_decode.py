@@ -136,3 +136,25 @@ def test_linears_use_onednn_only_where_no_gradient_flows():
     proj.weight.requires_grad_(True)  # a trainable weight gets its gradient from the stock kernel
     proj(x).sum().backward()
     torch.testing.assert_close(proj.weight.grad, x.sum((0, 1)).expand_as(proj.weight))
+
+
+def test_loaders_copy_weights_out_of_the_file_once_and_keep_ties(tmp_path, monkeypatch):
+    from swiftkv import loading
+    from swiftkv.modeling import base, kernels
+
+    calls = []
+
+    def counted(model):
+        calls.append(model.config.model_type)
+        return kernels.copy_weights_to_process_memory(model)
+
+    monkeypatch.setattr(base, "copy_weights_to_process_memory", counted)
+    monkeypatch.setattr(loading, "copy_weights_to_process_memory", counted)
+    stock = tiny_base("llama")
+    stock.save_pretrained(tmp_path / "base")
+    convert(stock, 3, 1).save_pretrained(tmp_path / "swiftkv")
+    for name in ("base", "swiftkv"):
+        model, _ = loading.load_model(tmp_path / name)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        torch.testing.assert_close(model.model.embed_tokens.weight, stock.model.embed_tokens.weight, rtol=0, atol=0)
+    assert calls == ["llama", "llama_swiftkv"]  # one copy per load

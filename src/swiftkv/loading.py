@@ -39,7 +39,9 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
         model, tokenizer = sources.load_gguf(path)
         return model.to(DTYPES[dtype]).eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    return copy_weights_to_process_memory(model), load_tokenizer(path)
+    if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
+        copy_weights_to_process_memory(model)
+    return model, load_tokenizer(path)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
