@@ -18,3 +18,8 @@ def apply_rope(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.T
 def mask_function(config) -> Callable:
     """transformers' mask builder for the config's attention type (SwiftKV needs one type for all layers)."""
     return create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
+
+
+def own_key_value_layers(config) -> int:
+    """How many layers compute their own K/V from their own input: L in SwiftKV mode, every layer with SwiftKV off."""
+    return config.num_key_value_layers if config.swiftkv else config.num_hidden_layers

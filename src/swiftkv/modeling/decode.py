@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from swiftkv.modeling import native
 from swiftkv.modeling.cache import SwiftKVCache
-from swiftkv.modeling.common import apply_rope, mask_function
+from swiftkv.modeling.common import apply_rope, mask_function, own_key_value_layers
 from swiftkv.modeling.kernels import linear
 
 
@@ -57,7 +57,7 @@ def decode_logits(
     if (native_model := native.runtime(causal_lm, cache, hidden)) is not None:
         return linear(native.step(native_model, cache, hidden, mask, rope), causal_lm.lm_head)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
+    own_layers = own_key_value_layers(config)
     h_l = None  # norm_swiftkv(h_L) [B, 1, D]: the K/V input of every layer >= L
     for idx, layer in enumerate(model.layers):
         attn = layer.self_attn

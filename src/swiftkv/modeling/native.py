@@ -1,7 +1,7 @@
 """The native decode step (csrc/decode.cpp): one C++ call per token for float32 models on CPU.
 
-The extension is compiled on first use with the machine's own instruction set (`-march=native`, ~1 min, g++ and
-ninja) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards (a fraction of a second). If it
+The extension is compiled on first use with the machine's own instruction set (`-march=native`, ~20-35 s once, g++
+and ninja) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards (a fraction of a second). If it
 cannot be built, decoding keeps the Python step (decode.py) and a warning says why once. `SWIFTKV_NATIVE=0`
 turns it off. Which step runs changes nothing but float32 rounding (tests/test_native.py).
 """
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.common import own_key_value_layers
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
 FLAGS = ["-O3", "-march=native"]
@@ -162,7 +163,7 @@ def _build(causal_lm):
         _weight(model.norm),
         _eps(model.norm),
     )
-    own_layers = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
+    own_layers = own_key_value_layers(config)
     if own_layers < config.num_hidden_layers:
         rt.set_swiftkv_norm(_weight(model.norm_swiftkv), _eps(model.norm_swiftkv))
     for idx, layer in enumerate(model.layers):
