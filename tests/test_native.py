@@ -48,6 +48,28 @@ def test_native_step_equals_the_python_step(family, layout, swift, hidden):
         torch.testing.assert_close(layer.keys, python_layer.keys, **CLOSE)
 
 
+@pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
+def test_native_step_on_long_padded_prompts(swift):
+    """Dozens of positions: attention's vectorised exp runs on full 16-lane blocks, padded positions among them."""
+    model = convert(tiny_base("qwen2", hidden=256), 3, 1)
+    ids, mask = left_padded_batch(lengths=(40, 23, 57))
+    with swiftkv_mode(model, swift):
+        fast, _ = _decode(model, ids, mask, 4, use_native=True)
+        slow, _ = _decode(model, ids, mask, 4, use_native=False)
+    torch.testing.assert_close(fast, slow, **CLOSE)
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_the_extension_runs_on_torchs_threads():
+    """Built without -fopenmp, ATen's header-only parallel_for silently runs serial (it did: 1 thread of 2)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert native.extension().parallel_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_native_step_grows_the_cache_and_takes_additive_masks():
     """Past the preallocated capacity the buffers double; the eager attention's float mask works like sdpa's."""
     model = convert(tiny_base("llama"), 3, 3)

@@ -55,7 +55,7 @@ def decode_logits(
     )
     rope = model.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin), each [B|1, 1, Dh]
     if (native_model := native.runtime(causal_lm, cache, hidden)) is not None:
-        return linear(native.step(native_model, cache, hidden, mask, rope), causal_lm.lm_head)
+        return native.step(native_model, cache, hidden, mask, rope)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
     own_layers = own_key_value_layers(config)
     h_l = None  # norm_swiftkv(h_L) [B, 1, D]: the K/V input of every layer >= L

@@ -24,7 +24,10 @@ from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import own_key_value_layers
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
-FLAGS = ["-O3", "-march=native"]
+# -fopenmp: without it ATen's header-only at::parallel_for compiles to a plain serial loop. torch's wheel ships its
+# libgomp as libgomp.so.1 and loads it first, so the extension joins torch's own thread pool (one OpenMP runtime).
+OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+FLAGS = ["-O3", "-march=native", *OPENMP]
 
 
 _enabled = True
@@ -77,7 +80,9 @@ def extension():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build_dir))
+        return load(
+            name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=OPENMP, build_directory=str(build_dir)
+        )
     except Exception as error:  # no compiler, no ninja, a build error: the Python step still works
         warnings.warn(
             f"swiftkv: the native decode step could not be built ({type(error).__name__}: {error}); decoding uses "
@@ -115,14 +120,14 @@ def _supported(causal_lm) -> bool:
     return (
         causal_lm.config.hidden_act == "silu"
         and all(layer.mlp.gate_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.layers)
-        and all(p.dtype == torch.float32 for p in model.parameters())
+        and all(p.dtype == torch.float32 for p in causal_lm.parameters())
         and len({float(m.variance_epsilon) for m in norms}) == 1
     )
 
 
 def step(rt, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
-    """The final-normed hidden state [B, 1, D] after every layer for token embeddings `hidden` [B, 1, D]; writes this
-    token's K/V into `cache` and advances it by one position."""
+    """The logits [B, 1, V] for token embeddings `hidden` [B, 1, D]; writes this token's K/V into `cache` and
+    advances it by one position."""
     batch, dim = hidden.shape[0], hidden.shape[-1]
     past = cache.get_seq_length()
     end = past + 1
@@ -140,7 +145,7 @@ def step(rt, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Ten
     )
     for idx in buffers:
         cache.layers[idx].advance(end)
-    return out.view(batch, 1, dim)
+    return out.view(batch, 1, -1)
 
 
 def _additive_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -154,7 +159,7 @@ def _additive_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.
 
 
 def _build(causal_lm):
-    """A Runtime holding references to every weight the decode step reads, layer by layer."""
+    """A Runtime holding references to every weight the decode step reads, layer by layer, and the LM head."""
     model, config = causal_lm.model, causal_lm.config
     rt = extension().Runtime(
         config.num_attention_heads,
@@ -162,6 +167,8 @@ def _build(causal_lm):
         model.layers[0].self_attn.head_dim,
         _weight(model.norm),
         _eps(model.norm),
+        _weight(causal_lm.lm_head),
+        _bias(causal_lm.lm_head),
     )
     own_layers = own_key_value_layers(config)
     if own_layers < config.num_hidden_layers:
