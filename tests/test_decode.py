@@ -158,3 +158,29 @@ def test_loaders_copy_weights_out_of_the_file_once_and_keep_ties(tmp_path, monke
         assert model.lm_head.weight is model.model.embed_tokens.weight
         torch.testing.assert_close(model.model.embed_tokens.weight, stock.model.embed_tokens.weight, rtol=0, atol=0)
     assert calls == ["llama", "llama_swiftkv"]  # one copy per load
+
+
+def test_weights_copied_to_process_memory_stay_ordinary_tensors(tmp_path):
+    """One huge-page mapping behind all weights, but each parameter its own storage: values, ties, training,
+    safetensors saving (which refuses tensors that share memory) and reloading all behave as before."""
+    from safetensors.torch import save_file
+
+    from swiftkv.modeling.kernels import copy_weights_to_process_memory
+
+    model = convert(tiny_base("qwen2"), 3, 1)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    copy_weights_to_process_memory(model)
+    params = dict(model.named_parameters())
+    for name, value in before.items():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0)
+        assert params[name].data_ptr() % 64 == 0
+    assert len({p.untyped_storage().data_ptr() for p in params.values()}) == len(params)
+    save_file({name: p.detach() for name, p in params.items()}, tmp_path / "weights.safetensors")
+    model.save_pretrained(tmp_path / "model")
+    reloaded = type(model).from_pretrained(tmp_path / "model")
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, before[name], rtol=0, atol=0)
+    param = model.model.norm_swiftkv.weight  # still trainable in place
+    param.grad = torch.ones_like(param)
+    torch.optim.SGD([param], lr=0.5).step()
+    torch.testing.assert_close(param, before["model.norm_swiftkv.weight"] - 0.5)

@@ -14,6 +14,7 @@ Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relat
 from __future__ import annotations
 
 import contextlib
+import mmap
 from collections.abc import Iterator
 
 import torch
@@ -87,14 +88,43 @@ def use_fast_linears(model: nn.Module) -> nn.Module:
 
 
 def copy_weights_to_process_memory(model: nn.Module) -> nn.Module:
-    """Give every CPU parameter its own freshly allocated storage (tied parameters stay tied).
+    """Move every CPU parameter into process memory backed by transparent huge pages (tied parameters stay tied).
 
     `from_pretrained` leaves float32 safetensors weights as memory-mapped file pages; matrix-vector products stream
     them ~25% slower than process memory here (the 30 layers of a SmolLM2 decode step: 15.4 vs 11.9 ms, native
-    step; benchmarks/decode_ablation.py), so loaders copy them once (~0.2 s for 538 MB).
+    step; benchmarks/decode_ablation.py), so loaders copy them once (~0.2 s for 538 MB). The copies are packed into
+    one anonymous mapping advised for 2 MiB pages: the hardware prefetcher stops at every 4 KiB page boundary, and
+    streaming the weights this way measured ~9% more bandwidth. Each parameter still owns a separate storage (a
+    disjoint slice of the mapping), so saving, tying and `torch.save` see ordinary tensors.
     """
+    params = [p for p in dict.fromkeys(model.parameters()) if p.device.type == "cpu" and p.numel()]
+    offsets, end = [], 0
+    for param in params:
+        offsets.append(end)
+        end += -(-param.numel() * param.element_size() // _ALIGN) * _ALIGN
+    if not params:
+        return model
+    arena, start = _huge_page_arena(end)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.device.type == "cpu":
-                param.data = param.data.clone(memory_format=torch.contiguous_format)
+        for param, offset in zip(params, offsets, strict=True):
+            data = torch.frombuffer(arena, dtype=param.dtype, count=param.numel(), offset=start + offset)
+            param.data = data.view(param.shape).copy_(param.data)
     return model
+
+
+_ALIGN = 64  # bytes: each parameter starts on a cache line
+_HUGE_PAGE = 2 << 20
+
+
+def _huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
+    """An anonymous mapping with room for `nbytes` from a 2 MiB-aligned offset (returned), advised for huge pages
+    where the OS offers them (Linux; elsewhere, or with THP off, ordinary pages)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)  # private: THP skips shared memory
+    arena = mmap.mmap(-1, nbytes + _HUGE_PAGE, **({"flags": flags} if flags else {}))
+    probe = torch.frombuffer(arena, dtype=torch.uint8, count=1)
+    start = -probe.data_ptr() % _HUGE_PAGE
+    del probe
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            arena.madvise(mmap.MADV_HUGEPAGE, start, nbytes + _HUGE_PAGE - start)
+    return arena, start
