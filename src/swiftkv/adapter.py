@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from swiftkv.convert import convert, save_atomic
 from swiftkv.files import prepare_output_dir, staged
+from swiftkv.modeling.kernels import move_to_huge_pages
 
 FORMAT = "swiftkv-adapter"
 FORMAT_VERSION = 1
@@ -179,6 +180,7 @@ def apply_adapter(
                     f"{adapter}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(param.shape)}."
                 )
             param.copy_(tensor.to(param.dtype))
+    move_to_huge_pages(params[name] for name in tensors)  # the base weights already are (loaders)
     return swift
 
 
