@@ -326,6 +326,21 @@ def test_least_squares_init_starts_closer_to_the_teacher(model_dir, chats, tmp_p
     assert "init ppl" in format_eval_table(table)[0]
 
 
+def test_bfloat16_frozen_weights_train_and_evaluate(model_dir, chats, tmp_path):
+    # Bug fixed: the final evaluation ran outside autocast, so bf16 frozen weights met float32 trainable ones.
+    eval_data = [str(chat_file(tmp_path / "eval.jsonl", conversations=300, seed=1))]
+    rows = {}
+    for dtype in ("bfloat16", "float32"):
+        config = tiny_config(model_dir, chats, tmp_path / dtype, dtype=dtype, eval_data=eval_data)
+        recipe = DistillRecipe(config, quiet=True)
+        rows[dtype] = recipe.run()["eval"][eval_data[0]]
+        dtypes = {n: p.dtype for n, p in recipe.model.named_parameters()}
+        assert {d for n, d in dtypes.items() if "swiftkv" in n} == {torch.float32}
+        assert {d for n, d in dtypes.items() if "swiftkv" not in n} == {getattr(torch, dtype)}
+    for key in ("base_ppl", "undistilled_ppl", "distilled_ppl"):  # bf16 rounding only
+        assert math.isclose(rows["bfloat16"][key], rows["float32"][key], rel_tol=0.05), key
+
+
 def test_metrics_plot_and_checkpoint_are_written(model_dir, chats, tmp_path):
     out = tmp_path / "run"
     recipe = DistillRecipe(tiny_config(model_dir, chats, out, save_full_checkpoint=True), quiet=True)

@@ -277,16 +277,17 @@ class DistillRecipe:
         bar.close()
         return self.history
 
+    def _autocast(self) -> torch.autocast:
+        """Frozen weights in bf16/fp16 meet the float32 trainable ones: run both in the frozen dtype."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def _train_step(self) -> dict:
         started = time.perf_counter()
         num_targets, num_tokens = self.plan.counts(self.step)
         kl = hidden = total = 0.0
-        autocast = torch.autocast(
-            self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
-        )
         for batch in self.plan.micro_batches(self.step, self.rank, self.pad_id):
             batch = type(batch)(*(t.to(self.device) for t in dataclasses.astuple(batch)))
-            with autocast:
+            with self._autocast():
                 terms = self.compute_loss(batch, num_targets, num_tokens)
             terms.total.backward()
             kl, hidden, total = kl + terms.kl, hidden + terms.hidden, total + terms.total.detach()
@@ -500,15 +501,16 @@ class DistillRecipe:
         variants = {"undistilled": undistilled}
         if self._starts_off_recipe() and (self.out / INITIAL_WEIGHTS).exists():
             variants["initial"] = load_file(self.out / INITIAL_WEIGHTS)
-        table = evaluate(
-            self.model,
-            self.tokenizer,
-            cfg.eval_data,
-            variants | {"distilled": distilled},
-            cfg.max_length,
-            cfg.eval_max_examples,
-            progress=not self.quiet,
-        )
+        with self._autocast():
+            table = evaluate(
+                self.model,
+                self.tokenizer,
+                cfg.eval_data,
+                variants | {"distilled": distilled},
+                cfg.max_length,
+                cfg.eval_max_examples,
+                progress=not self.quiet,
+            )
         (self.out / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
         for line in format_eval_table(table):
             self._say(line)
