@@ -1,7 +1,12 @@
-"""SwiftKV vs its base model on CPU: prefill time vs the FLOPs theory, decode tokens/s, KV-cache bytes.
+"""SwiftKV vs its base model on CPU or GPU: prefill time vs the FLOPs theory, decode tokens/s, KV-cache bytes.
 
     python benchmarks/prefill_decode.py                      # SmolLM2-135M-Instruct, T=256..2048, L=15 g=1 and g=3
     python benchmarks/prefill_decode.py --prompt-lengths 2048 --settings 15:1 --reps 7
+    python benchmarks/prefill_decode.py --device cuda --dtype bf16 --config benchmarks/configs/llama-3.1-8b.json \
+        --settings 16:1 16:4 --prompt-lengths 1024 4096 8192 --batch-size 4
+
+--config builds the architecture with random weights (speed does not depend on the weight values; nothing to
+download): SwiftKV's prefill saving for a model you cannot load here, e.g. Llama-3.1-8B as in the paper.
 
 Writes every run's time plus machine info to --json and a speed-up plot to --plot. Base and SwiftKV run
 interleaved on the same model object (config.swiftkv False / True), so both see the same machine state.
@@ -13,6 +18,7 @@ pays more); `MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -31,7 +37,9 @@ def _setting(text: str) -> tuple[int, int]:
 def parse_args() -> argparse.Namespace:
     out = Path(__file__).resolve().parents[1] / "out" / "bench"  # out/ is git-ignored
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Hugging Face dir (default: SmolLM2-135M-Instruct, converted once)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="Hugging Face dir (default: SmolLM2-135M-Instruct, converted once)")
+    source.add_argument("--config", type=Path, help="a config.json: that architecture with random weights")
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], metavar="T")
     parser.add_argument(
         "--settings",
@@ -45,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=1, help="copies of each prompt per forward")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per decode run (0: skip)")
     parser.add_argument("--decode-prompt-len", type=int, help="prompt before decoding (default: longest)")
     parser.add_argument("--json", type=Path, default=out / "prefill_decode.json")
@@ -52,9 +62,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def random_model(config_path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The architecture of `config_path` with random weights, built directly on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = json.loads(config_path.read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    config._name_or_path = f"{config_path.stem} (random weights)"
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def main() -> None:
     args = parse_args()
-    if args.model is None:
+    if args.config is not None:
+        args.model = random_model(args.config, DTYPES[args.dtype], args.device)
+    elif args.model is None:
         from swiftkv.sources import default_model_dir
 
         args.model = default_model_dir()
@@ -70,6 +93,8 @@ def main() -> None:
         warmup=args.warmup,
         decode_prompt_len=args.decode_prompt_len,
         dtype=DTYPES[args.dtype],
+        device=args.device,
+        batch_size=args.batch_size,
     )
     print("\n".join(summary_lines(result)))
     print(f"wrote {args.json} and {args.plot}")

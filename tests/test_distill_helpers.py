@@ -83,6 +83,7 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **overrides):
         save_interval=2,
         log_interval=1,
         threads=1,
+        device="cpu",  # the CPU paths (gloo); tests/test_cuda.py runs the recipe on a GPU
         save_full_checkpoint=False,
     )
     return build_config(values | overrides)

@@ -143,9 +143,17 @@ def num_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA kernels (they run asynchronously), so a wall time covers them; no-op on CPU."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> Run:
+    synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    synchronize()
     return Run(time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -185,7 +193,7 @@ def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> T
 def measure_prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, reps: int = 5, warmup: int = 1, threads: int = 2
 ) -> Timings:
-    """Wall and CPU seconds per prefill of `input_ids` [1, T], base and SwiftKV interleaved."""
+    """Wall and CPU seconds per prefill of `input_ids` [B, T], base and SwiftKV interleaved."""
 
     def run(swift: bool) -> Run:
         with swiftkv_mode(model, swift):
@@ -287,12 +295,20 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
-def peak_memory_delta(fn: Callable[[], object]) -> int | None:
-    """Bytes the process's peak RSS rises above its RSS just before `fn()` (Linux; None elsewhere).
+def peak_memory_delta(fn: Callable[[], object], device: torch.device | None = None) -> int | None:
+    """Bytes the peak memory rises above the memory in use just before `fn()`: the CUDA allocator's on a GPU,
+    else the process's RSS (Linux; None elsewhere).
 
     Freed memory goes back to the OS first (gc + glibc malloc_trim) and the kernel's peak-RSS mark is reset
     (`5` into /proc/self/clear_refs), so the figure is this call's own working set: activations and KV cache.
     """
+    if device is not None and device.type == "cuda":
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -308,7 +324,7 @@ def peak_memory_delta(fn: Callable[[], object]) -> int | None:
 
 @torch.inference_mode()
 def measure_peak_memory(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> dict[str, int | None]:
-    """Peak process memory above the loaded model while prefilling `input_ids` [1, P] and decoding `new_tokens`."""
+    """Peak memory above the loaded model while prefilling `input_ids` [B, P] and decoding `new_tokens`."""
     result = {}
     for swift in (False, True):
         with swiftkv_mode(model, swift):
@@ -317,7 +333,7 @@ def measure_peak_memory(model: PreTrainedModel, input_ids: torch.Tensor, new_tok
                 cache, first = _prefilled(model, input_ids, new_tokens)
                 greedy_decode(model, cache, first, new_tokens)
 
-            result["swiftkv" if swift else "base"] = peak_memory_delta(run)
+            result["swiftkv" if swift else "base"] = peak_memory_delta(run, model.device)
     return result
 
 
@@ -391,10 +407,11 @@ def measure_workload(
     }
 
 
-def machine_info(threads: int) -> dict[str, object]:
-    """What a reader needs to compare runs: versions, threads, CPU."""
+def machine_info(threads: int, device: str | torch.device = "cpu") -> dict[str, object]:
+    """What a reader needs to compare runs: versions, threads, CPU, and the GPU when the benchmark ran on one."""
     import transformers
 
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -403,6 +420,9 @@ def machine_info(threads: int) -> dict[str, object]:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "device": str(device),
+        "gpu": gpu,
+        "cuda": torch.version.cuda if gpu else None,
         "load_average": list(os.getloadavg()),  # other processes on the machine slow some runs: look here first
     }
 
@@ -437,8 +457,9 @@ def _decode_entry(
     """Decode timings after the prompt `ids` [1, P], as seconds per run and tokens/s."""
     times = measure_decode(model, ids, new_tokens, reps, warmup, threads)
     entry: dict[str, object] = {"prompt_len": ids.shape[1], "new_tokens": new_tokens}
+    tokens = new_tokens * ids.shape[0]  # every sequence of the batch gains new_tokens
     for mode, runs in times.items():
-        entry[mode] = {**summary(runs), "tokens_per_s": [new_tokens / r.wall_s for r in runs]}
+        entry[mode] = {**summary(runs), "tokens_per_s": [tokens / r.wall_s for r in runs]}
         entry[mode]["tokens_per_s_median"] = statistics.median(entry[mode]["tokens_per_s"])
     entry["speedup"] = entry["swiftkv"]["tokens_per_s_median"] / entry["base"]["tokens_per_s_median"]
     return entry
@@ -457,12 +478,15 @@ def run_benchmark(
     decode_prompt_len: int | None = None,
     dtype: torch.dtype = torch.float32,
     tokenizer=None,
+    device: str = "cpu",
+    batch_size: int = 1,
 ) -> dict:
     """Convert the base model for each (L, g) and measure prefill, decode and KV bytes against the theory.
 
     `decode_prompt_len` defaults to the longest prompt length; `decode_tokens=0` skips decode. `tokenizer` (for a
-    model object; a dir brings its own) makes prompts of real text, else seeded random ids. Returns the result
-    dict that is also written to `json_path` (and drawn to `plot_path`). Medians are over the timed `reps`.
+    model object; a dir brings its own) makes prompts of real text, else seeded random ids. `batch_size` copies of
+    each prompt run together ([B, T]) on `device`. Returns the result dict that is also written to `json_path` (and
+    drawn to `plot_path`). Medians are over the timed `reps`.
     """
     from swiftkv.convert import convert
 
@@ -470,17 +494,21 @@ def run_benchmark(
         from swiftkv.loading import load_model
 
         model, tokenizer = load_model(model_dir_or_model)
-        model = model.to(dtype)
+        model = model.to(device, dtype)
         name = str(model_dir_or_model)
     else:
-        model, name = model_dir_or_model.eval(), type(model_dir_or_model).__name__
+        model, name = model_dir_or_model.eval().to(device), model_dir_or_model.name_or_path or "random weights"
     decode_len = decode_prompt_len or max(prompt_lengths)
-    prompts = {t: prompt_ids(tokenizer, model.config.vocab_size, t) for t in {*prompt_lengths, decode_len}}
+    prompts = {
+        t: prompt_ids(tokenizer, model.config.vocab_size, t).repeat(batch_size, 1).to(device)
+        for t in {*prompt_lengths, decode_len}
+    }
     result = {
-        "machine": machine_info(threads),
+        "machine": machine_info(threads, device),
         "model": _model_info(model, name, dtype),
         "benchmark": {
             "prompt_lengths": list(prompt_lengths),
+            "batch_size": batch_size,
             "reps": reps,
             "warmup": warmup,
             "decode_tokens": decode_tokens,
@@ -599,9 +627,9 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("prefill speed-up vs base (x)")
     machine = result["machine"]
-    ax.set_title(
-        f"{Path(result['model']['name']).name}: {machine['threads']} threads, {machine['cpu_model']}", fontsize=9
-    )
+    where = machine.get("gpu") or f"{machine['threads']} threads, {machine['cpu_model']}"
+    batch = result["benchmark"].get("batch_size", 1)
+    ax.set_title(f"{Path(result['model']['name']).name}, batch {batch}: {where}", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -632,7 +660,7 @@ def summary_lines(result: dict) -> list[str]:
         peak = s.get("peak_memory_bytes", {})
         if peak.get("base") is not None:
             lines.append(
-                f"{layout:<10} peak process memory above the loaded model (prefill + decode): base "
+                f"{layout:<10} peak memory above the loaded model (prefill + decode): base "
                 f"{peak['base'] / 2**20:.1f} MiB, swiftkv {peak['swiftkv'] / 2**20:.1f} MiB"
             )
         kv = s["kv_bytes"]

@@ -106,6 +106,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_gpu(device: torch.device, local_rank: int) -> None:
+    """A clear error instead of CUDA's own when the GPU this process would use does not exist."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError(f"device={device} asked for, but PyTorch sees no CUDA GPU; use device=cpu or device=auto.")
+    if device.index is not None and device.index >= count:
+        raise RuntimeError(
+            f"this process (LOCAL_RANK={local_rank}) would use {device}, but this machine has {count} GPU(s): "
+            f"launch at most {count} processes per node (torchrun --nproc-per-node {count}), or use device=cpu."
+        )
+
+
 class DistillRecipe:
     """Distil a converted SwiftKV model from its own base weights. See the module docstring and SWIFTKV.md §3."""
 
@@ -212,6 +224,7 @@ class DistillRecipe:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             self.device = torch.device(wanted if ":" in wanted else f"cuda:{local}")
+            _check_gpu(self.device, local)
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
