@@ -417,6 +417,21 @@ def test_evaluate_matches_the_full_forward(model_dir, chats, tmp_path):
     assert result["swiftkv_agreement"] == pytest.approx(agree / count)
 
 
+def test_evaluate_under_autocast_scores_each_variant_with_its_own_weights(model_dir, chats, tmp_path):
+    # Bug fixed (seen on a GPU, dtype=bfloat16): autocast cached the bf16 copies of the trainable projections, so
+    # every variant after the first was scored with the first one's weights (distilled ppl == undistilled ppl).
+    recipe, _ = _trained(model_dir, chats, tmp_path / "run", dtype="bfloat16")
+    params = {n: p for n, p in recipe.model.named_parameters() if "swiftkv" in n}
+    assert all(p.requires_grad for p in params.values())  # what autocast's weight cache keys on
+    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()}
+    options = dict(max_length=64, max_examples=12, split="all")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        both = evaluate(recipe.model, recipe.tokenizer, [chats], {"a": None, "b": other}, **options)[str(chats)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = evaluate(recipe.model, recipe.tokenizer, [chats], {"b": other}, **options)[str(chats)]
+    assert both["b_ppl"] == alone["b_ppl"] and both["a_ppl"] != both["b_ppl"]
+
+
 def test_cli_reports_bad_input_as_a_clear_error(tmp_path, capsys):
     from swiftkv.cli import main
 

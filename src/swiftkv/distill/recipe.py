@@ -631,6 +631,10 @@ def evaluate(
                 for name, state in variants.items():
                     for key, param in params.items():
                         param.copy_((state or current)[key])
+                    # Under autocast, the low-precision copies of trainable (requires_grad) weights are cached for
+                    # the whole context and in-place writes don't invalidate them: every variant would run with
+                    # the first one's projections.
+                    torch.clear_autocast_cache()
                     out, _ = decoder.run_swiftkv_layers(h_L, inputs)
                     logits = model.lm_head(decoder.norm(out[targets])).float()
                     nll[name] += F.cross_entropy(logits, wanted, reduction="sum").item()
