@@ -205,20 +205,20 @@ def measure_prefill(
 
 @torch.inference_mode()
 def _prefilled(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[Cache, torch.Tensor]:
-    """Cache after the prompt [1, P] and the greedy first token [1, 1] (current mode)."""
+    """Cache after the prompt [B, P] and the greedy first token [B, 1] (current mode)."""
     out = prefill(model, input_ids, new_tokens)
     return out.cache, out.logits[:, -1:].argmax(-1)
 
 
 @torch.inference_mode()
 def greedy_decode(model: PreTrainedModel, cache: Cache, token: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """`new_tokens` greedy steps from `cache`, one token [1, 1] at a time, never stopping early (fixed length)."""
+    """`new_tokens` greedy steps from `cache`, tokens [B, 1] at a time, never stopping early (fixed length)."""
     out_tokens = []
     for _ in range(new_tokens):
-        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits  # [1, 1, V]
+        logits = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
         token = logits[:, -1:].argmax(-1)
         out_tokens.append(token)
-    return torch.cat(out_tokens, dim=1)  # [1, new_tokens]
+    return torch.cat(out_tokens, dim=1)  # [B, new_tokens]
 
 
 def measure_decode(
@@ -229,7 +229,7 @@ def measure_decode(
     warmup: int = 1,
     threads: int = 2,
 ) -> Timings:
-    """Wall and CPU seconds for `new_tokens` greedy decode steps after the prompt `input_ids` [1, P], modes interleaved.
+    """Wall and CPU seconds for `new_tokens` greedy decode steps after the prompt `input_ids` [B, P], modes interleaved.
 
     Each mode is prefilled ONCE (untimed); every run crops its cache back to the P prompt tokens, so all runs
     decode from the same state without paying for the prompt again.
@@ -267,7 +267,7 @@ def summary(runs: Sequence[Run]) -> dict[str, object]:
 
 @torch.inference_mode()
 def measure_kv_bytes(model: PreTrainedModel, input_ids: torch.Tensor) -> dict[str, float]:
-    """Cache bytes after one prefill of `input_ids` [1, P] in each mode, next to `kv_bytes_ratio`."""
+    """Cache bytes after one prefill of `input_ids` [B, P] in each mode, next to `kv_bytes_ratio`."""
     measured = {}
     for swift in (False, True):
         with swiftkv_mode(model, swift):
@@ -454,7 +454,7 @@ def _prefill_entry(model: PreTrainedModel, ids: torch.Tensor, reps: int, warmup:
 def _decode_entry(
     model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, reps: int, warmup: int, threads: int
 ) -> dict:
-    """Decode timings after the prompt `ids` [1, P], as seconds per run and tokens/s."""
+    """Decode timings after the prompt `ids` [B, P], as seconds per run and tokens/s (all B sequences)."""
     times = measure_decode(model, ids, new_tokens, reps, warmup, threads)
     entry: dict[str, object] = {"prompt_len": ids.shape[1], "new_tokens": new_tokens}
     tokens = new_tokens * ids.shape[0]  # every sequence of the batch gains new_tokens
