@@ -107,38 +107,38 @@ def test_acrosskv_saves_gpu_memory():
     assert peak["swiftkv"] < peak["base"]
 
 
-def _distilled(tmp_path, device: str, dtype: str, out: str) -> tuple[DistillRecipe, dict, dict]:
-    """The golden-loss run (tests/test_distill.py) on `device`: (recipe, initial weights, held-out eval row).
-    Same model and data files for every run (the held-out part of a local file depends on its path)."""
-    model_dir = tmp_path / "llama"
-    if not model_dir.exists():
-        tiny_model_dir(model_dir)
-    chats, eval_file = tmp_path / "chats.jsonl", tmp_path / "eval.jsonl"
-    if not eval_file.exists():
-        chat_file(chats), chat_file(eval_file, conversations=300, seed=1)
-    eval_data = [str(eval_file)]
+@pytest.fixture
+def distill_files(tmp_path) -> tuple:
+    """(tiny model dir, training chats, held-out chats): one set for every run of a test, since the held-out part
+    of a local file depends on its path."""
+    eval_file = chat_file(tmp_path / "eval.jsonl", conversations=300, seed=1)
+    return tiny_model_dir(tmp_path / "llama"), chat_file(tmp_path / "chats.jsonl"), eval_file
+
+
+def _distilled(files: tuple, out, device: str, dtype: str) -> tuple[DistillRecipe, dict, dict]:
+    """The golden-loss run (tests/test_distill.py) on `device`: (recipe, initial weights, held-out eval row)."""
+    model_dir, chats, eval_file = files
     layout = dict(num_key_value_layers=2, key_value_group_size=2, split="all")
-    out = tmp_path / out
-    config = tiny_config(model_dir, chats, out, device=device, dtype=dtype, eval_data=eval_data, **layout)
+    config = tiny_config(model_dir, chats, out, device=device, dtype=dtype, eval_data=[str(eval_file)], **layout)
     recipe = DistillRecipe(config, quiet=True)
     recipe.setup()
     initial = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
     recipe.train()
-    return recipe, initial, recipe.finish()["eval"][eval_data[0]]
+    return recipe, initial, recipe.finish()["eval"][str(eval_file)]
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_distillation_on_gpu(tmp_path, dtype):
+def test_distillation_on_gpu(distill_files, tmp_path, dtype):
     """The recipe on device=cuda: float32 reproduces the CPU golden losses and held-out evaluation; bf16 frozen
     weights train and evaluate within bf16 rounding; only SwiftKV parameters move; the adapter is written."""
-    recipe, initial, row = _distilled(tmp_path, str(DEVICE), dtype, "run")
+    recipe, initial, row = _distilled(distill_files, tmp_path / "run", str(DEVICE), dtype)
     assert recipe.device.type == DEVICE.type
     for name, param in recipe.model.named_parameters():
         assert param.device.type == DEVICE.type
         assert torch.equal(param, initial[name]) != ("swiftkv" in name), name
     losses = [entry["loss"] for entry in recipe.history]
-    _, _, reference = _distilled(tmp_path, "cpu", "float32", "reference")
+    _, _, reference = _distilled(distill_files, tmp_path / "reference", "cpu", "float32")
     if dtype == "float32":
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(GOLDEN_LOSSES), rtol=1e-3, atol=0)
     else:
