@@ -441,3 +441,42 @@ def test_cli_reports_bad_input_as_a_clear_error(tmp_path, capsys):
     assert "Unknown config key 'lrr' in the overrides. Did you mean 'lr'?" in capsys.readouterr().err
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+def test_quality_vs_layers_sweep_runs_resumes_and_rejects_bad_input(model_dir, chats, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    import yaml
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_vs_layers.py"
+    spec = importlib.util.spec_from_file_location("quality_vs_layers", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    config = tmp_path / "tiny.yaml"
+    # 300 conversations: the held-out ~5% of a local file (hashed by its temporary path) is never empty
+    held_out = chat_file(tmp_path / "eval.jsonl", conversations=300, seed=1)
+    values = tiny_config(model_dir, chats, tmp_path / "unused", eval_data=[str(held_out)], eval_max_examples=4)
+    config.write_text(yaml.safe_dump(values.to_dict()))
+    out, report = tmp_path / "sweep", tmp_path / "sweep.json"
+    argv = ["quality_vs_layers.py", str(config), "max_steps=2", "--layers", "4", "2", "--out", str(out)]
+    argv += ["--json", str(report), "--plot", str(tmp_path / "sweep.png")]
+    monkeypatch.setattr(sys, "argv", argv)
+    sweep.main()
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["num_key_value_layers"], r["skip_fraction"], r["steps"]) for r in rows] == [(2, 4 / 6, 2), (4, 2 / 6, 2)]
+    evaluated = json.loads((out / "L2" / "eval.json").read_text())
+    for source, row in rows[0]["sources"].items():
+        assert row["ppl_increase"] == pytest.approx(evaluated[source]["distilled_ppl"] / row["base_ppl"] - 1)
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    finished = (out / "L2" / "metrics.jsonl").stat().st_mtime_ns
+    sweep.main()  # every L has its eval.json: collected again, not retrained
+    assert (out / "L2" / "metrics.jsonl").stat().st_mtime_ns == finished
+    for bad, says in ((["--layers", "6"], "1..5"), (["eval_data=[]", "--layers", "2"], "no eval_data")):
+        monkeypatch.setattr(sys, "argv", [*argv[:3], *bad])
+        with pytest.raises(SystemExit):
+            sweep.main()
+        assert says in capsys.readouterr().err

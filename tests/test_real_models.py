@@ -75,3 +75,15 @@ def test_real_model_fast_decode_picks_the_stock_tokens(real, group):
         model.config.swiftkv = swift
         fast = model.generate(ids, **options)
         assert torch.equal(fast, model.generate(ids, cache_implementation="dynamic", **options))
+
+
+def test_model_config_comes_from_a_gguf_or_the_default_dir_without_the_weights():
+    from swiftkv.loading import load_model_config
+
+    try:
+        gguf = sources.smollm2_gguf()
+    except ModuleNotFoundError as missing:
+        pytest.skip(str(missing))
+    from_gguf, from_dir = load_model_config(gguf), load_model_config("default")
+    assert from_gguf.model_type == from_dir.model_type == "llama"
+    assert from_gguf.num_hidden_layers == from_dir.num_hidden_layers == 30

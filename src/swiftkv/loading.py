@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import sources
@@ -42,6 +49,14 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
     if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
         copy_weights_to_process_memory(model)
     return model, load_tokenizer(path)
+
+
+def load_model_config(name: str | os.PathLike) -> PretrainedConfig:
+    """The model's config alone (no weights), from the same names `load_model` takes."""
+    path = resolve_model_path(name)
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoConfig.from_pretrained(path)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
