@@ -375,3 +375,39 @@ def test_load_for_eval_applies_a_distilled_adapter(tok, tmp_path):
     assert "undistilled" in notes[-1]
     with pytest.raises(ValueError, match="either --adapter"):
         load_for_eval(tmp_path / "base", num_key_value_layers=3, adapter=tmp_path / "adapter")
+
+
+def test_domains_table_has_every_source_and_a_token_weighted_overall(swift, tok, tmp_path, monkeypatch):
+    import math
+
+    from swiftkv import corpora
+    from swiftkv.evaluate.text import format_domains, run_domains
+
+    files = []
+    for i, text in enumerate((TEXT, TEXT.upper() * 2, "short line " * 9)):
+        path = tmp_path / f"domain{i}.txt"
+        path.write_text(text)
+        files.append(str(path))
+    monkeypatch.setattr(corpora, "UNSEEN_SOURCES", (files[2],))
+    monkeypatch.setattr("swiftkv.evaluate.text.UNSEEN_SOURCES", (files[2],))
+    result = run_domains(swift, tok, MODES, limit=4, max_tokens=40, sources=files)
+    rows = result["sources"]
+    assert list(rows) == files and rows[files[2]]["unseen"] and not rows[files[0]]["unseen"]
+    pooled = [rows[f] for f in files[:2]]  # the unseen domain is reported, not pooled
+    tokens = sum(r["tokens"] for r in pooled)
+    overall = result["overall"]
+    assert overall["tokens"] == tokens == 39 + 39
+    for mode_name in MODES:
+        mean_log = sum(r["tokens"] * math.log(r[mode_name]["ppl"]) for r in pooled) / tokens
+        assert overall[mode_name]["ppl"] == pytest.approx(math.exp(mean_log), rel=1e-9)
+    for key in ("kl", "agreement"):
+        assert overall[key] == pytest.approx(sum(r["tokens"] * r[key] for r in pooled) / tokens, rel=1e-9)
+    assert overall["ppl_ratio"] == pytest.approx(overall[SWIFTKV]["ppl"] / overall[BASE]["ppl"])
+    table = format_domains(result)
+    assert len(table) == 2 + 3 + 1 and "(unseen)" in table[4] and table[-1].startswith("overall")
+
+
+def test_domains_task_name_and_zero_limit_is_refused():
+    assert check_task("domains@8") == "domains"
+    with pytest.raises(ValueError, match="@0 is invalid"):
+        check_task("ppl:chitchat@0")

@@ -24,24 +24,8 @@ from transformers import PreTrainedModel
 
 from swiftkv import bench
 from swiftkv.convert import convert
-from swiftkv.corpora import NAMED_SOURCES, as_text, load_examples
 from swiftkv.evaluate.scoring import BASE, mode
 from swiftkv.files import save_figure
-
-
-def text_samples(tokenizer, source: str, limit: int = 32, max_tokens: int = 256) -> list[torch.Tensor]:
-    """Token ids [1, T] of the first `limit` held-out examples of `source` (all records of a local file)."""
-    split = "heldout" if source in NAMED_SOURCES else "all"
-    samples = []
-    for example in load_examples(source, split=split):
-        ids = tokenizer(as_text(example), return_tensors="pt")["input_ids"][:, :max_tokens]
-        if ids.shape[1] >= 2:
-            samples.append(ids)
-        if len(samples) == limit:
-            break
-    if not samples:
-        raise ValueError(f"Text source {source!r} has no example with at least 2 tokens.")
-    return samples
 
 
 @torch.inference_mode()

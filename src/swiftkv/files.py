@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,14 @@ def staged(dest: Path, replace: bool = False) -> Iterator[Path]:
         if replace and dest.exists():
             dest.rename(Path(tmp) / "replaced")  # moved aside, not deleted in place, so dest is never half gone
         os.replace(staging, dest)
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """Write `data` as indented JSON atomically (a reader never sees half a file); parents created."""
+    path = Path(path)
+    with staged(path, replace=True) as staging:
+        staging.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:

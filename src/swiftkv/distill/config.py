@@ -33,7 +33,9 @@ class DistillConfig:
     init_tokens: int = 100_000  # least_squares: calibration tokens taken from the training data
     init_adapter: str | None = None  # start from this SwiftKV adapter's weights (then `init` is not used)
     # --- data
-    data: list[str] = dataclasses.field(default_factory=lambda: ["chitchat"])  # named sources or local paths
+    # named sources or local paths: a list (every example of each, in order) or a mixture {source: token share}
+    # (each run draws max_steps x global batch x max_length tokens in those proportions; needs max_steps)
+    data: list[str] | dict[str, float] = dataclasses.field(default_factory=lambda: ["chitchat"])
     split: str = "train"  # 'train' (all but the fixed ~5% held-out part) or 'all' (never 'heldout')
     assistant_only: bool = True  # chat data: only assistant tokens are KL targets (else every token)
     max_length: int = 2048  # tokens per sequence: plain text is packed to it, longer chats are truncated
@@ -79,6 +81,8 @@ class DistillConfig:
                 raise ValueError(f"{name}={value} is invalid: it must be >= 1 (or null).")
         if not self.data:
             raise ValueError("data is empty: give at least one source (e.g. [chitchat] or a .jsonl path).")
+        if isinstance(self.data, dict):
+            self._validate_mixture()
         if self.split not in ("train", "all"):
             raise ValueError(f"split={self.split!r} is invalid: use 'train' or 'all' (never train on 'heldout').")
         if self.schedule not in SCHEDULES:
@@ -104,6 +108,16 @@ class DistillConfig:
             raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight} is invalid: it must be >= 0.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} is invalid: it must be > 0 (or null: off).")
+
+    def _validate_mixture(self) -> None:
+        for source, weight in self.data.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+                raise ValueError(f"data: the weight of {source!r} is {weight!r}; mixture weights must be numbers > 0.")
+        if self.max_steps is None:
+            raise ValueError(
+                "data is a weighted mixture, which sets how tokens are drawn but not how many: set max_steps "
+                "(tokens drawn = max_steps x micro_batch_size x gradient_accumulation_steps x processes x max_length)."
+            )
 
     def validate_for_model(self, model_config) -> None:
         """Checks that need the base model: layout, hidden-loss layer, context length."""
@@ -171,6 +185,10 @@ def _check_type(name: str, value: Any) -> None:
     if value is None:
         if "None" not in kind:
             raise ValueError(f"{name}=null is invalid: it needs a value (default {FIELDS[name].default!r}).")
+        return
+    if name == "data":
+        if not isinstance(value, list | dict):
+            raise ValueError(f"data={value!r} is invalid: give a list of sources or a mapping {{source: weight}}.")
         return
     expected = {"int": int, "float": float, "str": str, "bool": bool, "list": list}[kind.split()[0].split("[")[0]]
     if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -43,10 +44,6 @@ class DataStats:
     targets: int = 0
     truncated: int = 0  # chats cut at max_length
     dropped: int = 0  # chats left without targets after truncation
-
-
-def _token_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -145,6 +142,70 @@ def build_sequences(
     stats.tokens = sum(len(s.input_ids) for s in sequences)
     stats.targets = sum(s.num_targets for s in sequences)
     return sequences, stats
+
+
+def _source_sequences(
+    tokenizer, source: str, max_length: int, assistant_only: bool, split: str, seed: int
+) -> Iterator[TokenSequence]:
+    """A source's sequences in a seeded random order of its examples, cycling (reshuffled) without end.
+
+    Plain texts are packed like `pack_text` (each followed by EOS, cut at `max_length`); chats longer than
+    `max_length` are cut; sequences without targets are skipped.
+    """
+    examples = load_examples(source, split=split)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rng = random.Random(f"{seed}:{source}")
+    stream: list[int] = []
+    while True:
+        produced, buffered = 0, len(stream)
+        for index in rng.sample(range(len(examples)), len(examples)):
+            example = examples[index]
+            if "text" in example:
+                stream += tokenizer(example["text"])["input_ids"] + eos
+                while len(stream) >= max_length:
+                    produced += 1
+                    yield TokenSequence(stream[:max_length], stream[:max_length])
+                    stream = stream[max_length:]
+                continue
+            seq = encode_chat(tokenizer, example["messages"], assistant_only, f"{source} chat {index}", max_length)
+            seq = TokenSequence(seq.input_ids[:max_length], seq.labels[:max_length])
+            if seq.num_targets > 0:
+                produced += 1
+                yield seq
+        if not produced and len(stream) == buffered:  # a whole pass added nothing: it never will
+            raise ValueError(
+                f"Data source {source!r} gives no sequence with targets (split={split!r}, max_length={max_length})."
+            )
+
+
+def build_mixture(
+    tokenizer,
+    weights: Mapping[str, float],
+    tokens: int,
+    max_length: int,
+    assistant_only: bool,
+    split: str = "train",
+    seed: int = 0,
+) -> tuple[list[TokenSequence], dict[str, int]]:
+    """About `tokens` tokens drawn from the sources in proportion to `weights` (token shares), and the tokens
+    drawn per source.
+
+    Each source contributes sequences (in its own seeded order) until its share `tokens * w / sum(w)` is reached,
+    so the mix is exact up to one sequence per source and the same for a given seed whatever the other sources
+    are. A source smaller than its share repeats (reshuffled).
+    """
+    total_weight = sum(weights.values())
+    sequences: list[TokenSequence] = []
+    drawn: dict[str, int] = {}
+    for source, weight in weights.items():
+        quota = tokens * weight / total_weight
+        drawn[source] = 0
+        stream = _source_sequences(tokenizer, source, max_length, assistant_only, split, seed)
+        while drawn[source] < quota:
+            seq = next(stream)
+            sequences.append(seq)
+            drawn[source] += len(seq.input_ids)
+    return sequences, drawn
 
 
 @dataclasses.dataclass

@@ -36,9 +36,9 @@ from swiftkv import adapter as adapters
 from swiftkv.calibrate import fit_key_value_projections, sample_tokens
 from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
-from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences
+from swiftkv.distill.data import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
 from swiftkv.distill.loss import distill_loss
-from swiftkv.files import prepare_output_dir, save_figure, staged
+from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
 from swiftkv.loading import DTYPES, load_model
 
 CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
@@ -141,9 +141,7 @@ class DistillRecipe:
         base, self.tokenizer = load_model(os.path.expanduser(cfg.model), cfg.dtype)
         cfg.validate_for_model(base.config)
         self.identity = adapters.base_identity(base, cfg.model)
-        sequences, self.data_stats = build_sequences(
-            self.tokenizer, cfg.data, cfg.max_length, cfg.assistant_only, cfg.split, cfg.max_examples
-        )
+        sequences = self._sequences()
         num_layers = base.config.num_hidden_layers
         self.model = self._student(base, cfg.resolved_num_key_value_layers(num_layers)).eval()
         del base
@@ -185,6 +183,28 @@ class DistillRecipe:
             f"{self.total_steps} steps x {self.plan.global_batch} sequences; {self.world} process(es)"
         )
         return self
+
+    def _sequences(self) -> list:
+        """The training sequences: every example of each listed source, or a weighted mixture's token budget."""
+        cfg = self.config
+        if not isinstance(cfg.data, dict):
+            sequences, self.data_stats = build_sequences(
+                self.tokenizer, cfg.data, cfg.max_length, cfg.assistant_only, cfg.split, cfg.max_examples
+            )
+            return sequences
+        global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.world
+        budget = cfg.max_steps * global_batch * cfg.max_length
+        sequences, drawn = build_mixture(
+            self.tokenizer, cfg.data, budget, cfg.max_length, cfg.assistant_only, cfg.split, cfg.seed
+        )
+        self.data_stats = DataStats(
+            examples=len(sequences),
+            sequences=len(sequences),
+            tokens=sum(drawn.values()),
+            targets=sum(s.num_targets for s in sequences),
+        )
+        self._say("mixture: " + ", ".join(f"{source} {count:,}" for source, count in drawn.items()) + " tokens")
+        return sequences
 
     def _student(self, base, num_kv_layers: int):
         """The SwiftKV model to train: the recipe's initialisation, or the weights of `init_adapter`."""
@@ -524,7 +544,7 @@ class DistillRecipe:
                 cfg.eval_max_examples,
                 progress=not self.quiet,
             )
-        (self.out / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
+        write_json(table, self.out / "eval.json")
         for line in format_eval_table(table):
             self._say(line)
         return table

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,14 +15,15 @@ from swiftkv.calibrate import check_tokens as check_calibration_tokens
 from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
+from swiftkv.evaluate.text import token_samples
+from swiftkv.files import write_json
 from swiftkv.loading import DEFAULT_MODEL, DTYPES
 
 BUDGET_LADDER = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # KL budgets (nats/token) shown next to the recommendation
 
 
 def _write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, path)
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -65,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_for_eval(args.model, args.dtype)
-    samples = layer_analysis.text_samples(tokenizer, args.text, args.samples, args.max_tokens)
+    samples = token_samples(tokenizer, args.text, args.samples, args.max_tokens)
     result = layer_analysis.analyze(model, samples, args.candidates, args.key_value_group_size, args.prompt_length)
     chosen = layer_analysis.recommend(result["candidates"], args.max_kl, args.min_agreement)
     result.update(

@@ -10,6 +10,7 @@ Shapes: B batch, T tokens, D hidden size, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -122,7 +123,7 @@ def summarize_text(sums: dict[str, float]) -> dict[str, object]:
     out: dict[str, object] = {"tokens": int(sums.get("tokens", 0))}
     for name in MODES:
         if f"nll_{name}" in sums:
-            out[name] = {"ppl": float(torch.tensor(sums[f"nll_{name}"] / tokens).exp())}
+            out[name] = {"ppl": math.exp(sums[f"nll_{name}"] / tokens)}
     if "kl" in sums:
         out["kl"] = sums["kl"] / tokens
         out["agreement"] = sums["agree"] / tokens

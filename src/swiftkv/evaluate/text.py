@@ -1,21 +1,44 @@
-"""Perplexity, KL(teacher || student) and top-1 agreement on held-out text (full forward, every token scored)."""
+"""Perplexity, KL(teacher || student) and top-1 agreement on held-out text (full forward, every token scored).
+
+`run_text_task` scores one source; `run_domains` scores every source of the default distillation mixture plus the
+domains kept out of training, and reports each one and the token-weighted overall.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from swiftkv.corpora import NAMED_SOURCES, as_text, load_examples
-from swiftkv.evaluate.scoring import add_sums, sequence_stats, summarize_text
+from swiftkv.corpora import DOMAIN_SOURCES, UNSEEN_SOURCES, as_text, eval_split, load_examples
+from swiftkv.evaluate.scoring import BASE, SWIFTKV, add_sums, sequence_stats, summarize_text
 
 
-def text_examples(source: str, limit: int | None) -> list[str]:
-    """Texts of a named source's fixed held-out split (in corpus order), or of every record of a local file."""
-    split = "heldout" if source in NAMED_SOURCES else "all"
-    texts = [as_text(example) for example in load_examples(source, split=split)]
-    return texts[:limit] if limit is not None else texts
+def token_samples(tokenizer, source: str, limit: int | None, max_tokens: int) -> list[torch.Tensor]:
+    """Token ids [1, T<=max_tokens] of the first `limit` examples (with >= 2 tokens) of `source`'s evaluation
+    split (`eval_split`), in corpus order; chats rendered with the chat template (`as_text`)."""
+    samples = []
+    for example in load_examples(source, split=eval_split(source)):
+        ids = tokenizer(as_text(example, tokenizer), return_tensors="pt")["input_ids"][:, :max_tokens]
+        if ids.shape[1] >= 2:
+            samples.append(ids)
+        if len(samples) == limit:
+            break
+    if not samples:
+        raise ValueError(f"Text source {source!r} has no example with at least 2 tokens to score.")
+    return samples
+
+
+def score_samples(
+    model: PreTrainedModel, samples: Sequence[torch.Tensor], modes: Sequence[str], desc: str
+) -> dict[str, float]:
+    """Token statistics (`sequence_stats`) summed over samples."""
+    sums: dict[str, float] = {}
+    for ids in tqdm(samples, desc=desc, leave=False):
+        add_sums(sums, sequence_stats(model, ids.to(model.device), modes))
+    return sums
 
 
 def run_text_task(
@@ -31,15 +54,51 @@ def run_text_task(
     Perplexity is token-weighted over all examples: exp(sum of NLL / number of scored tokens); the first token of
     each text has no context and is not scored.
     """
-    sums: dict[str, float] = {}
-    texts = text_examples(source, limit)
-    used = 0
-    for text in tqdm(texts, desc=f"ppl:{source}", leave=False):
-        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]  # [1, T]
-        if ids.shape[1] < 2:
-            continue
-        add_sums(sums, sequence_stats(model, ids.to(model.device), modes))
-        used += 1
-    if used == 0:
-        raise ValueError(f"Text source {source!r} has no example with at least 2 tokens to score.")
-    return {"examples": used, **summarize_text(sums)}
+    samples = token_samples(tokenizer, source, limit, max_tokens)
+    sums = score_samples(model, samples, modes, f"ppl:{source}")
+    return {"examples": len(samples), **summarize_text(sums)}
+
+
+def run_domains(
+    model: PreTrainedModel,
+    tokenizer,
+    modes: Sequence[str],
+    limit: int | None = 32,
+    max_tokens: int = 1024,
+    sources: Sequence[str] = DOMAIN_SOURCES,
+) -> dict[str, object]:
+    """Every domain source scored like `run_text_task`, plus `ppl_ratio` (SwiftKV / base); `overall` is the
+    token-weighted summary of all sources but the unseen domains (UNSEEN_SOURCES: reported, not pooled)."""
+    per_source: dict[str, dict] = {}
+    pooled: dict[str, float] = {}
+    for source in tqdm(sources, desc="domains", leave=False):
+        samples = token_samples(tokenizer, source, limit, max_tokens)
+        sums = score_samples(model, samples, modes, f"domain {source}")
+        if source not in UNSEEN_SOURCES:
+            add_sums(pooled, sums)
+        per_source[source] = _with_ratio(
+            {"examples": len(samples), "split": eval_split(source), "unseen": source in UNSEEN_SOURCES}
+            | summarize_text(sums)
+        )
+    return {"sources": per_source, "overall": _with_ratio(summarize_text(pooled)) if pooled else None}
+
+
+def _with_ratio(row: dict) -> dict:
+    if BASE in row and SWIFTKV in row:
+        row["ppl_ratio"] = row[SWIFTKV]["ppl"] / row[BASE]["ppl"]
+    return row
+
+
+def format_domains(result: dict) -> list[str]:
+    """The per-domain table: one line per source, then the overall line."""
+    header = f"{'domain':<22}{'texts':>6}{'tokens':>8}{'base ppl':>10}{'swiftkv':>10}{'ratio':>8}{'KL':>8}{'agree':>8}"
+    lines = [header, "-" * len(header)]
+    rows = list(result["sources"].items()) + ([("overall", result["overall"])] if result["overall"] else [])
+    for name, row in rows:
+        label = f"{name} (unseen)" if row.get("unseen") else name
+        cells = [f"{row[mode]['ppl']:>10.3f}" if mode in row else f"{'-':>10}" for mode in (BASE, SWIFTKV)]
+        ratio = f"{row['ppl_ratio'] - 1:>+8.1%}" if "ppl_ratio" in row else f"{'-':>8}"
+        kl = f"{row['kl']:>8.4f}" if "kl" in row else f"{'-':>8}"
+        agree = f"{row['agreement']:>8.1%}" if "agreement" in row else f"{'-':>8}"
+        lines.append(f"{label:<22}{row.get('examples', ''):>6}{row['tokens']:>8}{''.join(cells)}{ratio}{kl}{agree}")
+    return lines
