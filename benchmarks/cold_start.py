@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from swiftkv.bench import machine_info, write_json
+from swiftkv.bench import machine_info
+from swiftkv.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from swiftkv.bench import greedy_decode, machine_info, num_threads, rotated, swiftkv_mode, timed, write_json
+from swiftkv.bench import greedy_decode, machine_info, num_threads, rotated, swiftkv_mode, timed
 from swiftkv.convert import convert
+from swiftkv.files import write_json
 from swiftkv.loading import load_model
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache

@@ -24,14 +24,9 @@ from pathlib import Path
 import torch
 
 from swiftkv.bench import run_benchmark, summary_lines
+from swiftkv.cli.args import layout_arg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _setting(text: str) -> tuple[int, int]:
-    """'15:3' -> (L=15, g=3); '15' -> (15, 1)."""
-    n_kv, _, group = text.partition(":")
-    return int(n_kv), int(group or 1)
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], metavar="T")
     parser.add_argument(
         "--settings",
-        type=_setting,
+        type=layout_arg,
         nargs="+",
         default=[(15, 1), (15, 3)],
         metavar="L[:g]",

@@ -34,9 +34,8 @@ from swiftkv.bench import (
     rotated,
     swiftkv_mode,
     timed,
-    write_json,
 )
-from swiftkv.files import save_figure
+from swiftkv.files import save_figure, write_json
 from swiftkv.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from swiftkv.convert import convert, save_atomic
-from swiftkv.files import prepare_output_dir, staged
+from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
 from swiftkv.modeling.kernels import move_to_huge_pages
 
 FORMAT = "swiftkv-adapter"
@@ -124,7 +124,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             f"{path} is not a SwiftKV adapter: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(written by `swiftkv distill` into OUTPUT_DIR/adapter)."
         )
-    config = json.loads(config_file.read_text())
+    config = read_json_file(config_file, f"adapter {path}")
+    check_safetensors(weights_file, f"adapter {path}")
+    config = config if isinstance(config, dict) else {}
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{config_file}: format {config.get('format')!r} version {config.get('format_version')!r} is not "

@@ -43,6 +43,8 @@ def _parse_prompt(line: str, number: int, seen: set) -> dict:
         isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)
     ):
         raise ValueError(f"line {number} needs a 'prompt' string or a 'messages' list")
+    if not (record.get("prompt") or "").strip() and not record.get("messages"):
+        raise ValueError(f"line {number} has an empty prompt (a 'prompt' with text or a non-empty 'messages' list)")
     record.setdefault("id", number)
     if record["id"] in seen:
         raise ValueError(f"line {number} repeats id {record['id']!r}")
@@ -60,6 +62,16 @@ def finished_ids(output: Path) -> set:
         with output.open("r+b") as f:
             f.truncate(end)
     return {json.loads(line)["id"] for line in data[:end].decode().splitlines() if line.strip()}
+
+
+def check_length(config, prompt_tokens: int, max_new_tokens: int, where: str) -> None:
+    """A prompt (plus the tokens to generate) must fit the model's positions; transformers only warns."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ValueError(
+            f"{where}: the prompt has {prompt_tokens:,} tokens; with --max-new-tokens {max_new_tokens} that is more "
+            f"than the model's context of {context:,} positions (max_position_embeddings). Shorten the prompt."
+        )
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]:
@@ -124,16 +136,22 @@ def _until_eos(tokens: list[int], eos_id, pad_id: int) -> list[int]:
 def run(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts_path: str | os.PathLike,
+    prompts: str | os.PathLike | list[dict],
     output_path: str | os.PathLike,
     batch_size: int = 8,
     max_new_tokens: int = 64,
     skip_bad: bool = False,
 ) -> dict:
-    """Generate for every prompt not yet in `output_path`; returns counts and total tokens/s of this run."""
+    """Generate for every prompt (a JSONL path, or records from `read_prompts`) not yet in `output_path`; returns
+    counts and total tokens/s of this run. Every prompt is encoded and checked before anything is written."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must both be >= 1.")
+    records = prompts if isinstance(prompts, list) else read_prompts(prompts, skip_bad)
     output = Path(output_path)
     done = finished_ids(output)
-    todo = [(r, encode(tokenizer, r)) for r in read_prompts(prompts_path, skip_bad) if r["id"] not in done]
+    todo = [(r, encode(tokenizer, r)) for r in records if r["id"] not in done]
+    for record, ids in todo:
+        check_length(model.config, len(ids), max_new_tokens, f"prompt id {record['id']!r}")
     stats = {"skipped_already_done": len(done), "generated": 0, "prompt_tokens": 0, "output_tokens": 0}
     start = time.perf_counter()
     with output.open("a") as sink, tqdm(total=len(todo), desc="generate", unit="prompt") as bar:

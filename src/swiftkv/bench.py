@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from swiftkv.files import save_figure
+from swiftkv.config import validate_swiftkv_layout
+from swiftkv.files import save_figure, write_json
 from swiftkv.loading import is_swiftkv
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.kernels import onednn_linears
@@ -499,6 +500,7 @@ def run_benchmark(
     else:
         model, name = model_dir_or_model.eval().to(device), model_dir_or_model.name_or_path or "random weights"
     decode_len = decode_prompt_len or max(prompt_lengths)
+    check_benchmark_args(model.config, prompt_lengths, settings, reps, decode_tokens, decode_len)
     prompts = {
         t: prompt_ids(tokenizer, model.config.vocab_size, t).repeat(batch_size, 1).to(device)
         for t in {*prompt_lengths, decode_len}
@@ -517,18 +519,44 @@ def run_benchmark(
         },
         "settings": [],
     }
-    steps = len(settings) * (len(prompt_lengths) + 1 + bool(decode_tokens))
+    result["settings"] = _finished_settings(json_path, result)
+    done = {(s["num_key_value_layers"], s["key_value_group_size"]) for s in result["settings"]}
+    todo = [setting for setting in settings if tuple(setting) not in done]
+    steps = len(todo) * (len(prompt_lengths) + 1 + bool(decode_tokens))
     with tqdm(total=steps, desc="swiftkv bench", unit="step") as bar:
-        for n_kv, group in settings:
+        for n_kv, group in todo:
             swift = convert(model, n_kv, group)  # shares the base weight tensors: no copy
             result["settings"].append(
                 _run_setting(swift, prompts, prompt_lengths, decode_len, decode_tokens, reps, warmup, threads, bar)
             )
-    if json_path is not None:
-        write_json(result, json_path)
+            if json_path is not None:  # keep what is measured: an interrupted run resumes after this layout
+                write_json(result, json_path)
     if plot_path is not None:
         plot(result, plot_path)
     return result
+
+
+def check_benchmark_args(config, prompt_lengths, settings, reps: int, decode_tokens: int, decode_len: int) -> None:
+    """Every argument checked against the model before the first measurement (a late failure loses work)."""
+    for n_kv, group in settings:
+        validate_swiftkv_layout(config.num_hidden_layers, n_kv, group)
+    context = getattr(config, "max_position_embeddings", None) or float("inf")
+    for length in prompt_lengths:
+        if not 2 <= length <= context:
+            raise ValueError(f"prompt length {length} is invalid: it must be between 2 and the context ({context}).")
+    if decode_len + decode_tokens > context:
+        raise ValueError(f"decode after {decode_len} tokens + {decode_tokens} new ones exceeds the context {context}.")
+    if reps < 1 or decode_tokens < 0:
+        raise ValueError(f"reps={reps} must be >= 1 and decode_tokens={decode_tokens} >= 0.")
+
+
+def _finished_settings(json_path, result: dict) -> list[dict]:
+    """Layouts already measured in `json_path` by a run with the same model and benchmark arguments."""
+    if json_path is None or not Path(json_path).exists():
+        return []
+    previous = json.loads(Path(json_path).read_text())
+    same = previous.get("benchmark") == result["benchmark"] and previous.get("model") == result["model"]
+    return previous.get("settings", []) if same else []
 
 
 def _run_setting(
@@ -589,13 +617,6 @@ def _model_info(model: PreTrainedModel, name: str, dtype: torch.dtype) -> dict[s
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": config._attn_implementation,
     }
-
-
-def write_json(result: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 def plot(result: dict, path: str | os.PathLike) -> Path:

@@ -69,6 +69,14 @@ def validate_attention_types(config) -> None:
         )
 
 
+def parse_layout(text: str) -> tuple[int, int]:
+    """A layout as users write it everywhere: 'L:g' ('15:3') or 'L' ('15' = g 1) -> (L, g)."""
+    layers, _, group = str(text).partition(":")
+    if not layers.strip().isdigit() or not (group.strip().isdigit() or group == ""):
+        raise ValueError(f"layout {text!r} is invalid: write L:g, e.g. 15:1 or 15:3 (L layers keep their own K/V).")
+    return int(layers), int(group or 1)
+
+
 def validate_swiftkv_layout(num_layers: int, num_key_value_layers: int, group_size: int) -> None:
     """Raise a ValueError that names the bad value and the valid range."""
     if not 1 <= num_key_value_layers <= num_layers:

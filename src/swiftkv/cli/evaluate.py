@@ -1,4 +1,4 @@
-"""`swiftkv eval` and `swiftkv analyze`: argument parsing and printing only (the work is in the library)."""
+"""`swiftkv eval` and `swiftkv analyze`: argument handling and printing (the work is in the library)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from swiftkv import analyze as layer_analysis
 from swiftkv.calibrate import add_arguments as add_calibration_arguments
 from swiftkv.calibrate import calibrate
 from swiftkv.calibrate import check_tokens as check_calibration_tokens
+from swiftkv.cli.args import add_layout_args, add_model_args, has_layout, positive_int
 from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
 from swiftkv.evaluate.text import token_samples
 from swiftkv.files import write_json
-from swiftkv.loading import DEFAULT_MODEL, DTYPES
 
 BUDGET_LADDER = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # KL budgets (nats/token) shown next to the recommendation
 
@@ -30,7 +30,7 @@ def _write_json(result: dict, path: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     for name in args.tasks:  # bad names fail before the model loads
         check_task(name)
-    if args.calibrate and args.num_key_value_layers is None and args.skip is None:
+    if args.calibrate and not has_layout(args):
         raise ValueError("--calibrate fits the projections of an on-the-fly conversion: give -L or --skip too.")
     if args.calibrate:
         check_calibration_tokens(args.calibration_tokens)
@@ -115,15 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(base = SwiftKV off = the teacher); any other model is scored as the base model only, unless -L/--skip "
         "converts it on the fly (undistilled) or --adapter applies a distilled adapter.",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint dir, .gguf, or 'default'")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_model_args(p)
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names (see above)")
-    p.add_argument("--limit", type=int, help="at most N items per task, from each task's fixed order")
+    p.add_argument("--limit", type=positive_int, help="at most N items per task, from each task's fixed order")
     p.add_argument("--json", type=Path, help="write the full results (with GSM8K predictions) here")
-    layout = p.add_mutually_exclusive_group()
-    layout.add_argument("--num-key-value-layers", "-L", type=int, help="convert a base MODEL on the fly with this L")
-    layout.add_argument("--skip", type=float, help="convert a base MODEL on the fly, skipping this fraction of layers")
-    p.add_argument("--key-value-group-size", "-g", type=int, default=1, help="AcrossKV group size for -L/--skip")
+    add_layout_args(p, "convert a base MODEL on the fly (undistilled)")
     p.add_argument("--adapter", type=Path, help="apply this distilled adapter (from `swiftkv distill`) to MODEL")
     add_calibration_arguments(p)
     p.add_argument(
@@ -133,12 +129,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=list(MODES),
         help="modes for multiple-choice and GSM8K (text tasks always run both: KL needs the teacher)",
     )
-    p.add_argument("--max-tokens", type=int, default=1024, help="text tasks: tokens scored per example")
-    p.add_argument("--gsm8k-shots", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation budget")
-    p.add_argument("--batch-size", type=int, default=8, help="GSM8K generation batch size")
+    p.add_argument("--max-tokens", type=positive_int, default=1024, help="text tasks: tokens scored per example")
+    p.add_argument("--gsm8k-shots", type=int, default=4, help="worked examples before each problem (0: none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="GSM8K generation budget")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="GSM8K generation batch size")
     p.add_argument("--bigbench-dir", help="an extracted bigbench-1.0.0 sdist (default: fetched once into the cache)")
-    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--threads", type=positive_int, default=threads)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -148,17 +144,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sample, the prefill-FLOPs saving and the KV bytes; per layer: cosine similarity of the residual streams. "
         "Recommends the L with the largest saving within the budget; writes a PNG (and JSON).",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint dir, .gguf, or 'default'")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_model_args(p)
     p.add_argument("--text", default="chitchat", help="text source: chitchat, gsm8k-test, or a local file")
-    p.add_argument("--samples", type=int, default=32, help="examples from the source's held-out split")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per example")
-    p.add_argument("--candidates", type=int, nargs="+", help="L values (default: every L from N/4 to N-1)")
-    p.add_argument("--key-value-group-size", "-g", type=int, default=1, help="AcrossKV group size of the candidates")
-    p.add_argument("--prompt-length", type=int, default=2048, help="prompt length for the prefill-FLOPs saving")
+    p.add_argument("--samples", type=positive_int, default=32, help="examples from the source's held-out split")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per example")
+    p.add_argument("--candidates", type=positive_int, nargs="+", help="L values (default: every L from N/4 to N-1)")
+    p.add_argument(
+        "--key-value-group-size", "-g", type=positive_int, default=1, help="AcrossKV group size of the candidates"
+    )
+    p.add_argument("--prompt-length", type=positive_int, default=2048, help="prompt length for the FLOPs saving")
     p.add_argument("--max-kl", type=float, default=0.5, help="budget: undistilled KL, nats/token")
     p.add_argument("--min-agreement", type=float, help="budget: undistilled top-1 agreement with the base model")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, default=Path("analyze.png"))
-    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--threads", type=positive_int, default=threads)
     p.set_defaults(func=cmd_analyze)

@@ -1,4 +1,4 @@
-"""`swiftkv` command line: one entry point, subcommands call the library (no math here)."""
+"""`swiftkv convert | info | generate | demo | bench`: argument handling and printing (the work is in the library)."""
 
 from __future__ import annotations
 
@@ -13,33 +13,35 @@ from transformers import TextStreamer
 
 from swiftkv import batch, bench
 from swiftkv.adapter import load_with_adapter
-from swiftkv.calibrate import add_arguments as add_calibration_arguments
 from swiftkv.calibrate import calibrate
 from swiftkv.calibrate import check_tokens as check_calibration_tokens
+from swiftkv.cli.args import DEFAULT_SKIP, has_layout
+from swiftkv.config import validate_swiftkv_layout
 from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
-from swiftkv.distill import cli as distill_cli
-from swiftkv.evaluate import cli as evaluate_cli
 from swiftkv.files import prepare_output_dir
-from swiftkv.loading import DEFAULT_MODEL, DTYPES, is_swiftkv, load_model, resolve_model_path
+from swiftkv.loading import DEFAULT_MODEL, is_swiftkv, load_model, load_model_config, resolve_model_path
 
 # Distilled adapters of the default model, committed in the repository (see docs/quality.md).
 BUNDLED_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
 
 
-def _add_layout_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--num-key-value-layers", "-L", type=int, help="L: layers 0..L-1 run for every prompt token")
-    group.add_argument("--skip", type=float, help="fraction of layers prompt tokens skip, e.g. 0.5 (L = N - 0.5 N)")
-    parser.add_argument("--key-value-group-size", "-g", type=int, default=1, help="AcrossKV group size (1: off)")
+def _layout(args: argparse.Namespace, num_layers: int) -> int:
+    """L from -L / --skip, or the documented default (DEFAULT_SKIP) when neither is given."""
+    skip = DEFAULT_SKIP if not has_layout(args) else args.skip
+    return resolve_num_key_value_layers(num_layers, args.num_key_value_layers, skip)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     prepare_output_dir(args.out, args.overwrite)  # fail before the (slow) load, write nothing
+    if args.out.exists() and args.out.resolve() == resolve_model_path(args.src).resolve():
+        raise ValueError(f"OUT {str(args.out)!r} is the source checkpoint itself; write the conversion elsewhere.")
     if args.calibrate:
         check_calibration_tokens(args.calibration_tokens)
+    base_config = load_model_config(args.src)
+    num_kv_layers = _layout(args, base_config.num_hidden_layers)
+    validate_swiftkv_layout(base_config.num_hidden_layers, num_kv_layers, args.key_value_group_size)
     model, tokenizer = load_model(args.src, args.dtype)
-    num_kv_layers = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
     swift = convert(model, num_kv_layers, args.key_value_group_size)
     if args.calibrate:
         seen = calibrate(swift, tokenizer, args.calibrate, args.calibration_tokens)
@@ -50,11 +52,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     model, _ = load_model(args.model, args.dtype)
-    if not is_swiftkv(model):  # a base checkpoint: show the layout it would get
-        if args.num_key_value_layers is None and args.skip is None:
-            raise ValueError(f"{args.model} is not a SwiftKV checkpoint: pass --num-key-value-layers or --skip.")
-        n_kv = resolve_num_key_value_layers(model.config.num_hidden_layers, args.num_key_value_layers, args.skip)
-        model = convert(model, n_kv, args.key_value_group_size)
+    if not is_swiftkv(model):  # a base checkpoint: show the layout it would get (-L / --skip, or the default)
+        model = convert(model, _layout(args, model.config.num_hidden_layers), args.key_value_group_size)
     config = model.config
     added = sum(p.numel() for n, p in model.named_parameters() if "swiftkv" in n)
     total = sum(p.numel() for p in model.parameters())
@@ -127,21 +126,24 @@ def generate_text(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
     if (args.prompt is None) == (args.input is None) or (args.input is None) != (args.output is None):
         raise ValueError("Give either --prompt TEXT, or --input PROMPTS.jsonl with --output RESULTS.jsonl.")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue (or --input PROMPTS.jsonl for a batch).")
+    prompts = batch.read_prompts(args.input, args.skip_bad_lines) if args.input is not None else None
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
     if is_swiftkv(model):
         model.config.swiftkv = not args.no_swiftkv
     elif not args.no_swiftkv:
         print(f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model", file=sys.stderr)
-    if args.input is not None:
-        stats = batch.run(
-            model, tokenizer, args.input, args.output, args.batch_size, args.max_new_tokens, args.skip_bad_lines
-        )
+    if prompts is not None:
+        stats = batch.run(model, tokenizer, prompts, args.output, args.batch_size, args.max_new_tokens)
         print(json.dumps(stats), file=sys.stderr)
         return
-    result = generate_text(model, tokenizer, _encode(tokenizer, args.prompt, args.chat), args.max_new_tokens)
+    ids = _encode(tokenizer, args.prompt, args.chat)
+    batch.check_length(model.config, ids.shape[1], args.max_new_tokens, "--prompt")
+    result = generate_text(model, tokenizer, ids, args.max_new_tokens)
     print(
         f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new] time to first token "
         f"{result['ttft_s'] * 1000:.0f} ms, decode {result['decode_tokens_per_s']:.1f} tokens/s",
@@ -197,11 +199,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    settings = [tuple(int(x) for x in s.split(",")) for s in args.settings]
     result = bench.run_benchmark(
         resolve_model_path(args.model),
         prompt_lengths=args.prompt_lengths,
-        settings=settings,
+        settings=args.settings,
         reps=args.reps,
         decode_tokens=args.decode_tokens,
         json_path=args.json,
@@ -209,74 +210,3 @@ def cmd_bench(args: argparse.Namespace) -> None:
         threads=args.threads,
     )
     print("\n".join(bench.summary_lines(result)))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swiftkv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, func, help_text: str, model_arg: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if model_arg:
-            p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint dir, .gguf, or 'default'")
-        p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-        p.set_defaults(func=func)
-        return p
-
-    p = add("convert", cmd_convert, "convert a base checkpoint (dir or .gguf) to a SwiftKV checkpoint", False)
-    p.add_argument("src", help="base checkpoint directory, .gguf file, or 'default'")
-    p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    add_calibration_arguments(p)
-    _add_layout_args(p)
-
-    p = add("info", cmd_info, "layers, L, g, parameter counts and predicted prefill-FLOPs / KV-bytes ratios")
-    p.add_argument("--prompt-length", type=int, default=2048)
-    _add_layout_args(p)
-    p._mutually_exclusive_groups[-1].required = False
-
-    p = add("generate", cmd_generate, "stream a completion; prints time to first token and tokens/s")
-    p.add_argument("--prompt", help="one prompt, streamed to stdout")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--input", type=Path, help="batch mode: JSONL of {id?, prompt | messages}")
-    p.add_argument("--output", type=Path, help="batch mode: JSONL results, appended; finished ids are skipped")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--skip-bad-lines", action="store_true", help="batch mode: skip malformed input lines")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-swiftkv", action="store_true", help="run the base model (same weights, SwiftKV off)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-
-    p = add("demo", cmd_demo, "the main job: base vs SwiftKV on a long prompt, answers and measured speed-up")
-    p.add_argument("--num-key-value-layers", "-L", type=int, default=15)
-    p.add_argument("--key-value-group-size", "-g", type=int, default=1)
-    p.add_argument("--adapter", help="SwiftKV adapter dir ('none': undistilled conversion); default: the bundled one")
-    p.add_argument("--prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-
-    p = add("bench", cmd_bench, "interleaved base vs SwiftKV prefill/decode/KV benchmark, JSON + PNG")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    p.add_argument("--settings", nargs="+", default=["15,1", "15,3"], help="L,g pairs")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=Path("bench.json"))
-    p.add_argument("--plot", type=Path, default=Path("bench.png"))
-    distill_cli.register(sub)
-    evaluate_cli.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"swiftkv {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from swiftkv.loading import DTYPES
+from swiftkv.cli.args import add_model_args
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -49,6 +49,6 @@ def register(sub) -> None:
     p.add_argument("adapter", type=Path, help="adapter directory (adapter_config.json + adapter.safetensors)")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    add_model_args(p, positional=False)
     p.add_argument("--no-check-base", action="store_true", help="skip the base-weights fingerprint check")
     p.set_defaults(func=cmd_apply_adapter)

@@ -1,0 +1,5 @@
+import sys
+
+from swiftkv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""Registration with vLLM (run by the `vllm.general_plugins` entry point in every vLLM process).
+
+- the four config classes with transformers' `AutoConfig` (`llama_swiftkv`, ...), so vLLM reads config.json;
+- the four architectures with vLLM's `ModelRegistry` (lazily: the model module is imported when a model loads);
+- a config hook per architecture (vLLM's per-architecture `verify_and_update_config`, run while the engine's
+  config is built) that turns on `cache_config.kv_sharing_fast_prefill` for SwiftKV checkpoints, so prompt tokens
+  skip layers >= L with no extra flag. `SWIFTKV_VLLM_FAST_PREFILL=0`, or the engine argument
+  `--hf-overrides '{"swiftkv_fast_prefill": false}'`, keeps it off (every token runs every layer: exact prompt
+  logprobs, no prefill saving).
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoConfig
+
+from swiftkv_vllm.configs import FAMILIES, SwiftKVLayout
+
+FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
+FAST_PREFILL_OVERRIDE = "swiftkv_fast_prefill"  # hf_overrides / config.json key
+PROMPT_LOGPROBS_ERROR = (
+    "This SwiftKV model runs with fast prefill: prompt tokens skip layers >= num_key_value_layers, so their "
+    "logprobs would be wrong and prompt_logprobs is refused. To score prompt tokens, start vLLM with fast prefill "
+    f"off: environment variable {FAST_PREFILL_ENV}=0, or --hf-overrides '{{\"{FAST_PREFILL_OVERRIDE}\": false}}' "
+    f"(LLM(..., hf_overrides={{'{FAST_PREFILL_OVERRIDE}': False}}))."
+)
+
+_registered = False
+
+
+def register() -> None:
+    """Idempotent: vLLM calls general plugins once per process, tests and scripts may call it again."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for config_class, architecture in FAMILIES.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, f"swiftkv_vllm.model:{architecture}")
+        MODELS_CONFIG_MAP.setdefault(architecture, SwiftKVConfigHook)
+    _registered = True
+
+
+def fast_prefill_requested(hf_config) -> bool:
+    """False when the user turned SwiftKV's fast prefill off (environment or hf_overrides), else True."""
+    env = os.environ.get(FAST_PREFILL_ENV, "1").strip().lower()
+    if env not in ("0", "1", "false", "true", "off", "on", ""):
+        raise ValueError(f"{FAST_PREFILL_ENV}={env!r} is invalid: use 1 (default, fast prefill on) or 0 (off).")
+    return env not in ("0", "false", "off") and bool(getattr(hf_config, FAST_PREFILL_OVERRIDE, True))
+
+
+def _hook_base() -> type:
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    return VerifyAndUpdateConfig
+
+
+class SwiftKVConfigHook(_hook_base()):
+    """Turns on vLLM's KV-sharing fast prefill for SwiftKV checkpoints, and guards prompt logprobs."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.logger import init_logger
+
+        logger = init_logger(__name__)
+        hf_config = vllm_config.model_config.hf_config
+        layout = SwiftKVLayout.of(hf_config)
+        cache_config = vllm_config.cache_config
+        if not layout.skips:
+            logger.info("SwiftKV: no SwiftKV layer (swiftkv=false or L=N): the base model's forward.")
+            return
+        if not cache_config.kv_sharing_fast_prefill:
+            if not fast_prefill_requested(hf_config):
+                logger.info("SwiftKV: fast prefill off by request; every prompt token runs every layer.")
+                return
+            if vllm_config.speculative_config is not None:
+                logger.warning("SwiftKV: fast prefill off (speculative decoding needs every token's logits).")
+                return
+            cache_config.kv_sharing_fast_prefill = True
+        logger.info(
+            "SwiftKV: fast prefill on (prompt tokens stop after layer %d of %d; %d KV-cache entries for %d layers). "
+            "Prompt logprobs need it off: %s=0.",
+            layout.num_key_value_layers,
+            layout.num_layers,
+            layout.cache_entries,
+            layout.num_layers,
+            FAST_PREFILL_ENV,
+        )
+        _guard_prompt_logprobs(vllm_config)
+
+
+def _guard_prompt_logprobs(vllm_config) -> None:
+    """Add the validator below to the engine's logits processors (the V1 runner's hook for per-request checks).
+
+    vLLM's own check (AsyncLLM, i.e. `vllm serve`) names only `--kv-sharing-fast-prefill`, a flag a SwiftKV user
+    never passed; the offline `LLM` path has no front-end check at all. This names SwiftKV and the way out.
+    """
+    if vllm_config.use_v2_model_runner:
+        return
+    from swiftkv_vllm.guard import SwiftKVPromptLogprobsGuard
+
+    model_config = vllm_config.model_config
+    processors = list(model_config.logits_processors or [])
+    if SwiftKVPromptLogprobsGuard not in processors:
+        model_config.logits_processors = [*processors, SwiftKVPromptLogprobsGuard]

@@ -1,0 +1,168 @@
+"""Write the vLLM plugin tests' fixtures with swiftkv's Hugging Face side (run by the MAIN venv, `.venv`).
+
+    .venv/bin/python vllm_plugin/tests/make_fixtures.py out/vllm_fixtures          # tiny checkpoints (~10 s)
+    .venv/bin/python vllm_plugin/tests/make_fixtures.py out/vllm_fixtures --real   # + SmolLM2 L=15 g=1 (slow test)
+
+The vLLM environment (`.venv-vllm`) cannot import swiftkv (transformers pins differ), so the expected tokens come
+from here. Per family (llama, mistral, qwen2, qwen3): the tiny random base model (`NAME/base`) and its SwiftKV
+conversions L=3 of 6 layers, g=1 and g=3 (`NAME/g1`, `NAME/g3`), each a safetensors checkpoint with a word-level
+tokenizer ("<pad>" 0, "<s>" 1, "</s>" 2, "w3".."w127"). Head dim 32 (vLLM's CPU attention needs 32, 64, 80, ...).
+The SwiftKV parameters get noise on top of the recipe initialisation, so a vLLM model that used the base
+projections instead would produce other tokens. `expected.json`: prompts and greedy tokens of each checkpoint from
+the full forward recomputed at every step (the reference the skipping path must equal), with the smallest top-1 /
+top-2 logit gap seen, so a near tie is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import swiftkv  # noqa: F401  (registers the *_swiftkv types)
+from swiftkv.convert import convert
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32}),  # per-head q/k norms
+}
+LAYERS, KV_LAYERS, GROUPS = 6, 3, (1, 3)
+VOCAB, NEW_TOKENS = 128, 8
+PROMPT_LENGTHS = (5, 37, 70, 101)  # > 64 tokens: chunked when the tests cap max_num_batched_tokens at 64
+REAL_PROMPT = "The three most useful things to know about the history of the printing press are"
+
+
+def tiny_base(family: str, seed: int) -> torch.nn.Module:
+    """A random stock model: hidden 64, 2 query heads and 1 K/V head of 32, non-trivial norms and biases."""
+    config_class, model_class, extra = FAMILIES[family]
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # larger weights than the default 0.02: clear argmax margins, so no float near-ties
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+@torch.no_grad()
+def greedy_full_forward(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens from the full forward of the whole sequence at every step (no cache, no skipping)."""
+    ids, out, gap = torch.tensor([prompt]), [], float("inf")
+    for _ in range(new_tokens):
+        logits = model(ids, logits_to_keep=0).logits[0, -1].double()
+        top = logits.topk(2).values
+        gap = min(gap, float(top[0] - top[1]))
+        token = int(logits.argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out, gap
+
+
+def perturb_swiftkv(model, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "swiftkv" in name:
+                param.add_(0.05 * torch.randn_like(param))
+
+
+def write_tiny(out: Path) -> dict:
+    tokenizer, cases, expected = word_tokenizer(), prompts(), {}
+    for seed, family in enumerate(FAMILIES):
+        base = tiny_base(family, seed)
+        variants = {"base": base}
+        for group in GROUPS:
+            swift = convert(base, num_key_value_layers=KV_LAYERS, key_value_group_size=group)
+            perturb_swiftkv(swift, 100 + seed)
+            variants[f"g{group}"] = swift
+        for name, model in variants.items():
+            path = out / family / name
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            runs = [greedy_full_forward(model, p, NEW_TOKENS) for p in cases]
+            expected[f"{family}/{name}"] = {"tokens": [t for t, _ in runs], "min_gap": min(g for _, g in runs)}
+            print(f"{family}/{name}: min top-2 logit gap {expected[f'{family}/{name}']['min_gap']:.4f}")
+    return {"prompts": cases, "new_tokens": NEW_TOKENS, "layers": LAYERS, "kv_layers": KV_LAYERS, "models": expected}
+
+
+def write_real(out: Path) -> dict:
+    """SmolLM2-135M-Instruct + adapters/smollm2-L15-g1 (as `swiftkv apply-adapter`), greedy tokens of swiftkv's
+    own `generate` (its fast HF path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = out / "smollm2-L15-g1"
+    if not (path / "config.json").exists():
+        repo = Path(__file__).resolve().parents[2]
+        cli = [sys.executable, "-m", "swiftkv", "apply-adapter", "default", str(repo / "adapters/smollm2-L15-g1")]
+        subprocess.run([*cli, str(path), "--overwrite"], check=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer(REAL_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=24, do_sample=False)
+    return {"path": str(path), "prompt_ids": ids[0].tolist(), "tokens": generated[0, ids.shape[1] :].tolist()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="fixtures directory (created; files in it are replaced)")
+    parser.add_argument("--real", action="store_true", help="also the SmolLM2 L=15 g=1 checkpoint (slow test)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    expected = write_tiny(args.out)
+    if args.real:
+        expected["real"] = write_real(args.out)
+    (args.out / "expected.json").write_text(json.dumps(expected, indent=1))
+    print(f"wrote {args.out}/expected.json")
+
+
+if __name__ == "__main__":
+    main()
