@@ -64,7 +64,7 @@ def run_child(variant: str, adapter: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", default=str(ROOT / "adapters" / "smollm2-L15-g1"))
+    parser.add_argument("--adapter", default="smollm2-L15-g1", help="adapter dir or bundled name")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "cold_start.json")
     args = parser.parse_args()

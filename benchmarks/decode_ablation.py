@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from swiftkv.bench import greedy_decode, machine_info, num_threads, rotated, swiftkv_mode, timed
-from swiftkv.convert import convert
+from swiftkv.bench import greedy_decode, machine_info, num_threads, rotated, timed
+from swiftkv.conversion import convert
 from swiftkv.files import write_json
 from swiftkv.loading import load_model
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.kernels import onednn_linears
 from swiftkv.modeling.native import native_decode
+from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 

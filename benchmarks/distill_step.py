@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.distill.data import collate, encode_chat
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
 from swiftkv.loading import load_model

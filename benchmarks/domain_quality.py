@@ -5,7 +5,7 @@ A variant is `NAME=ADAPTER_DIR` (a distilled adapter) or `NAME=L:g` (converted o
 are written after every variant, and variants already in the JSON are skipped, so an interrupted run resumes.
 
     python benchmarks/domain_quality.py --json results/domains_smollm2.json --plot results/domains_smollm2.png \\
-        --variants L22=adapters/smollm2-L22-g1 L22-undistilled=22:1 --limit 32
+        --variants L22=smollm2-L22-g1 L22-undistilled=22:1 --limit 32
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.evaluate.loading import load_for_eval
+from swiftkv.adapter import resolve_adapter
+from swiftkv.config import parse_layout
 from swiftkv.evaluate.tasks import EvalOptions, evaluate
 from swiftkv.evaluate.text import format_domains
 from swiftkv.files import save_figure, write_json
+from swiftkv.loading import load, origin
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -27,12 +29,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise SystemExit(f"--variants: {text!r} is not NAME=ADAPTER_DIR or NAME=L:g")
-    layers, colon, group = spec.partition(":")
-    if colon and layers.isdigit() and group.isdigit():
-        return name, {"num_key_value_layers": int(layers), "key_value_group_size": int(group)}
-    if not Path(spec).is_dir():
-        raise SystemExit(f"--variants: {spec!r} (of {name!r}) is neither L:g nor an adapter directory")
-    return name, {"adapter": spec}
+    try:
+        layers, group = parse_layout(spec)
+    except ValueError:
+        try:
+            return name, {"adapter": str(resolve_adapter(spec))}
+        except FileNotFoundError as error:
+            raise SystemExit(f"--variants {name}: {error}") from None
+    return name, {"num_key_value_layers": layers, "key_value_group_size": group}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -75,7 +79,8 @@ def main() -> None:
     for name, spec in variants.items():
         if name in results:
             continue
-        model, tokenizer, notes = load_for_eval(args.model, **spec)
+        model, tokenizer = load(args.model, **spec)
+        notes = [origin(args.model, spec.get("adapter"), model, "adapter" not in spec)]
         options = EvalOptions(limit=args.limit, max_tokens=args.max_tokens)
         domains = evaluate(model, tokenizer, ["domains"], options, notes)["tasks"]["domains"]
         results[name] = domains | {"variant": {k: str(v) for k, v in spec.items()}}

@@ -32,11 +32,11 @@ from swiftkv.bench import (
     num_threads,
     prefill,
     rotated,
-    swiftkv_mode,
     timed,
 )
 from swiftkv.files import save_figure, write_json
 from swiftkv.loading import load_model
+from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def plot(result: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, required=True, help="F32 GGUF of SmolLM2-135M-Instruct")
-    parser.add_argument("--adapter", default=str(ROOT / "adapters" / "smollm2-L15-g1"))
+    parser.add_argument("--adapter", default="smollm2-L15-g1", help="adapter dir or bundled name")
     parser.add_argument("--decode-prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-prompt", type=int, default=2048)

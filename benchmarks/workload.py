@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from swiftkv import bench
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.loading import load_model
 
 

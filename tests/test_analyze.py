@@ -11,7 +11,7 @@ from test_evaluate import TEXT, char_tokenizer
 
 from swiftkv import analyze as an
 from swiftkv.cli import main
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.evaluate.scoring import MODES, add_sums, sequence_stats, summarize_text
 
 

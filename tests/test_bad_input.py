@@ -106,13 +106,11 @@ def test_convert_of_a_truncated_safetensors(model_dir, tmp_path, capsys):
 
 def test_truncated_adapter(model_dir, tmp_path, capsys):
     from swiftkv import adapter
-    from swiftkv.convert import convert
+    from swiftkv.conversion import convert
     from swiftkv.loading import load_model
 
     model, _ = load_model(model_dir)
-    swift = convert(model, 3, 1)
-    identity = adapter.base_identity(model, str(model_dir))
-    adapter.save_adapter(tmp_path / "adapter", adapter.swiftkv_state(swift), swift.config, identity)
+    adapter.save_adapter(convert(model, 3, 1), tmp_path / "adapter", base_name=str(model_dir))
     weights = tmp_path / "adapter" / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])
     _fails(["apply-adapter", model_dir, tmp_path / "adapter", tmp_path / "out"], capsys, "adapter", "is damaged")
@@ -212,7 +210,7 @@ def _convert_paused_in_staging(model_dir: Path, out: Path) -> subprocess.Popen:
     """`swiftkv convert` in a child process, stopped after writing the checkpoint into its staging folder."""
     script = (
         "import contextlib, sys, time\n"
-        "import swiftkv.convert as c\n"
+        "import swiftkv.conversion as c\n"
         "real = c.staged\n"
         "@contextlib.contextmanager\n"
         "def slow(dest, replace=False):\n"

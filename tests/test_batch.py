@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_base, tiny_tokenizer
 
 from swiftkv import batch
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 
 
 @pytest.fixture

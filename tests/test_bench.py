@@ -10,7 +10,7 @@ from conftest import tiny_base
 from transformers import DynamicCache
 
 from swiftkv import bench
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.modeling.cache import SwiftKVCache
 
 

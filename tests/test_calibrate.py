@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_base
 
-from swiftkv.calibrate import fit_key_value_projections
-from swiftkv.convert import convert
+from swiftkv.calibration import fit_key_value_projections
+from swiftkv.conversion import convert
 
 L = 3  # of 6 layers
 

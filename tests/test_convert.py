@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from swiftkv.config import LlamaSwiftKVConfig
-from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
 
 
 def test_initialisation_follows_the_recipe(family):

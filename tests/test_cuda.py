@@ -17,7 +17,7 @@ from test_distill_helpers import chat_file, tiny_config, tiny_model_dir
 from test_modeling import reference_greedy
 
 from swiftkv.bench import measure_peak_memory, measured_kv_bytes, prefill
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.distill.recipe import DistillRecipe
 
 DEVICE = torch.device(os.environ.get("SWIFTKV_TEST_DEVICE", "cuda"))

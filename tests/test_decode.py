@@ -7,11 +7,12 @@ import torch
 from conftest import left_padded_batch, tiny_base
 from transformers import DynamicCache
 
-from swiftkv.bench import measured_kv_bytes, swiftkv_mode
-from swiftkv.convert import convert
+from swiftkv.bench import measured_kv_bytes
+from swiftkv.conversion import convert
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache
 from swiftkv.modeling.kernels import FastLinear, onednn_linears
+from swiftkv.modes import swiftkv_mode
 
 # The decode step changes only the GEMV kernel (oneDNN instead of MKL on CPU): float32 rounding differences.
 CLOSE = {"atol": 1e-4, "rtol": 1e-4}

@@ -12,7 +12,7 @@ from conftest import tiny_base
 from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
 from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
 from swiftkv.distill.loss import distill_loss, kl_sum
@@ -205,9 +205,9 @@ def test_batch_plan_is_deterministic_and_splits_the_global_batch(chats):
     for step in (0, 1, one.steps_per_epoch + 1):  # crosses an epoch: reshuffled
         assert one.global_indices(step) == two.global_indices(step)
         ranks = [mb for rank in (0, 1) for mb in two.micro_batches(step, rank, 0)]
-        assert [
+        assert all(
             torch.equal(a.input_ids, b.input_ids) for a, b in zip(one.micro_batches(step, 0, 0), ranks, strict=True)
-        ]
+        )
     assert one.global_indices(0) != one.global_indices(one.steps_per_epoch)
 
 
@@ -281,6 +281,11 @@ def _trained(model_dir, chats, out, **overrides):
 
 
 # Recorded on CPU, fp32: tiny llama, L=2, g=2, 2x2 sequences per step, lr 1e-3, T=2, hidden weight 1.
+# The KL term (~6e-4) is a sum of differences of float32 log-probs near -5, whose last bits depend on the
+# vectorised log_softmax/exp kernels ATen picks for the CPU: across ATEN_CPU_CAPABILITY=default/avx2/avx512 the
+# losses spread by up to 5.2e-4 relative (docs/testing.md), while the hidden term is bit-identical. Hence rtol 2e-3
+# for the loss (4x the measured spread; a real regression moves it by percents) and 1e-5 for the hidden term.
+LOSS_RTOL, HIDDEN_RTOL = 2e-3, 1e-5
 GOLDEN_LOSSES = [6.329257739707828e-04, 5.103108705952764e-04, 3.814569208770990e-04, 3.396662068553269e-04]
 GOLDEN_HIDDEN = [7.901493518147618e-05, 6.753660272806883e-05, 5.861659155925736e-05, 5.304197111399844e-05]
 
@@ -292,8 +297,8 @@ def test_golden_losses(model_dir, chats, tmp_path):
     )
     losses = torch.tensor([row["loss"] for row in recipe.history], dtype=torch.float64)
     hidden = torch.tensor([row["hidden"] for row in recipe.history], dtype=torch.float64)
-    torch.testing.assert_close(losses, torch.tensor(GOLDEN_LOSSES, dtype=torch.float64), rtol=1e-4, atol=0)
-    torch.testing.assert_close(hidden, torch.tensor(GOLDEN_HIDDEN, dtype=torch.float64), rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses, torch.tensor(GOLDEN_LOSSES, dtype=torch.float64), rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(hidden, torch.tensor(GOLDEN_HIDDEN, dtype=torch.float64), rtol=HIDDEN_RTOL, atol=0)
 
 
 def test_only_swiftkv_parameters_change(model_dir, chats, tmp_path):

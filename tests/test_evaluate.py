@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from swiftkv.cli import main
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.evaluate import EvalOptions, evaluate, format_table
 from swiftkv.evaluate import bigbench as bb
 from swiftkv.evaluate.choice import ChoiceItem, bigbench_items, choice_logprobs, mmlu_items, run_choice_task
@@ -357,9 +357,8 @@ def test_report_merges_runs_into_one_markdown_table(swift, tok, tmp_path):
     assert lines[3].startswith("| L=2 | 2/6 | 1 |") and lines[3].endswith("| - |")  # no MMLU for this row
 
 
-def test_load_for_eval_applies_a_distilled_adapter(tok, tmp_path):
-    from swiftkv.adapter import base_identity, save_adapter, swiftkv_state
-    from swiftkv.evaluate import load_for_eval
+def test_load_applies_an_adapter_or_converts(tok, tmp_path):
+    import swiftkv
 
     base = tiny_base("llama")
     base.save_pretrained(tmp_path / "base")
@@ -367,14 +366,16 @@ def test_load_for_eval_applies_a_distilled_adapter(tok, tmp_path):
     student = convert(base, 3, 1)
     with torch.no_grad():  # stand-in for distillation: any change to the SwiftKV weights
         student.model.norm_swiftkv.weight.mul_(1.5)
-    save_adapter(tmp_path / "adapter", swiftkv_state(student), student.config, base_identity(base), dtype="float32")
-    model, _, notes = load_for_eval(tmp_path / "base", adapter=tmp_path / "adapter")
-    assert model.config.num_key_value_layers == 3 and any("adapter" in note for note in notes)
+    swiftkv.save_adapter(student, tmp_path / "adapter", dtype="float32")
+    model, _ = swiftkv.load(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert model.config.num_key_value_layers == 3 and model.config.swiftkv
     torch.testing.assert_close(model.model.norm_swiftkv.weight, student.model.norm_swiftkv.weight)
-    _, _, notes = load_for_eval(tmp_path / "base", num_key_value_layers=3)
-    assert "undistilled" in notes[-1]
-    with pytest.raises(ValueError, match="either --adapter"):
-        load_for_eval(tmp_path / "base", num_key_value_layers=3, adapter=tmp_path / "adapter")
+    converted, _ = swiftkv.load(tmp_path / "base", skip=0.5, key_value_group_size=3)
+    assert (converted.config.num_key_value_layers, converted.config.key_value_group_size) == (3, 3)
+    plain, _ = swiftkv.load(tmp_path / "base")
+    assert not plain.config.model_type.endswith("_swiftkv")
+    with pytest.raises(ValueError, match="Give either an adapter"):
+        swiftkv.load(tmp_path / "base", num_key_value_layers=3, adapter=tmp_path / "adapter")
 
 
 def test_domains_table_has_every_source_and_a_token_weighted_overall(swift, tok, tmp_path, monkeypatch):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import left_padded_batch, tiny_base
 
-from swiftkv.bench import swiftkv_mode
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.modeling import native
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.native import native_decode
+from swiftkv.modes import swiftkv_mode
 
 # Sums run in another order than oneDNN's: float32 rounding differences only.
 CLOSE = {"atol": 1e-4, "rtol": 1e-4}

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swiftkv import sources
 from swiftkv.bench import measured_kv_bytes
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.modeling.kernels import onednn_linears
 
 pytestmark = pytest.mark.slow

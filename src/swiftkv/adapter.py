@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from swiftkv.convert import convert, save_atomic
+from swiftkv.conversion import convert
 from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
 from swiftkv.modeling.kernels import move_to_huge_pages
 
@@ -80,6 +80,18 @@ def swiftkv_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(
+    model: PreTrainedModel,
+    out: str | os.PathLike,
+    base_name: str | None = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+) -> Path:
+    """Write the `*_swiftkv` weights of a SwiftKV `model` (e.g. after distillation) as an adapter of its base
+    weights; `base_name` is recorded as where the base model came from."""
+    return write_adapter(out, swiftkv_state(model), model.config, base_identity(model, base_name), dtype, overwrite)
+
+
+def write_adapter(
     out: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     swiftkv_config,
@@ -115,9 +127,30 @@ def save_adapter(
     return out
 
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "adapters"  # package data: distilled adapters of the default model
+
+
+def bundled_adapters() -> list[str]:
+    """Names of the adapters shipped inside the package (usable as `adapter="smollm2-L15-g1"`)."""
+    return sorted(p.parent.name for p in BUNDLED_DIR.glob(f"*/{CONFIG_NAME}"))
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
+    """An adapter directory, or the bundled adapter of that name (works from an installed wheel)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if (BUNDLED_DIR / str(name_or_path) / CONFIG_NAME).is_file():
+        return BUNDLED_DIR / str(name_or_path)
+    raise FileNotFoundError(
+        f"Adapter {str(name_or_path)!r} is neither a directory nor a bundled adapter "
+        f"({', '.join(bundled_adapters()) or 'none installed'})."
+    )
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter config, tensors) with a clear error for anything that is not an adapter directory."""
-    path = Path(path)
+    path = resolve_adapter(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(
@@ -184,27 +217,3 @@ def apply_adapter(
             param.copy_(tensor.to(param.dtype))
     move_to_huge_pages(params[name] for name in tensors)  # the base weights already are (loaders)
     return swift
-
-
-def load_with_adapter(
-    base: str | os.PathLike, adapter: str | os.PathLike, dtype: str = "float32", check_base_weights: bool = True
-):
-    """(SwiftKV model in eval mode, tokenizer) from a base model ('default', a directory or .gguf) + an adapter."""
-    from swiftkv.loading import load_model
-
-    model, tokenizer = load_model(base, dtype)
-    return apply_adapter(model, adapter, check_base_weights).eval(), tokenizer
-
-
-def apply_adapter_to_dir(
-    base: str | os.PathLike,
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    overwrite: bool = False,
-    dtype: str = "float32",
-    check_base_weights: bool = True,
-) -> Path:
-    """`swiftkv apply-adapter`: write the full SwiftKV checkpoint (Snowflake format) of base + adapter."""
-    prepare_output_dir(out, overwrite)  # fail before the load
-    model, tokenizer = load_with_adapter(base, adapter, dtype, check_base_weights)
-    return save_atomic(out, overwrite, model, tokenizer)

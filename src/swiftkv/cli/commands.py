@@ -12,17 +12,18 @@ import torch
 from transformers import TextStreamer
 
 from swiftkv import batch, bench
-from swiftkv.adapter import load_with_adapter
-from swiftkv.calibrate import calibrate
-from swiftkv.calibrate import check_tokens as check_calibration_tokens
+from swiftkv.adapter import bundled_adapters, resolve_adapter
+from swiftkv.calibration import calibrate
+from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import DEFAULT_SKIP, has_layout
 from swiftkv.config import validate_swiftkv_layout
-from swiftkv.convert import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
 from swiftkv.files import prepare_output_dir
-from swiftkv.loading import DEFAULT_MODEL, is_swiftkv, load_model, load_model_config, resolve_model_path
+from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
+from swiftkv.modeling import native
+from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
-# Distilled adapters of the default model, committed in the repository (see docs/quality.md).
-BUNDLED_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
+DEMO_LAYERS = 22  # the deepest bundled layout that keeps the default model's quality (docs/quality.md)
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
 
 
@@ -132,9 +133,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: give the text to continue (or --input PROMPTS.jsonl for a batch).")
     prompts = batch.read_prompts(args.input, args.skip_bad_lines) if args.input is not None else None
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype)
     if is_swiftkv(model):
-        model.config.swiftkv = not args.no_swiftkv
+        set_swiftkv(model, not args.no_swiftkv)
     elif not args.no_swiftkv:
         print(f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model", file=sys.stderr)
     if prompts is not None:
@@ -159,43 +160,70 @@ def _demo_prompt(tokenizer, target_tokens: int) -> torch.Tensor:
 
 
 def _demo_model(args: argparse.Namespace):
-    """The distilled adapter shipped in the repo for the default model (if it fits -L/-g), else a conversion."""
+    """(model, tokenizer, adapter dir or None, origin): --adapter; else for the default model the bundled adapter of
+    the layout (-L/--skip/-g, default L=DEMO_LAYERS); else the SwiftKV checkpoint as it is or an undistilled
+    conversion ('--adapter none' forces the conversion)."""
+    num_layers = load_model_config(args.model).num_hidden_layers
+    default_layers = DEMO_LAYERS if args.model == DEFAULT_MODEL else num_layers // 2
+    layers = _layout(args, num_layers) if has_layout(args) else default_layers
     adapter = args.adapter
     if adapter is None and args.model == DEFAULT_MODEL:
-        bundled = BUNDLED_ADAPTERS / f"smollm2-L{args.num_key_value_layers}-g{args.key_value_group_size}"
-        adapter = bundled if (bundled / "adapter_config.json").exists() else None
-    if adapter is not None and str(adapter) != "none":
-        model, tokenizer = load_with_adapter(args.model, adapter, args.dtype)
-        return model, tokenizer, f"distilled adapter {adapter}"
-    model, tokenizer = load_model(args.model, args.dtype)
+        bundled = f"smollm2-L{layers}-g{args.key_value_group_size}"
+        adapter = bundled if bundled in bundled_adapters() else None
+    if adapter not in (None, "none"):
+        model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype)
+        return model, tokenizer, resolve_adapter(adapter), f"distilled adapter {adapter}"
+    model, tokenizer = load(args.model, dtype=args.dtype)
     if is_swiftkv(model):
-        return model, tokenizer, "SwiftKV checkpoint"
-    return convert(model, args.num_key_value_layers, args.key_value_group_size), tokenizer, "converted, undistilled"
+        return model, tokenizer, None, "SwiftKV checkpoint"
+    model = convert(model, layers, args.key_value_group_size)
+    native.prepare(model)
+    return model, tokenizer, None, "converted, undistilled"
+
+
+def _quality_lines(adapter_dir: Path | None) -> list[str]:
+    """The adapter's measured per-domain quality (domains.json, written by `benchmarks/domain_quality.py`)."""
+    measured = adapter_dir / "domains.json" if adapter_dir is not None else None
+    if measured is None or not measured.is_file():
+        return ["quality: not measured for this model (swiftkv eval MODEL --tasks domains measures it)"]
+    table = json.loads(measured.read_text())
+    overall, rows = table["overall"], table["sources"]
+    worst = max(rows, key=lambda name: rows[name]["ppl_ratio"])
+    return [
+        f"quality (held-out text of {len(rows)} domains, {adapter_dir.name}/domains.json): perplexity "
+        f"{overall['ppl_ratio'] - 1:+.1%} vs base overall, worst {worst} {rows[worst]['ppl_ratio'] - 1:+.1%}; "
+        f"top-1 agreement {overall['agreement']:.1%}"
+    ]
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer, origin = _demo_model(args)
+    started = time.perf_counter()
+    model, tokenizer, adapter_dir, origin = _demo_model(args)
+    loaded = time.perf_counter() - started
     ids = _demo_prompt(tokenizer, args.prompt_tokens)
     config = model.config
     print(
         f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
-        f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; {args.threads} threads\n"
+        f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; {args.threads} threads"
     )
-    for enabled in (False, True):  # warm-up: the first call of a process pays one-off allocation costs
-        with bench.swiftkv_mode(model, enabled):
-            generate_text(model, tokenizer, ids[:, -16:], 2, quiet=True)
-    for enabled in (False, True):
-        with bench.swiftkv_mode(model, enabled):
+    answers = time.perf_counter()
+    for enabled in (False, True):  # answers only: the figures below are warm medians
+        with swiftkv_mode(model, enabled):
             result = generate_text(model, tokenizer, ids, args.max_new_tokens, quiet=True)
-        label = "SwiftKV" if enabled else "base"
-        print(f"--- {label} answer (time to first token {result['ttft_s'] * 1000:.0f} ms):\n{result['text'].strip()}\n")
+        print(f"\n--- {'SwiftKV' if enabled else 'base'} answer:\n{result['text'].strip()}")
+    answers = time.perf_counter() - answers
     times = bench.measure_prefill(model, ids, reps=args.reps, threads=args.threads)
-    ratio = bench.summary(times["swiftkv"])["median_s"] / bench.summary(times["base"])["median_s"]
+    base, swift = (bench.summary(times[mode])["median_s"] for mode in ("base", "swiftkv"))
     kv = bench.measure_kv_bytes(model, ids)
     flops = bench.theoretical_prefill_flops_ratio(config, ids.shape[1])
-    print(f"prefill time SwiftKV/base: {ratio:.2f} (median of {args.reps} interleaved runs; FLOPs theory {flops:.2f})")
+    print(
+        f"\ntime to first token (prefill), median of {args.reps} warm interleaved runs: base {base * 1000:.0f} ms, "
+        f"SwiftKV {swift * 1000:.0f} ms = {swift / base:.2f} of the base (FLOPs theory {flops:.2f})"
+    )
     print(f"KV-cache bytes SwiftKV/base: {kv['measured_ratio']:.3f} (theory {kv['theoretical_ratio']:.3f})")
+    print("\n".join(_quality_lines(adapter_dir)))
+    print(f"cold start, stated apart (not speed figures): load {loaded:.1f} s, both answers {answers:.1f} s")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

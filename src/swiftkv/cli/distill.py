@@ -19,12 +19,17 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_apply_adapter(args: argparse.Namespace) -> None:
-    from swiftkv.adapter import apply_adapter_to_dir
+    """Base + adapter -> a full SwiftKV checkpoint in Snowflake's format."""
+    from swiftkv.adapter import apply_adapter, read_adapter
+    from swiftkv.conversion import save_atomic
+    from swiftkv.files import prepare_output_dir
+    from swiftkv.loading import load_model
 
-    out = apply_adapter_to_dir(
-        args.base, args.adapter, args.out, args.overwrite, args.dtype, check_base_weights=not args.no_check_base
-    )
-    print(f"wrote {out}")
+    prepare_output_dir(args.out, args.overwrite)  # fail before the load, write nothing
+    read_adapter(args.adapter)  # a missing or damaged adapter fails before the load too
+    model, tokenizer = load_model(args.base, args.dtype)
+    swift = apply_adapter(model, args.adapter, check_base_weights=not args.no_check_base)
+    print(f"wrote {save_atomic(args.out, args.overwrite, swift, *([tokenizer] if tokenizer else []))}")
 
 
 def register(sub) -> None:
@@ -46,7 +51,7 @@ def register(sub) -> None:
         description="Apply a SwiftKV adapter to its base model and write a full SwiftKV checkpoint.",
     )
     p.add_argument("base", help="base checkpoint directory, .gguf file, or 'default'")
-    p.add_argument("adapter", type=Path, help="adapter directory (adapter_config.json + adapter.safetensors)")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter.safetensors) or bundled name")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     add_model_args(p, positional=False)

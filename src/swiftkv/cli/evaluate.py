@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from swiftkv import analyze as layer_analysis
-from swiftkv.calibrate import add_arguments as add_calibration_arguments
-from swiftkv.calibrate import calibrate
-from swiftkv.calibrate import check_tokens as check_calibration_tokens
+from swiftkv.calibration import add_arguments as add_calibration_arguments
+from swiftkv.calibration import calibrate
+from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import add_layout_args, add_model_args, has_layout, positive_int
-from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
 from swiftkv.evaluate.text import token_samples
 from swiftkv.files import write_json
+from swiftkv.loading import load, origin
 
 BUDGET_LADDER = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # KL budgets (nats/token) shown next to the recommendation
 
@@ -35,9 +35,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.calibrate:
         check_calibration_tokens(args.calibration_tokens)
     torch.set_num_threads(args.threads)
-    model, tokenizer, notes = load_for_eval(
-        args.model, args.dtype, args.num_key_value_layers, args.skip, args.key_value_group_size, args.adapter
+    model, tokenizer = load(
+        args.model,
+        adapter=args.adapter,
+        num_key_value_layers=args.num_key_value_layers,
+        skip=args.skip,
+        key_value_group_size=args.key_value_group_size,
+        dtype=args.dtype,
     )
+    notes = [origin(args.model, args.adapter, model, has_layout(args))]
     if args.calibrate:
         seen = calibrate(model, tokenizer, args.calibrate, args.calibration_tokens)
         notes.append(f"K/V projections fitted by least squares on {seen:,} tokens of {', '.join(args.calibrate)}")
@@ -64,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_for_eval(args.model, args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype)
     samples = token_samples(tokenizer, args.text, args.samples, args.max_tokens)
     result = layer_analysis.analyze(model, samples, args.candidates, args.key_value_group_size, args.prompt_length)
     chosen = layer_analysis.recommend(result["candidates"], args.max_kl, args.min_agreement)
@@ -120,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="at most N items per task, from each task's fixed order")
     p.add_argument("--json", type=Path, help="write the full results (with GSM8K predictions) here")
     add_layout_args(p, "convert a base MODEL on the fly (undistilled)")
-    p.add_argument("--adapter", type=Path, help="apply this distilled adapter (from `swiftkv distill`) to MODEL")
+    p.add_argument("--adapter", help="apply this distilled adapter (a directory or a bundled name) to MODEL")
     add_calibration_arguments(p)
     p.add_argument(
         "--modes",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftkv.distill.data import IGNORE, MicroBatch
+from swiftkv.modes import swiftkv_mode
 
 
 @dataclasses.dataclass
@@ -95,16 +96,11 @@ def naive_forward(model, batch: MicroBatch, hidden_layer: int | None):
     """
     targets = target_positions(batch.labels)
     layer = model.model.layers[hidden_layer] if hidden_layer is not None else torch.nn.Identity()
-    swiftkv = model.config.swiftkv
     with capture_input(layer) as seen:
-        try:
-            model.config.swiftkv = False
-            with torch.no_grad():
-                teacher_logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-            model.config.swiftkv = True
+        with swiftkv_mode(model, False), torch.no_grad():
+            teacher_logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+        with swiftkv_mode(model, True):
             student_logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-        finally:
-            model.config.swiftkv = swiftkv
     hiddens = (seen[1], seen[0]) if hidden_layer is not None else (None, None)
     return student_logits[targets], teacher_logits[targets], *hiddens
 

@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
-from swiftkv.calibrate import fit_key_value_projections, sample_tokens
-from swiftkv.convert import convert, init_swiftkv_parameters, save_atomic
+from swiftkv.calibration import fit_key_value_projections, sample_tokens
+from swiftkv.conversion import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.data import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
 from swiftkv.distill.loss import distill_loss
 from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
-from swiftkv.loading import DTYPES, load_model
+from swiftkv.loading import DTYPES, load, load_model
 
 CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
 INITIAL_WEIGHTS = "initial.safetensors"  # the *_swiftkv weights training started from, when not the recipe's
@@ -494,7 +494,7 @@ class DistillRecipe:
         result = {"adapter": None, "model": None, "eval": None}
         if self.rank == 0:
             result["adapter"] = str(
-                adapters.save_adapter(
+                adapters.write_adapter(
                     self.out / "adapter",
                     weights,
                     self.model.config,
@@ -506,7 +506,7 @@ class DistillRecipe:
             )
             if cfg.save_full_checkpoint:
                 if self.fsdp:  # rebuild on CPU from the base weights: the live model is sharded
-                    model, _ = adapters.load_with_adapter(os.path.expanduser(cfg.model), result["adapter"], cfg.dtype)
+                    model, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"], dtype=cfg.dtype)
                     adapters_weights = {n: p for n, p in model.named_parameters() if "swiftkv" in n}
                     with torch.no_grad():  # full precision weights, not the adapter's bf16 copy
                         for name, value in weights.items():

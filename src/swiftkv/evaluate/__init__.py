@@ -5,7 +5,6 @@ by log-likelihood (MMLU, BIG-bench) and GSM8K exact match through the real fast-
 modes of one model object. `swiftkv.evaluate.harness` adapts the model to lm-evaluation-harness.
 """
 
-from swiftkv.evaluate.loading import load_for_eval
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, evaluate, format_table, valid_task_names
 
-__all__ = ["DEFAULT_TASKS", "EvalOptions", "evaluate", "format_table", "load_for_eval", "valid_task_names"]
+__all__ = ["DEFAULT_TASKS", "EvalOptions", "evaluate", "format_table", "valid_task_names"]

@@ -26,8 +26,8 @@ except ModuleNotFoundError as error:  # lm_eval missing, or one of its own depen
         "pip install 'lm-eval>=0.4'  (swiftkv's own `swiftkv eval` tasks do not need it)."
     ) from error
 
-from swiftkv.evaluate.loading import load_for_eval
-from swiftkv.loading import is_swiftkv
+from swiftkv.loading import load, origin
+from swiftkv.modes import is_swiftkv, set_swiftkv
 
 
 @register_model("swiftkv")
@@ -47,16 +47,18 @@ class SwiftKVLM(HFLM):
         **kwargs,
     ):
         if isinstance(pretrained, str):
-            pretrained, loaded_tokenizer, notes = load_for_eval(
-                pretrained, dtype, num_key_value_layers, skip, int(key_value_group_size), adapter
+            name = pretrained
+            layout = {"num_key_value_layers": num_key_value_layers, "skip": skip}
+            pretrained, loaded_tokenizer = load(
+                name, adapter=adapter, key_value_group_size=int(key_value_group_size), dtype=dtype, **layout
             )
             tokenizer = tokenizer or loaded_tokenizer
-            for note in notes:
-                print(f"swiftkv: {note}", file=sys.stderr)
+            converted = num_key_value_layers is not None or skip is not None
+            print(f"swiftkv: {origin(name, adapter, pretrained, converted)}", file=sys.stderr)
         if tokenizer is None:
             raise ValueError("Pass tokenizer= with a model object (SwiftKVLM(pretrained=model, tokenizer=tok)).")
         if is_swiftkv(pretrained):
-            pretrained.config.swiftkv = bool(swiftkv)
+            set_swiftkv(pretrained, bool(swiftkv))
         elif swiftkv:
             print("swiftkv: not a SwiftKV model; evaluating it as the base model", file=sys.stderr)
         kwargs.setdefault("device", str(pretrained.device))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from swiftkv.loading import is_swiftkv
+from swiftkv.modes import is_swiftkv, swiftkv_mode
 
 BASE, SWIFTKV = "base", "swiftkv"
 MODES = (BASE, SWIFTKV)
@@ -33,17 +33,8 @@ def mode(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Run the block as the teacher ("base") or the student ("swiftkv"); restores the previous mode."""
     if name not in MODES:
         raise ValueError(f"mode={name!r} is invalid; choose one of {', '.join(MODES)}.")
-    if not is_swiftkv(model):
-        if name != BASE:
-            raise ValueError("This model is not a SwiftKV model: only mode 'base' exists.")
+    with swiftkv_mode(model, name == SWIFTKV):
         yield
-        return
-    previous = model.config.swiftkv
-    model.config.swiftkv = name == SWIFTKV
-    try:
-        yield
-    finally:
-        model.config.swiftkv = previous
 
 
 @torch.inference_mode()

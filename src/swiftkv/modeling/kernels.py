@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swiftkv.modeling.common import Switch
+
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_enabled = _AVAILABLE
+_onednn_switch = Switch(_AVAILABLE)
 
 
-@contextlib.contextmanager
-def onednn_linears(enabled: bool) -> Iterator[None]:
+def onednn_linears(enabled: bool) -> contextlib.AbstractContextManager:
     """Use oneDNN for CPU float32 linears inside the block (False: the stock MKL path), then restore."""
-    global _enabled
-    previous, _enabled = _enabled, enabled and _AVAILABLE
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return _onednn_switch(enabled and _AVAILABLE)
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +59,7 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     distillation), `F.linear` when the weight or bias trains (or off CPU / float32).
     """
     weight, bias = proj.weight, proj.bias
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not _onednn_switch.on or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():
         return _onednn(x, weight, bias)

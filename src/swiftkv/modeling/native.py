@@ -1,52 +1,44 @@
 """The native decode step (csrc/decode.cpp): one C++ call per token for float32 models on CPU.
 
-The extension is compiled on first use with the machine's own instruction set (`-march=native`, ~20-35 s once, g++
-and ninja) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards (a fraction of a second). If it
-cannot be built, decoding keeps the Python step (decode.py) and a warning says why once. `SWIFTKV_NATIVE=0`
-turns it off. Which step runs changes nothing but float32 rounding (tests/test_native.py).
+The extension is compiled once per machine with its own instruction set (`-march=native`; `SWIFTKV_NATIVE_MARCH=
+x86-64-v3` builds for any AVX2 CPU instead) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards
+(a fraction of a second). `prepare` builds it when a SwiftKV model is loaded, with a progress line, so no user's
+first generation pays for the compiler. If it cannot be built, decoding keeps the Python step (decode.py) and a
+warning says why once. `SWIFTKV_NATIVE=0` turns it off. Which step runs changes nothing but float32 rounding
+(tests/test_native.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from swiftkv.modeling.cache import SwiftKVCache
-from swiftkv.modeling.common import own_key_value_layers
+from swiftkv.modeling.common import Switch, own_key_value_layers
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
 # -fopenmp: without it ATen's header-only at::parallel_for compiles to a plain serial loop. torch's wheel ships its
 # libgomp as libgomp.so.1 and loads it first, so the extension joins torch's own thread pool (one OpenMP runtime).
 OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-FLAGS = ["-O3", "-march=native", *OPENMP]
+MARCH = os.environ.get("SWIFTKV_NATIVE_MARCH", "native")  # e.g. x86-64-v3: AVX2 + FMA, runs on any such CPU
+FLAGS = ["-O3", f"-march={MARCH}", *OPENMP]
 
 
-_enabled = True
-
-
-@contextlib.contextmanager
-def native_decode(enabled: bool) -> Iterator[None]:
-    """Allow (True) or forbid (False: decode.py's Python step) the native step inside the block, then restore."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+# native_decode(False): decode.py's Python step inside the block; native_decode(True) allows the native one.
+native_decode = Switch(True)
 
 
 def enabled() -> bool:
     """False inside `native_decode(False)` or when SWIFTKV_NATIVE=0/false/off/no."""
-    return _enabled and os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return native_decode.on and os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _cpu_tag() -> str:
@@ -69,11 +61,29 @@ def build_root() -> Path:
     return cache_dir() / "native" / _cpu_tag()
 
 
+def _name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    return f"swiftkv_decode_{digest.hexdigest()[:12]}"
+
+
+def prepare(causal_lm) -> None:
+    """Build (once per machine, with a progress line) or load the extension for a model that will use it."""
+    if not enabled() or not _supported(causal_lm) or causal_lm.device.type != "cpu" or extension.cache_info().currsize:
+        return
+    built = any((build_root() / _name()).glob("*.so"))
+    if not built:
+        print(
+            f"swiftkv: building the native decode step for -march={MARCH} (once per machine, ~30 s)...",
+            file=sys.stderr,
+            flush=True,
+        )
+    extension()
+
+
 @functools.cache
 def extension():
     """The compiled module, or None (with one warning) when it cannot be built here."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
-    name = f"swiftkv_decode_{digest.hexdigest()[:12]}"
+    name = _name()
     build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:

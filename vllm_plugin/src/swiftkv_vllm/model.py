@@ -7,7 +7,7 @@ The forward (shapes: T tokens scheduled in this step, K kept rows, D hidden, Hkv
     each AcrossKV leader: K, V = k/v_proj_swiftkv(x)     # [T, Hkv*Dh], k_norm (qwen3), RoPE at each position
                           -> written ONCE into the group's cache entry (a `SwiftKVCacheWriter`)
     h_keep = h[rows the sampler needs]                   # [K, D]: one row per request at prefill (fast prefill)
-    h_keep = layers[L:N](h_keep)                         # q_proj_swiftkv queries; every layer >= L shares a writer's cache
+    h_keep = layers[L:N](h_keep)                         # q_proj_swiftkv queries, K/V from the group's writer
     return norm(h_keep) scattered back into [T, D]
 
 How it maps on vLLM 0.32 (no patch of its runner): every attention of a layer >= L is an `Attention` with
@@ -174,8 +174,12 @@ class SwiftKVAttention(nn.Module):
         self.q_norm = RMSNorm(shape.head_dim, eps=config.rms_norm_eps) if shape.qk_norm else None
         self.rotary_emb = _rope(config, shape)
         if is_leader:
-            self.k_proj_swiftkv = _column(shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.k_proj_swiftkv")
-            self.v_proj_swiftkv = _column(shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.v_proj_swiftkv")
+            self.k_proj_swiftkv = _column(
+                shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.k_proj_swiftkv"
+            )
+            self.v_proj_swiftkv = _column(
+                shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.v_proj_swiftkv"
+            )
             self.k_norm = RMSNorm(shape.head_dim, eps=config.rms_norm_eps) if shape.qk_norm else None
             self.swiftkv_attn = writer  # a submodule of its leader only, so its (scale) parameters load once
         self.attn = _attention(
@@ -244,6 +248,7 @@ class SwiftKVModel(nn.Module):
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         shape = AttentionShape.of(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+
         def layer(attn: nn.Module, layer_idx: int) -> DecoderLayer:
             return DecoderLayer(config, attn, quant_config, f"{prefix}.layers.{layer_idx}")
 

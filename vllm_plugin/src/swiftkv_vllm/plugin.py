@@ -81,9 +81,9 @@ class SwiftKVConfigHook(_hook_base()):
                 logger.warning("SwiftKV: fast prefill off (speculative decoding needs every token's logits).")
                 return
             cache_config.kv_sharing_fast_prefill = True
-        logger.info(
+        logger.warning(
             "SwiftKV: fast prefill on (prompt tokens stop after layer %d of %d; %d KV-cache entries for %d layers). "
-            "Prompt logprobs need it off: %s=0.",
+            "Requests for prompt logprobs are refused; to serve them start with %s=0.",
             layout.num_key_value_layers,
             layout.num_layers,
             layout.cache_entries,
