@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_base
 from transformers import DynamicCache
 
-from swiftkv import bench
+from swiftkv import bench, theory
 from swiftkv.conversion import convert
 from swiftkv.modeling.cache import SwiftKVCache
 
@@ -26,14 +26,14 @@ def _config(num_layers: int, num_kv_layers: int, group: int):
 
 def test_flops_ratio_is_one_for_a_single_token_without_acrossKV():
     # T=1: every layer runs the one token either way, and with g=1 SwiftKV has one K/V projection per layer too.
-    assert bench.theoretical_prefill_flops_ratio(_config(6, 3, 1), 1) == pytest.approx(1.0)
+    assert theory.theoretical_prefill_flops_ratio(_config(6, 3, 1), 1) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("layout", [(3, 1), (3, 3), (5, 1)])
 def test_flops_ratio_falls_toward_L_over_N(layout):
     config = _config(6, *layout)
     lengths = [2, 16, 128, 1024, 8192, 2**20]
-    ratios = [bench.theoretical_prefill_flops_ratio(config, t) for t in lengths]
+    ratios = [theory.theoretical_prefill_flops_ratio(config, t) for t in lengths]
     assert all(later < earlier for earlier, later in zip(ratios, ratios[1:], strict=False))
     floor = layout[0] / 6  # quadratic attention of the first L layers dominates both sides for long prompts
     assert all(r > floor for r in ratios)
@@ -49,12 +49,12 @@ def test_flops_ratio_matches_a_hand_count():
     base = 2 * full_layer + 2 * d * vocab
     late = 2 * 2 * d * kv * t + 2 * (2 * d * q + 3 * d * mlp) + 4 * q * t  # K/V for T tokens, rest for 1 query
     swift = full_layer + late + 2 * d * vocab
-    assert bench.theoretical_prefill_flops_ratio(_config(2, 1, 1), t) == pytest.approx(swift / base)
+    assert theory.theoretical_prefill_flops_ratio(_config(2, 1, 1), t) == pytest.approx(swift / base)
 
 
 def test_kv_bytes_ratio_formula():
-    assert bench.kv_bytes_ratio(_config(6, 3, 1)) == 1.0
-    assert bench.kv_bytes_ratio(_config(6, 2, 2)) == pytest.approx((2 + 2) / 6)
+    assert theory.kv_bytes_ratio(_config(6, 3, 1)) == 1.0
+    assert theory.kv_bytes_ratio(_config(6, 2, 2)) == pytest.approx((2 + 2) / 6)
 
 
 def test_measured_kv_bytes_counts_shared_storage_once():
@@ -69,7 +69,7 @@ def test_measured_kv_bytes_ratio_is_exact_after_prefill():
     model = convert(tiny_base("llama", num_layers=30), num_key_value_layers=15, key_value_group_size=3)
     ids = bench.prompt_ids(None, model.config.vocab_size, 17)
     kv = bench.measure_kv_bytes(model, ids)
-    assert kv["measured_ratio"] == kv["theoretical_ratio"] == bench.kv_bytes_ratio(model.config) == 20 / 30
+    assert kv["measured_ratio"] == kv["theoretical_ratio"] == theory.kv_bytes_ratio(model.config) == 20 / 30
     assert model.config.swiftkv  # the mode switch restored the model's mode
 
 

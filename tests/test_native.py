@@ -42,7 +42,7 @@ def test_native_step_equals_the_python_step(family, layout, swift, hidden):
     with swiftkv_mode(model, swift):
         fast, cache = _decode(model, ids, mask, 5, use_native=True)
         slow, python_cache = _decode(model, ids, mask, 5, use_native=False)
-    assert cache._native_runtime and not getattr(python_cache, "_native_runtime", None)
+    assert cache.native and not python_cache.native
     torch.testing.assert_close(fast, slow, **CLOSE)
     for layer, python_layer in zip(cache.layers, python_cache.layers, strict=True):  # same K/V written
         torch.testing.assert_close(layer.keys, python_layer.keys, **CLOSE)
@@ -90,7 +90,7 @@ def test_generate_picks_the_same_tokens_with_and_without_the_native_step(family,
         fast = model.generate(ids, return_dict_in_generate=True, **options)
     with native_decode(False):
         slow = model.generate(ids, **options)
-    assert fast.cache._native_runtime
+    assert fast.cache.native
     assert torch.equal(fast.sequences, slow)
 
 
@@ -117,7 +117,7 @@ def test_native_step_is_skipped_where_it_does_not_apply(monkeypatch):
     monkeypatch.delenv("SWIFTKV_NATIVE")
     assert native.runtime(model, cache, hidden.double()) is None
     model.config.hidden_act = "gelu"  # not what csrc/decode.cpp implements: the Python step runs
-    assert native.runtime(model, cache, hidden) is None and cache._native_runtime is False
+    assert native.runtime(model, cache, hidden) is None and cache.native is False
 
 
 def test_a_failed_build_warns_once_and_leaves_the_python_step(tmp_path, monkeypatch):

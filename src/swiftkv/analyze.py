@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from swiftkv import bench
+from swiftkv import theory
 from swiftkv.conversion import convert
 from swiftkv.evaluate.scoring import BASE, mode
 from swiftkv.files import save_figure
@@ -102,13 +102,13 @@ def analyze(
     cos = cos_sum / tokens
     rows = []
     for L, student in students.items():
-        ratio = bench.theoretical_prefill_flops_ratio(student.config, prompt_length)
+        ratio = theory.theoretical_prefill_flops_ratio(student.config, prompt_length)
         rows.append(
             {
                 "num_key_value_layers": L,
                 "skipped_layers": num_layers - L,
                 "prefill_saving": 1 - ratio,
-                "kv_bytes_ratio": bench.kv_bytes_ratio(student.config),
+                "kv_bytes_ratio": theory.kv_bytes_ratio(student.config),
                 "kl": sums[L]["kl"] / tokens,
                 "agreement": sums[L]["agree"] / tokens,
                 # how well h_L stands in for the inputs of the layers it replaces

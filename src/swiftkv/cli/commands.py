@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from swiftkv import batch, bench
+from swiftkv import batch, bench, theory
 from swiftkv.adapter import bundled_adapters, resolve_adapter
 from swiftkv.calibration import calibrate
 from swiftkv.calibration import check_tokens as check_calibration_tokens
@@ -67,9 +67,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("SwiftKV parameters added", f"{added:,} ({added / (total - added):.1%})"),
         (
             f"prefill FLOPs ratio @ {args.prompt_length} tokens",
-            f"{bench.theoretical_prefill_flops_ratio(config, args.prompt_length):.3f}",
+            f"{theory.theoretical_prefill_flops_ratio(config, args.prompt_length):.3f}",
         ),
-        ("KV-cache bytes ratio", f"{bench.kv_bytes_ratio(config):.3f}"),
+        ("KV-cache bytes ratio", f"{theory.kv_bytes_ratio(config):.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     times = bench.measure_prefill(model, ids, reps=args.reps, threads=args.threads)
     base, swift = (bench.summary(times[mode])["median_s"] for mode in ("base", "swiftkv"))
     kv = bench.measure_kv_bytes(model, ids)
-    flops = bench.theoretical_prefill_flops_ratio(config, ids.shape[1])
+    flops = theory.theoretical_prefill_flops_ratio(config, ids.shape[1])
     print(
         f"\ntime to first token (prefill), median of {args.reps} warm interleaved runs: base {base * 1000:.0f} ms, "
         f"SwiftKV {swift * 1000:.0f} ms = {swift / base:.2f} of the base (FLOPs theory {flops:.2f})"

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from swiftkv import bench
+from swiftkv import theory
 from swiftkv.corpora import NAMED_SOURCES
 from swiftkv.evaluate.choice import bigbench_items, mmlu_items, run_choice_task
 from swiftkv.evaluate.generation import run_gsm8k
@@ -105,9 +105,9 @@ def model_summary(model: PreTrainedModel, prompt_length: int = 2048) -> dict[str
             num_key_value_layers=config.num_key_value_layers,
             key_value_group_size=config.key_value_group_size,
             skipped_fraction=1 - config.num_key_value_layers / config.num_hidden_layers,
-            prefill_flops_ratio=bench.theoretical_prefill_flops_ratio(config, prompt_length),
+            prefill_flops_ratio=theory.theoretical_prefill_flops_ratio(config, prompt_length),
             prefill_flops_prompt_length=prompt_length,
-            kv_bytes_ratio=bench.kv_bytes_ratio(config),
+            kv_bytes_ratio=theory.kv_bytes_ratio(config),
         )
     return summary
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -119,13 +120,17 @@ def _check_cache(cache: Cache | None, config) -> None:
     if cache is None:
         return
     layout = (config.num_key_value_layers, config.key_value_group_size) if config.swiftkv else "base"
-    written = getattr(cache, "_swiftkv_layout", None)
+    written = _WRITTEN_LAYOUT.get(cache)
     if written is not None and written != layout and cache.get_seq_length() > 0:
         raise ValueError(
             f"This cache was filled with SwiftKV layout {written} but the model now runs with {layout}. "
             "Use a new cache (or `past_key_values=None`) after switching `swiftkv` on or off."
         )
-    cache._swiftkv_layout = layout
+    _WRITTEN_LAYOUT[cache] = layout
+
+
+# cache -> the layout that filled it, for any Cache class (transformers' own included), without touching it
+_WRITTEN_LAYOUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass

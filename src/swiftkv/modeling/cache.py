@@ -96,6 +96,8 @@ class SwiftKVCache(DynamicCache):
             for layer_type, kwargs in zip(layer_types, per_layer_kwargs, strict=True)
         ]
         Cache.__init__(self, layers=layers)  # skips DynamicCache's own layer construction
+        self.native = None  # the native decode model built for this cache (native.NativeModel), or False: none
+        self.native_owner = None  # the causal LM `native` was built from (a cache may be handed to another model)
 
     @property
     def preallocated(self) -> bool:

@@ -1,7 +1,8 @@
-"""SwiftKV classes for each supported Hugging Face family, and their Auto* registration.
+"""SwiftKV classes for each supported Hugging Face family, written out, and their Auto* registration.
 
-Every family is the stock transformers implementation with the SwiftKV mixins first in the MRO; parameter
-names are the family's own plus `*_swiftkv`, so Snowflake's checkpoints and the base weights both load.
+Every family is the stock transformers implementation with the SwiftKV mixin first in the MRO (as transformers'
+modular files do: subclass, override only the difference, which lives in `base.py`); parameter names are the
+family's own plus `*_swiftkv`, so Snowflake's checkpoints and the base weights both load.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
-from swiftkv.config import CONFIG_FOR_FAMILY
+from swiftkv.config import LlamaSwiftKVConfig, MistralSwiftKVConfig, Qwen2SwiftKVConfig, Qwen3SwiftKVConfig
 from swiftkv.modeling.base import (
     SwiftKVAttentionMixin,
     SwiftKVDecoderLayerMixin,
@@ -20,43 +21,108 @@ from swiftkv.modeling.base import (
     SwiftKVModelMixin,
 )
 
-# family -> (transformers module, class-name prefix used by that module)
-_STOCK = {
-    "llama": (modeling_llama, "Llama"),
-    "mistral": (modeling_mistral, "Mistral"),
-    "qwen2": (modeling_qwen2, "Qwen2"),
-    "qwen3": (modeling_qwen3, "Qwen3"),
+# --- Llama
+
+
+class LlamaSwiftKVAttention(SwiftKVAttentionMixin, modeling_llama.LlamaAttention):
+    config_class = LlamaSwiftKVConfig
+
+
+class LlamaSwiftKVDecoderLayer(SwiftKVDecoderLayerMixin, modeling_llama.LlamaDecoderLayer):
+    config_class = LlamaSwiftKVConfig
+    attention_class = LlamaSwiftKVAttention
+
+
+class LlamaSwiftKVModel(SwiftKVModelMixin, modeling_llama.LlamaModel):
+    config_class = LlamaSwiftKVConfig
+    decoder_layer_class = LlamaSwiftKVDecoderLayer
+
+
+class LlamaSwiftKVForCausalLM(SwiftKVForCausalLMMixin, modeling_llama.LlamaForCausalLM):
+    config_class = LlamaSwiftKVConfig
+    swiftkv_model_class = LlamaSwiftKVModel
+    _no_split_modules = ["LlamaSwiftKVDecoderLayer"]
+
+
+# --- Mistral
+
+
+class MistralSwiftKVAttention(SwiftKVAttentionMixin, modeling_mistral.MistralAttention):
+    config_class = MistralSwiftKVConfig
+
+
+class MistralSwiftKVDecoderLayer(SwiftKVDecoderLayerMixin, modeling_mistral.MistralDecoderLayer):
+    config_class = MistralSwiftKVConfig
+    attention_class = MistralSwiftKVAttention
+
+
+class MistralSwiftKVModel(SwiftKVModelMixin, modeling_mistral.MistralModel):
+    config_class = MistralSwiftKVConfig
+    decoder_layer_class = MistralSwiftKVDecoderLayer
+
+
+class MistralSwiftKVForCausalLM(SwiftKVForCausalLMMixin, modeling_mistral.MistralForCausalLM):
+    config_class = MistralSwiftKVConfig
+    swiftkv_model_class = MistralSwiftKVModel
+    _no_split_modules = ["MistralSwiftKVDecoderLayer"]
+
+
+# --- Qwen2
+
+
+class Qwen2SwiftKVAttention(SwiftKVAttentionMixin, modeling_qwen2.Qwen2Attention):
+    config_class = Qwen2SwiftKVConfig
+
+
+class Qwen2SwiftKVDecoderLayer(SwiftKVDecoderLayerMixin, modeling_qwen2.Qwen2DecoderLayer):
+    config_class = Qwen2SwiftKVConfig
+    attention_class = Qwen2SwiftKVAttention
+
+
+class Qwen2SwiftKVModel(SwiftKVModelMixin, modeling_qwen2.Qwen2Model):
+    config_class = Qwen2SwiftKVConfig
+    decoder_layer_class = Qwen2SwiftKVDecoderLayer
+
+
+class Qwen2SwiftKVForCausalLM(SwiftKVForCausalLMMixin, modeling_qwen2.Qwen2ForCausalLM):
+    config_class = Qwen2SwiftKVConfig
+    swiftkv_model_class = Qwen2SwiftKVModel
+    _no_split_modules = ["Qwen2SwiftKVDecoderLayer"]
+
+
+# --- Qwen3
+
+
+class Qwen3SwiftKVAttention(SwiftKVAttentionMixin, modeling_qwen3.Qwen3Attention):
+    config_class = Qwen3SwiftKVConfig
+
+
+class Qwen3SwiftKVDecoderLayer(SwiftKVDecoderLayerMixin, modeling_qwen3.Qwen3DecoderLayer):
+    config_class = Qwen3SwiftKVConfig
+    attention_class = Qwen3SwiftKVAttention
+
+
+class Qwen3SwiftKVModel(SwiftKVModelMixin, modeling_qwen3.Qwen3Model):
+    config_class = Qwen3SwiftKVConfig
+    decoder_layer_class = Qwen3SwiftKVDecoderLayer
+
+
+class Qwen3SwiftKVForCausalLM(SwiftKVForCausalLMMixin, modeling_qwen3.Qwen3ForCausalLM):
+    config_class = Qwen3SwiftKVConfig
+    swiftkv_model_class = Qwen3SwiftKVModel
+    _no_split_modules = ["Qwen3SwiftKVDecoderLayer"]
+
+
+MODEL_FOR_FAMILY: dict[str, type] = {
+    "llama": LlamaSwiftKVForCausalLM,
+    "mistral": MistralSwiftKVForCausalLM,
+    "qwen2": Qwen2SwiftKVForCausalLM,
+    "qwen3": Qwen3SwiftKVForCausalLM,
 }
-
-
-def _build_family(family: str) -> type:
-    """Define `<Prefix>SwiftKV{Attention,DecoderLayer,Model,ForCausalLM}`; return the causal-LM class."""
-    module, prefix = _STOCK[family]
-    config_class = CONFIG_FOR_FAMILY[family]
-
-    def stock(suffix: str) -> type:
-        return getattr(module, f"{prefix}{suffix}")
-
-    def subclass(suffix: str, mixin: type, **attrs) -> type:
-        name = f"{prefix}SwiftKV{suffix}"
-        cls = type(name, (mixin, stock(suffix)), {"__module__": __name__, "config_class": config_class, **attrs})
-        globals()[name] = cls  # importable by name, e.g. for `architectures` and pickling
-        return cls
-
-    attention = subclass("Attention", SwiftKVAttentionMixin)
-    layer = subclass("DecoderLayer", SwiftKVDecoderLayerMixin, attention_class=attention)
-    model = subclass("Model", SwiftKVModelMixin, decoder_layer_class=layer)
-    return subclass(
-        "ForCausalLM", SwiftKVForCausalLMMixin, swiftkv_model_class=model, _no_split_modules=[layer.__name__]
-    )
-
-
-MODEL_FOR_FAMILY: dict[str, type] = {family: _build_family(family) for family in _STOCK}
 
 
 def register_auto_classes() -> None:
     """Make `AutoConfig`/`AutoModelForCausalLM` resolve `llama_swiftkv`, `qwen2_swiftkv`, ... checkpoints."""
-    for family, causal_lm in MODEL_FOR_FAMILY.items():
-        config_class = CONFIG_FOR_FAMILY[family]
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForCausalLM.register(config_class, causal_lm, exist_ok=True)
+    for causal_lm in MODEL_FOR_FAMILY.values():
+        AutoConfig.register(causal_lm.config_class.model_type, causal_lm.config_class, exist_ok=True)
+        AutoModelForCausalLM.register(causal_lm.config_class, causal_lm, exist_ok=True)

@@ -10,6 +10,7 @@ warning says why once. `SWIFTKV_NATIVE=0` turns it off. Which step runs changes 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -116,11 +117,10 @@ def runtime(causal_lm, cache: SwiftKVCache, hidden: torch.Tensor):
     extension unavailable, SWIFTKV_NATIVE=0). Built once per cache; weights are referenced, not copied."""
     if not enabled() or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return None
-    built, owner = getattr(cache, "_native_runtime", None), getattr(cache, "_native_owner", None)
-    if built is None or owner is not causal_lm:  # a cache handed from one model to another gets its own runtime
-        built = _build(causal_lm) if _supported(causal_lm) and extension() is not None else False
-        cache._native_runtime, cache._native_owner = built, causal_lm
-    return built or None
+    if cache.native is None or cache.native_owner is not causal_lm:  # a cache handed to another model: rebuild
+        cache.native = _build(causal_lm) if _supported(causal_lm) and extension() is not None else False
+        cache.native_owner = causal_lm
+    return cache.native or None
 
 
 def _supported(causal_lm) -> bool:
@@ -135,16 +135,22 @@ def _supported(causal_lm) -> bool:
     )
 
 
-def step(rt, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
+@dataclasses.dataclass
+class NativeModel:
+    runtime: object  # the extension's Runtime: the model's weights, referenced
+    storage: list[int]  # per layer: the layer whose cache entry it reads (its AcrossKV leader, or itself)
+
+
+def step(model: NativeModel, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
     """The logits [B, 1, V] for token embeddings `hidden` [B, 1, D]; writes this token's K/V into `cache` and
     advances it by one position."""
     batch, dim = hidden.shape[0], hidden.shape[-1]
     past = cache.get_seq_length()
     end = past + 1
-    storage = rt.storage
+    storage = model.storage
     buffers = {idx: cache.layers[idx].reserve(end) for idx in set(storage)}  # K, V [B, Hkv, capacity, Dh]
     cos, sin = (t.reshape(-1, t.shape[-1]).expand(batch, -1).contiguous() for t in rope)  # [B, Dh]
-    out = rt.step(
+    out = model.runtime.step(
         hidden.reshape(batch, dim),
         cos,
         sin,
@@ -199,8 +205,8 @@ def _build(causal_lm):
             float(attn.scaling),
             swiftkv,
         )
-    rt.storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
-    return rt
+    storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
+    return NativeModel(rt, storage)
 
 
 def _weight(module: nn.Module | None) -> torch.Tensor | None:

@@ -417,7 +417,10 @@ def _skipped(name: str, layout: SwiftKVLayout, tied: bool) -> bool:
         return True
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= layout.num_key_value_layers:
-        return bool(re.search(r"\.self_attn\.[qkv]_proj\.", name))
+        if re.search(r"\.self_attn\.[qkv]_proj\.", name):
+            return True  # the teacher's projections
+        # qwen3: a non-leader's k_norm only normalised its own (teacher) keys; SwiftKV keys use the leader's
+        return ".self_attn.k_norm." in name and layout.leader_of(int(layer.group(1))) != int(layer.group(1))
     if not layout.skips:  # base mode (swiftkv false): the student's parameters are not built
         return "_swiftkv" in name
     return False
