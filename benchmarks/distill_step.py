@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from swiftkv.conversion import convert
-from swiftkv.distill.data import collate, encode_chat
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
 from swiftkv.loading import load_model
+from swiftkv.sequences import collate, encode_chat
 
 MODES = ("naive", "shared_all_logits", "shared")
 

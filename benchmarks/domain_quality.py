@@ -1,8 +1,9 @@
 """Per-domain quality of several SwiftKV variants of one base model: one `swiftkv eval --tasks domains` per
 variant, collected into one JSON and one PNG (perplexity increase over the base model, per domain and variant).
 
-A variant is `NAME=ADAPTER_DIR` (a distilled adapter) or `NAME=L:g` (converted on the fly: undistilled). Results
-are written after every variant, and variants already in the JSON are skipped, so an interrupted run resumes.
+A variant is `NAME=ADAPTER_DIR` (a distilled adapter or bundled name) or `NAME=L:g` (converted on the fly:
+undistilled). All variants are built on one loaded base model and scored in one pass (the base forward runs once
+per text, `variants_stats`); variants already in the JSON are skipped, so a rerun adds only new ones.
 
     python benchmarks/domain_quality.py --json results/domains_smollm2.json --plot results/domains_smollm2.png \\
         --variants L22=smollm2-L22-g1 L22-undistilled=22:1 --limit 32
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.adapter import resolve_adapter
+from swiftkv.adapter import apply_adapter, resolve_adapter
 from swiftkv.config import parse_layout
-from swiftkv.evaluate.tasks import EvalOptions, evaluate
-from swiftkv.evaluate.text import format_domains
+from swiftkv.conversion import convert
+from swiftkv.evaluate.text import format_domains, run_domains_variants
 from swiftkv.files import save_figure, write_json
-from swiftkv.loading import load, origin
+from swiftkv.loading import load_model
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -37,6 +38,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
         except FileNotFoundError as error:
             raise SystemExit(f"--variants {name}: {error}") from None
     return name, {"num_key_value_layers": layers, "key_value_group_size": group}
+
+
+def build_variant(base, spec: dict):
+    """The SwiftKV variant of `base` (sharing its weights): a distilled adapter, or an undistilled conversion."""
+    if "adapter" in spec:
+        return apply_adapter(base, spec["adapter"]).eval()
+    return convert(base, spec["num_key_value_layers"], spec["key_value_group_size"]).eval()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -72,19 +80,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--plot", type=Path, required=True)
+    p.add_argument(
+        "--into-adapters", action="store_true", help="also write each adapter's table to ADAPTER/domains.json"
+    )
     args = p.parse_args()
     variants = dict(parse_variant(v) for v in args.variants)  # validate all before any work
     torch.set_num_threads(args.threads)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    for name, spec in variants.items():
-        if name in results:
-            continue
-        model, tokenizer = load(args.model, **spec)
-        notes = [origin(args.model, spec.get("adapter"), model, "adapter" not in spec)]
-        options = EvalOptions(limit=args.limit, max_tokens=args.max_tokens)
-        domains = evaluate(model, tokenizer, ["domains"], options, notes)["tasks"]["domains"]
-        results[name] = domains | {"variant": {k: str(v) for k, v in spec.items()}}
-        print(f"\n{name}\n" + "\n".join(format_domains(domains)), flush=True)
+    todo = {name: spec for name, spec in variants.items() if name not in results}
+    if todo:
+        base, tokenizer = load_model(args.model)  # every variant shares these weights: one base forward for all
+        models = {name: build_variant(base, spec) for name, spec in todo.items()}
+        tables = run_domains_variants(models, tokenizer, args.limit, args.max_tokens)
+        for name, spec in todo.items():
+            results[name] = tables[name] | {"variant": {k: str(v) for k, v in spec.items()}}
+            print(f"\n{name}\n" + "\n".join(format_domains(tables[name])), flush=True)
+            if args.into_adapters and "adapter" in spec:
+                write_json(tables[name], Path(spec["adapter"]) / "domains.json")
         write_json(results, args.json)
     plot(results, args.plot)
     print(f"wrote {args.json} and {args.plot}")

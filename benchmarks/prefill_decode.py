@@ -25,8 +25,7 @@ import torch
 
 from swiftkv.bench import run_benchmark, summary_lines
 from swiftkv.cli.args import layout_arg
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from swiftkv.loading import DTYPES
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed runs per mode (interleaved)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=1, help="copies of each prompt per forward")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per decode run (0: skip)")
@@ -73,7 +72,7 @@ def main() -> None:
     if args.config is not None:
         args.model = random_model(args.config, DTYPES[args.dtype], args.device)
     elif args.model is None:
-        from swiftkv.sources import default_model_dir
+        from swiftkv.embedded import default_model_dir
 
         args.model = default_model_dir()
     result = run_benchmark(

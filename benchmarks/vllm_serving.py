@@ -37,7 +37,7 @@ def engine(path: str, args: argparse.Namespace):
         enforce_eager=args.eager,
         max_model_len=args.prompt_len + args.prompt_len // 10 + 8,
         max_num_batched_tokens=max(args.prompt_len, 2048),
-        max_num_seqs=args.requests,
+        max_num_seqs=max(args.requests, 1),
         kv_cache_memory_bytes=args.kv_cache_mib << 20,
         block_size=BLOCK_SIZE,
         enable_prefix_caching=False,
@@ -110,7 +110,9 @@ def measure(args: argparse.Namespace) -> dict:
         "prefill": alternate(engines, random_prompts(1, args.prompt_len, vocab, 0), 1, args.reps),
         "workload": alternate(
             engines, random_prompts(args.requests, args.prompt_len, vocab, 1), new_tokens, args.workload_reps
-        ),
+        )
+        if args.requests
+        else None,
         "kv": {name: kv_capacity(llm, args.prompt_len + new_tokens) for name, llm in engines.items()},
     }
     close(engines.pop("swiftkv"))
@@ -124,11 +126,12 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def summarize(result: dict) -> None:
-    prefill, work, kv = result["prefill"]["median"], result["workload"]["median"], result["kv"]
+    prefill, kv = result["prefill"]["median"], result["kv"]
+    work = result["workload"]["median"] if result["workload"] else None
     result["summary"] = {
         "prefill_time_ratio": prefill["swiftkv"]["wall_s"] / prefill["base"]["wall_s"],
-        "throughput_ratio": work["swiftkv"]["tokens_per_s"] / work["base"]["tokens_per_s"],
-        "tpot_ratio": (work["swiftkv"]["tpot_s"] / work["base"]["tpot_s"]) if work["base"]["tpot_s"] else None,
+        "throughput_ratio": work["swiftkv"]["tokens_per_s"] / work["base"]["tokens_per_s"] if work else None,
+        "tpot_ratio": work["swiftkv"]["tpot_s"] / work["base"]["tpot_s"] if work and work["base"]["tpot_s"] else None,
         "largest_batch_ratio_g3": (
             kv["swiftkv_g3"]["largest_batch"] / kv["base"]["largest_batch"] if "swiftkv_g3" in kv else None
         ),
@@ -144,13 +147,12 @@ def plot(json_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     result = json.loads(json_path.read_text())
-    prefill, work, kv = result["prefill"]["median"], result["workload"]["median"], result["kv"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    panels = [
-        ("prefill time (s)", {k: v["wall_s"] for k, v in prefill.items()}),
-        ("workload tokens/s", {k: v["tokens_per_s"] for k, v in work.items()}),
-        ("largest batch in the KV budget", {k: v["largest_batch"] for k, v in kv.items()}),
-    ]
+    prefill, kv = result["prefill"]["median"], result["kv"]
+    panels = [("prefill time (s)", {k: v["wall_s"] for k, v in prefill.items()})]
+    if result["workload"]:
+        panels.append(("workload tokens/s", {k: v["tokens_per_s"] for k, v in result["workload"]["median"].items()}))
+    panels.append(("largest batch in the KV budget", {k: v["largest_batch"] for k, v in kv.items()}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (title, values) in zip(axes, panels, strict=True):
         ax.bar(list(values), list(values.values()), color=["#888", "#2a7", "#27a"][: len(values)])
         ax.set_title(title)
@@ -167,10 +169,10 @@ def main() -> None:
     parser.add_argument("--swiftkv", help="its SwiftKV conversion (e.g. L=15, g=1)")
     parser.add_argument("--swiftkv-g3", help="its g=3 conversion, for the KV-capacity figure")
     parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--requests", type=int, default=32, help="concurrent requests of the 10:1 workload")
+    parser.add_argument("--requests", type=int, default=32, help="concurrent requests of the 10:1 workload (0: none)")
     parser.add_argument("--reps", type=int, default=3, help="alternated runs of the prefill measurement")
     parser.add_argument("--workload-reps", type=int, default=1)
-    parser.add_argument("--kv-cache-mib", type=int, default=256)
+    parser.add_argument("--kv-cache-mib", type=int, default=1024, help="KV-cache memory of every engine")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="no torch.compile")
     parser.add_argument("--json", type=Path, default=Path("results/vllm_serving.json"))

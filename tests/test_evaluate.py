@@ -412,3 +412,17 @@ def test_domains_task_name_and_zero_limit_is_refused():
     assert check_task("domains@8") == "domains"
     with pytest.raises(ValueError, match="@0 is invalid"):
         check_task("ppl:chitchat@0")
+
+
+def test_variants_scored_in_one_pass_equal_each_scored_alone(tok):
+    from swiftkv.evaluate.scoring import variants_stats
+
+    base = tiny_base("llama")
+    variants = {"L2": convert(base, 2, 1), "L4g2": convert(base, 4, 2), "L2g2": convert(base, 2, 2)}
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    together = variants_stats(variants, ids, chunk=9)
+    for name, model in variants.items():
+        alone = sequence_stats(model, ids, MODES)
+        assert together[name].keys() == alone.keys()
+        for key, value in alone.items():
+            assert together[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)

@@ -7,7 +7,7 @@ import torch
 from test_modeling import reference_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swiftkv import sources
+from swiftkv import embedded
 from swiftkv.bench import measured_kv_bytes
 from swiftkv.conversion import convert
 from swiftkv.modeling.kernels import onednn_linears
@@ -27,7 +27,7 @@ def _real(model_dir_fn):
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen2.5-coder"])
 def real(request):
-    fn = {"smollm2": sources.default_model_dir, "qwen2.5-coder": sources.qwen_coder_dir}[request.param]
+    fn = {"smollm2": embedded.default_model_dir, "qwen2.5-coder": embedded.qwen_coder_dir}[request.param]
     return _real(fn)
 
 
@@ -81,7 +81,7 @@ def test_model_config_comes_from_a_gguf_or_the_default_dir_without_the_weights()
     from swiftkv.loading import load_model_config
 
     try:
-        gguf = sources.smollm2_gguf()
+        gguf = embedded.smollm2_gguf()
     except ModuleNotFoundError as missing:
         pytest.skip(str(missing))
     from_gguf, from_dir = load_model_config(gguf), load_model_config("default")

@@ -23,13 +23,13 @@ from transformers import PreTrainedModel
 
 from swiftkv.conversion import convert
 from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
+from swiftkv.loading import DTYPES
 from swiftkv.modeling.kernels import move_to_huge_pages
 
 FORMAT = "swiftkv-adapter"
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
 _SAMPLES = 16  # values sampled per fingerprinted tensor
 # Relative tolerance of the fingerprint: a base loaded in bf16/fp16 instead of fp32 still matches.
@@ -217,3 +217,23 @@ def apply_adapter(
             param.copy_(tensor.to(param.dtype))
     move_to_huge_pages(params[name] for name in tensors)  # the base weights already are (loaders)
     return swift
+
+
+REFERENCE_NAME = "reference.json"  # logits of base + adapter on a fixed prompt, recorded when the adapter is made
+REFERENCE_PROMPT = "The river valley had been farmed for centuries before the railway arrived. Each spring the water"
+
+
+@torch.no_grad()
+def reference_logits(model: PreTrainedModel, tokenizer, positions: int = 4, top: int = 5) -> dict:
+    """Top-`top` logits (ids and float32 values) at the last `positions` prompt positions of REFERENCE_PROMPT,
+    from the full SwiftKV forward: what `check_reference` compares a freshly loaded base + adapter against."""
+    ids = tokenizer(REFERENCE_PROMPT, return_tensors="pt")["input_ids"]  # [1, T]
+    logits = model(ids.to(model.device), logits_to_keep=0).logits[0, -positions:].float().cpu()  # [positions, V]
+    values, indices = logits.topk(top, dim=-1)
+    return {"prompt": REFERENCE_PROMPT, "top_ids": indices.tolist(), "top_logits": values.tolist()}
+
+
+def write_reference(adapter_dir: str | os.PathLike, model: PreTrainedModel, tokenizer) -> Path:
+    path = resolve_adapter(adapter_dir) / REFERENCE_NAME
+    path.write_text(json.dumps(reference_logits(model, tokenizer), indent=2) + "\n")
+    return path

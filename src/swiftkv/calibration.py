@@ -46,7 +46,7 @@ def check_tokens(tokens: int) -> None:
 
 def calibrate(model: nn.Module, tokenizer, sources: Sequence[str], tokens: int = 100_000, seed: int = 0) -> int:
     """`fit_key_value_projections` on ~`tokens` tokens of the sources' training split; returns the tokens used."""
-    from swiftkv.distill.data import build_sequences  # the distillation's data loading (chats, text, files)
+    from swiftkv.sequences import build_sequences  # the distillation's data loading (chats, text, files)
 
     if tokenizer is None:
         raise ValueError("Calibration needs the model's tokenizer, and this checkpoint has none.")

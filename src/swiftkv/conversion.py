@@ -1,8 +1,8 @@
 """Base model -> SwiftKV model, initialised by the reference recipe, and atomic checkpoint writing.
 
-Recipe (SWIFTKV.md §3): `q_proj_swiftkv_i <- q_proj_i`; a group leader's `k/v_proj_swiftkv <-` the mean of
-its group's `k/v_proj` (weights and biases); `norm_swiftkv <- layers[L].input_layernorm`.
-"""
+Recipe (the paper's reference initialisation, arXiv 2410.03960): `q_proj_swiftkv_i <- q_proj_i`; a group leader's
+`k/v_proj_swiftkv <-` the mean of its group's `k/v_proj` (weights and biases); `norm_swiftkv <-
+layers[L].input_layernorm`."""
 
 from __future__ import annotations
 

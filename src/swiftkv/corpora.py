@@ -16,7 +16,7 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from swiftkv.files import read_json_file
+from swiftkv.files import cache_dir, read_json_file
 
 Example = dict
 
@@ -250,8 +250,8 @@ DOMAIN_SOURCES = (*DEFAULT_MIXTURE, *UNSEEN_SOURCES)  # what `swiftkv eval --tas
 
 
 def data_cache_dir() -> Path:
-    """Where fetched data lives ($SWIFTKV_DATA_DIR, else ~/.cache/swiftkv/data)."""
-    return Path(os.environ.get("SWIFTKV_DATA_DIR") or Path.home() / ".cache" / "swiftkv" / "data")
+    """Where fetched data lives: the swiftkv cache's `data/` (scripts/setup.sh writes there)."""
+    return cache_dir() / "data"
 
 
 def is_heldout(source: str, key: int | str) -> bool:

@@ -14,6 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """Where swiftkv keeps what it builds or fetches (converted models, native builds, data): $SWIFTKV_CACHE,
+    else $XDG_CACHE_HOME/swiftkv, else ~/.cache/swiftkv."""
+    # Empty variables count as unset, as the XDG spec asks.
+    if explicit := os.environ.get("SWIFTKV_CACHE"):
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "swiftkv"
+
+
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty `out` unless `overwrite`, and never the current directory or one holding it
     (replacing it would pull the ground from under the process); nothing is written here."""

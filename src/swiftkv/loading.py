@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
-from swiftkv import sources
+from swiftkv import embedded
 from swiftkv.files import check_safetensors, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name: str | os.PathLike) -> Path:
     """`default` -> the embedded model's converted directory; anything else must exist on disk."""
     if str(name) == DEFAULT_MODEL:
-        return sources.default_model_dir()
+        return embedded.default_model_dir()
     path = Path(name)
     if not path.exists():
         raise FileNotFoundError(
@@ -94,7 +94,7 @@ def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrai
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     path = resolve_model_path(name)
     if path.suffix == ".gguf":
-        model, tokenizer = sources.load_gguf(path)
+        model, tokenizer = embedded.load_gguf(path)
         return model.to(DTYPES[dtype]).eval(), tokenizer
     check_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()

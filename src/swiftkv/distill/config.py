@@ -1,7 +1,7 @@
 """Typed distillation config: a YAML file plus `key=value` overrides, validated with actionable errors.
 
 Every field has a comment; the example configs in `configs/*.yaml` repeat them. Defaults follow the reference
-recipe (SWIFTKV.md §3) except the sequence length and batch, which are sized for one machine.
+recipe (arXiv 2410.03960, docs/quality.md) except the sequence length and batch, which are sized for one machine.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
+from swiftkv.loading import DTYPES
+
 SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
-DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("recipe", "least_squares")
 
 
@@ -29,7 +30,7 @@ class DistillConfig:
     dtype: str = "float32"  # dtype of the frozen weights; trainable weights and optimizer state stay float32
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    init: str = "recipe"  # new projections' start: 'recipe' (copies, SWIFTKV.md §3) or 'least_squares' (K/V fit)
+    init: str = "recipe"  # new projections' start: 'recipe' (copies, as in the paper) or 'least_squares' (K/V fit)
     init_tokens: int = 100_000  # least_squares: calibration tokens taken from the training data
     init_adapter: str | None = None  # start from this SwiftKV adapter's weights (then `init` is not used)
     # --- data

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from swiftkv.distill.data import IGNORE, MicroBatch
 from swiftkv.modes import swiftkv_mode
+from swiftkv.sequences import IGNORE, MicroBatch
 
 
 @dataclasses.dataclass

@@ -36,10 +36,10 @@ from swiftkv import adapter as adapters
 from swiftkv.calibration import fit_key_value_projections, sample_tokens
 from swiftkv.conversion import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.config import DistillConfig
-from swiftkv.distill.data import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
 from swiftkv.distill.loss import distill_loss
 from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
 from swiftkv.loading import DTYPES, load, load_model
+from swiftkv.sequences import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
 
 CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
 INITIAL_WEIGHTS = "initial.safetensors"  # the *_swiftkv weights training started from, when not the recipe's
@@ -119,7 +119,7 @@ def _check_gpu(device: torch.device, local_rank: int) -> None:
 
 
 class DistillRecipe:
-    """Distil a converted SwiftKV model from its own base weights. See the module docstring and SWIFTKV.md §3."""
+    """Distil a converted SwiftKV model from its own base weights. See the module docstring and docs/quality.md."""
 
     def __init__(self, config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False):
         self.config, self.resume, self.overwrite, self.quiet = config, resume, overwrite, quiet
@@ -504,6 +504,10 @@ class DistillRecipe:
                     extra={"distill": summary},
                 )
             )
+            # what a user's fresh float32 load of base + this (bf16) adapter must reproduce (tests, `reference.json`)
+            fresh, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"])
+            adapters.write_reference(result["adapter"], fresh, self.tokenizer)
+            del fresh
             if cfg.save_full_checkpoint:
                 if self.fsdp:  # rebuild on CPU from the base weights: the live model is sharded
                     model, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"], dtype=cfg.dtype)

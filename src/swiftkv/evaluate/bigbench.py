@@ -22,8 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from swiftkv.files import staged
-from swiftkv.sources import cache_dir
+from swiftkv.files import cache_dir, staged
 
 VERSION = "1.0.0"
 ENV_DIR = "SWIFTKV_BIGBENCH_DIR"

@@ -90,6 +90,8 @@ def sequence_stats(
 
     The lm_head runs `chunk` positions at a time so memory stays at a few [chunk, V] tensors.
     """
+    if set(modes) == set(MODES) and is_swiftkv(model):
+        return variants_stats({SWIFTKV: model}, ids, chunk)[SWIFTKV]
     hidden = final_hidden(model, ids, None, modes)
     targets = ids[0, 1:]  # position t predicts token t+1
     total: dict[str, float] = {}
@@ -102,6 +104,37 @@ def sequence_stats(
         else:
             add_sums(total, token_stats(teacher, student, targets[start:stop]))
     return total
+
+
+@torch.inference_mode()
+def variants_stats(variants: dict[str, PreTrainedModel], ids: torch.Tensor, chunk: int = 256) -> dict[str, dict]:
+    """{name: `sequence_stats` sums} of several SwiftKV variants of ONE base model against it, for ids [1, T].
+
+    The variants are built from the same base weights (`convert` / `apply_adapter` of one loaded model), so the
+    base forward and its logits run once for all of them, and layers < L once per distinct L.
+    """
+    models = list(variants.values())
+    hidden, inputs = models[0].model.prepare_layer_inputs(ids)
+    prefix: dict[int, torch.Tensor] = {}  # L -> h_L [1, T, D]
+    for model in models:
+        layers = model.config.num_key_value_layers
+        if layers not in prefix:
+            prefix[layers] = model.model.run_prefix_layers(hidden, inputs)
+    deepest = max(models, key=lambda m: m.config.num_key_value_layers).model
+    base = deepest.norm(deepest.run_base_layers(prefix[deepest.config.num_key_value_layers], inputs)[0])
+    finals = {
+        name: model.model.norm(model.model.run_swiftkv_layers(prefix[model.config.num_key_value_layers], inputs)[0])
+        for name, model in variants.items()
+    }
+    targets = ids[0, 1:]  # position t predicts token t+1
+    totals: dict[str, dict] = {name: {} for name in variants}
+    for start in range(0, targets.numel(), chunk):
+        stop = min(start + chunk, targets.numel())
+        teacher = logits_of(models[0], base[0, start:stop])
+        for name, final in finals.items():
+            student = logits_of(variants[name], final[0, start:stop])
+            add_sums(totals[name], token_stats(teacher, student, targets[start:stop]))
+    return totals
 
 
 def _rename(sums: dict[str, float]) -> dict[str, float]:

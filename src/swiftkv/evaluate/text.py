@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from swiftkv.corpora import DOMAIN_SOURCES, UNSEEN_SOURCES, as_text, eval_split, load_examples
-from swiftkv.evaluate.scoring import BASE, SWIFTKV, add_sums, sequence_stats, summarize_text
+from swiftkv.evaluate.scoring import BASE, MODES, SWIFTKV, add_sums, sequence_stats, summarize_text, variants_stats
+from swiftkv.modes import is_swiftkv
 
 
 def token_samples(tokenizer, source: str, limit: int | None, max_tokens: int) -> list[torch.Tensor]:
@@ -34,8 +35,8 @@ def token_samples(tokenizer, source: str, limit: int | None, max_tokens: int) ->
 def score_samples(
     model: PreTrainedModel, samples: Sequence[torch.Tensor], modes: Sequence[str], desc: str
 ) -> dict[str, float]:
-    """Token statistics (`sequence_stats`) summed over samples."""
-    sums: dict[str, float] = {}
+    """Token statistics (`sequence_stats`) summed over samples, with their count as `examples`."""
+    sums: dict[str, float] = {"examples": len(samples)}
     for ids in tqdm(samples, desc=desc, leave=False):
         add_sums(sums, sequence_stats(model, ids.to(model.device), modes))
     return sums
@@ -54,9 +55,8 @@ def run_text_task(
     Perplexity is token-weighted over all examples: exp(sum of NLL / number of scored tokens); the first token of
     each text has no context and is not scored.
     """
-    samples = token_samples(tokenizer, source, limit, max_tokens)
-    sums = score_samples(model, samples, modes, f"ppl:{source}")
-    return {"examples": len(samples), **summarize_text(sums)}
+    sums = score_samples(model, token_samples(tokenizer, source, limit, max_tokens), modes, f"ppl:{source}")
+    return {"examples": sums.pop("examples"), **summarize_text(sums)}
 
 
 def run_domains(
@@ -69,18 +69,47 @@ def run_domains(
 ) -> dict[str, object]:
     """Every domain source scored like `run_text_task`, plus `ppl_ratio` (SwiftKV / base); `overall` is the
     token-weighted summary of all sources but the unseen domains (UNSEEN_SOURCES: reported, not pooled)."""
-    per_source: dict[str, dict] = {}
-    pooled: dict[str, float] = {}
+    if set(modes) == set(MODES) and is_swiftkv(model):
+        return run_domains_variants({SWIFTKV: model}, tokenizer, limit, max_tokens, sources)[SWIFTKV]
+    return _domains_table(
+        {
+            source: score_samples(model, token_samples(tokenizer, source, limit, max_tokens), modes, source)
+            for source in tqdm(sources, desc="domains", leave=False)
+        }
+    )
+
+
+def run_domains_variants(
+    variants: dict[str, PreTrainedModel],
+    tokenizer,
+    limit: int | None = 32,
+    max_tokens: int = 1024,
+    sources: Sequence[str] = DOMAIN_SOURCES,
+) -> dict[str, dict]:
+    """{name: `run_domains` table} of SwiftKV variants of ONE base model, scored in one pass (`variants_stats`)."""
+    sums: dict[str, dict[str, dict]] = {name: {} for name in variants}  # name -> source -> sums
     for source in tqdm(sources, desc="domains", leave=False):
         samples = token_samples(tokenizer, source, limit, max_tokens)
-        sums = score_samples(model, samples, modes, f"domain {source}")
+        for name in variants:
+            sums[name][source] = {"examples": len(samples)}
+        for ids in tqdm(samples, desc=f"domain {source}", leave=False):
+            for name, part in variants_stats(variants, ids.to(next(iter(variants.values())).device)).items():
+                add_sums(sums[name][source], part)
+    return {name: _domains_table(per_source) for name, per_source in sums.items()}
+
+
+def _domains_table(per_source_sums: dict[str, dict]) -> dict[str, object]:
+    rows: dict[str, dict] = {}
+    pooled: dict[str, float] = {}
+    for source, sums in per_source_sums.items():
+        examples = sums.pop("examples", None)
         if source not in UNSEEN_SOURCES:
             add_sums(pooled, sums)
-        per_source[source] = _with_ratio(
-            {"examples": len(samples), "split": eval_split(source), "unseen": source in UNSEEN_SOURCES}
+        rows[source] = _with_ratio(
+            {"examples": examples, "split": eval_split(source), "unseen": source in UNSEEN_SOURCES}
             | summarize_text(sums)
         )
-    return {"sources": per_source, "overall": _with_ratio(summarize_text(pooled)) if pooled else None}
+    return {"sources": rows, "overall": _with_ratio(summarize_text(pooled)) if pooled else None}
 
 
 def _with_ratio(row: dict) -> dict:

@@ -1,11 +1,10 @@
 """The decode step: one new token per sequence through a `SwiftKVCache`, in base or SwiftKV mode.
 
-At batch 1 a decode step is ~80% matrix-vector products; they go through `kernels.linear` (oneDNN on CPU in
-float32: ~2.5x MKL's GEMV here). The cache is written in place (no per-token `torch.cat`), and the step walks the
-layers directly: no per-layer module kwargs plumbing, output capturing or mask rebuilding, and RMSNorm as one fused
-op. The arithmetic is otherwise the stock layers' own, in the same order, so logits agree with transformers' path
-to float32 rounding and greedy tokens match (tests/test_decode.py).
-"""
+At batch 1 a decode step is ~80% matrix-vector products; they go through `kernels.linear` (oneDNN on CPU in float32;
+measured against MKL's GEMV in docs/decode.md). The cache is written in place (no per-token `torch.cat`), and the
+step walks the layers directly: no per-layer module kwargs plumbing, output capturing or mask rebuilding, and RMSNorm
+as one fused op. The arithmetic is otherwise the stock layers' own, in the same order, so logits agree with
+transformers' path to float32 rounding and greedy tokens match (tests/test_decode.py)."""
 
 from __future__ import annotations
 

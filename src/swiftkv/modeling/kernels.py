@@ -1,11 +1,10 @@
 """Which matrix-multiply kernel the SwiftKV models' Linear layers use on CPU.
 
-PyTorch's CPU `F.linear` goes through MKL. On this project's reference machine (AMD EPYC, AVX-512, 2 threads)
-MKL reaches ~200 GFLOP/s on prefill-sized products and ~16 GB/s of weights on the matrix-vector products of
-decoding, while oneDNN's `_linear_pointwise` (the kernel `torch.compile` uses for CPU linears) reaches
-~420-450 GFLOP/s and ~40 GB/s: about 2x on both (benchmarks/vs_llamacpp.py, docs/decode.md). So in float32 on
-CPU, SwiftKV models multiply with oneDNN wherever the weight needs no gradient: inference, and in distillation
-the frozen layers, whose input gradient is one more oneDNN product. Trainable weights use `F.linear`.
+PyTorch's CPU `F.linear` goes through MKL; oneDNN's `_linear_pointwise` (the kernel `torch.compile` uses for CPU
+linears) measured about 2x its throughput on both prefill-sized products and decoding's matrix-vector products
+(figures and machine in docs/decode.md, benchmarks/vs_llamacpp.py). So in float32 on CPU, SwiftKV models multiply
+with oneDNN wherever the weight needs no gradient: inference, and in distillation the frozen layers, whose input
+gradient is one more oneDNN product. Trainable weights use `F.linear`.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.
@@ -86,12 +85,11 @@ def use_fast_linears(model: nn.Module) -> nn.Module:
 def copy_weights_to_process_memory(model: nn.Module) -> nn.Module:
     """Move every CPU parameter into process memory backed by transparent huge pages (tied parameters stay tied).
 
-    `from_pretrained` leaves float32 safetensors weights as memory-mapped file pages; matrix-vector products stream
-    them ~25% slower than process memory here (the 30 layers of a SmolLM2 decode step: 15.4 vs 11.9 ms, native
-    step; benchmarks/decode_ablation.py), so loaders copy them once (~0.2 s for 538 MB). The copies are packed into
-    one anonymous mapping advised for 2 MiB pages: the hardware prefetcher stops at every 4 KiB page boundary, and
-    streaming the weights this way measured ~9% more bandwidth. Each parameter still owns a separate storage (a
-    disjoint slice of the mapping), so saving, tying and `torch.save` see ordinary tensors.
+    `from_pretrained` leaves float32 safetensors weights as memory-mapped file pages, which matrix-vector products
+    stream more slowly than process memory (measured in docs/decode.md, benchmarks/decode_ablation.py), so loaders
+    copy them once. The copies are packed into one anonymous mapping advised for 2 MiB pages: the hardware
+    prefetcher stops at every 4 KiB page boundary. Each parameter still owns a separate storage (a disjoint slice
+    of the mapping), so saving, tying and `torch.save` see ordinary tensors.
     """
     move_to_huge_pages(model.parameters())
     return model

@@ -57,7 +57,7 @@ def _cpu_tag() -> str:
 
 def build_root() -> Path:
     """Where builds live: <swiftkv cache>/native/<cpu tag>/ (one folder per source version inside)."""
-    from swiftkv.sources import cache_dir
+    from swiftkv.files import cache_dir
 
     return cache_dir() / "native" / _cpu_tag()
 

