@@ -401,7 +401,7 @@ def test_evaluate_matches_the_full_forward(model_dir, chats, tmp_path):
     recipe, _ = _trained(model_dir, chats, tmp_path / "run")
     model, tokenizer = recipe.model, recipe.tokenizer
     # split=all: the held-out part of a local file depends on its (temporary) path, and may be empty
-    result = evaluate(model, tokenizer, [chats], max_length=64, max_examples=12, split="all")[str(chats)]
+    result = evaluate({"swiftkv": model}, tokenizer, [chats], max_length=64, max_examples=12, split="all")[str(chats)]
     sequences, _ = build_sequences(tokenizer, [chats], 64, True, split="all", max_examples=12)
     nll = {True: 0.0, False: 0.0}
     agree = count = 0
@@ -428,12 +428,14 @@ def test_evaluate_under_autocast_scores_each_variant_with_its_own_weights(model_
     recipe, _ = _trained(model_dir, chats, tmp_path / "run", dtype="bfloat16")
     params = {n: p for n, p in recipe.model.named_parameters() if "swiftkv" in n}
     assert all(p.requires_grad for p in params.values())  # what autocast's weight cache keys on
-    other = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()}
+    other = recipe._variant({n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()})
+    for name, param in other.named_parameters():  # trainable like the distilled model's: autocast caches them
+        param.requires_grad_("swiftkv" in name)
     options = dict(max_length=64, max_examples=12, split="all")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        both = evaluate(recipe.model, recipe.tokenizer, [chats], {"a": None, "b": other}, **options)[str(chats)]
+        both = evaluate({"a": recipe.model, "b": other}, recipe.tokenizer, [chats], **options)[str(chats)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        alone = evaluate(recipe.model, recipe.tokenizer, [chats], {"b": other}, **options)[str(chats)]
+        alone = evaluate({"b": other}, recipe.tokenizer, [chats], **options)[str(chats)]
     assert both["b_ppl"] == alone["b_ppl"] and both["a_ppl"] != both["b_ppl"]
 
 

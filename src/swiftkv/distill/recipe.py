@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
 from swiftkv.calibration import fit_key_value_projections, sample_tokens
-from swiftkv.conversion import convert, init_swiftkv_parameters, save_atomic
+from swiftkv.conversion import convert, save_atomic
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.loss import distill_loss
+from swiftkv.evaluate.scoring import add_sums, summarize_text, variants_stats
 from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
 from swiftkv.loading import DTYPES, load, load_model
 from swiftkv.sequences import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
@@ -525,33 +525,36 @@ class DistillRecipe:
         return result
 
     def evaluate_before_after(self) -> dict:
-        """Held-out perplexity and top-1 agreement of base, converted-undistilled (the recipe's copies), the run's
-        starting weights when they differ ('initial': least squares or init_adapter) and distilled (eval.json)."""
+        """Held-out perplexity, KL and top-1 agreement of the base model, the undistilled conversion (the recipe's
+        copies), the run's starting weights when they differ ('initial': least squares or init_adapter) and the
+        distilled model (eval.json); every variant shares the base weights and is scored in one pass."""
         cfg = self.config
-        trained = {n: p for n, p in self.model.named_parameters() if "swiftkv" in n}  # the Parameter objects
-        distilled = {n: p.detach().clone() for n, p in trained.items()}
-        init_swiftkv_parameters(self.model)  # the recipe's initialisation = the undistilled conversion (new Params)
-        undistilled = {n: p.detach().clone() for n, p in self.model.named_parameters() if "swiftkv" in n}
-        for name, param in trained.items():  # put the trained Parameter objects back
-            module, _, attr = name.rpartition(".")
-            setattr(self.model.get_submodule(module), attr, param)
-        variants = {"undistilled": undistilled}
+        variants = {"undistilled": self._variant(None)}
         if self._starts_off_recipe() and (self.out / INITIAL_WEIGHTS).exists():
-            variants["initial"] = load_file(self.out / INITIAL_WEIGHTS)
+            variants["initial"] = self._variant(load_file(self.out / INITIAL_WEIGHTS))
+        variants["distilled"] = self.model
         with self._autocast():
             table = evaluate(
-                self.model,
+                variants,
                 self.tokenizer,
                 cfg.eval_data,
-                variants | {"distilled": distilled},
                 cfg.max_length,
                 cfg.eval_max_examples,
+                cfg.assistant_only,
                 progress=not self.quiet,
             )
         write_json(table, self.out / "eval.json")
         for line in format_eval_table(table):
             self._say(line)
         return table
+
+    def _variant(self, state: dict | None):
+        """A SwiftKV model of the same base weights with the recipe's init, or with `state`'s *_swiftkv weights."""
+        config = self.model.config
+        variant = convert(self.model, config.num_key_value_layers, config.key_value_group_size).eval()
+        if state is not None:
+            variant.load_state_dict(state, strict=False)
+        return variant
 
     def _log(self, rows: list[dict]) -> None:
         if self.rank != 0 or not rows:
@@ -613,65 +616,35 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
 
 @torch.no_grad()
 def evaluate(
-    model,
+    variants: dict,
     tokenizer,
     sources,
-    variants: dict[str, dict[str, torch.Tensor] | None] | None = None,
     max_length: int = 2048,
     max_examples: int | None = None,
     assistant_only: bool = True,
     progress: bool = False,
     split: str = "heldout",
 ) -> dict:
-    """Held-out split (`split`) of each source, on target (assistant) tokens: perplexity of the base model (`base_ppl`)
-    and of each SwiftKV variant (`{name}_ppl`), and each variant's top-1 agreement with the base model
-    (`{name}_agreement`).
-
-    `variants` maps a name to a `*_swiftkv` state dict (None: the model's current weights); default
-    {"swiftkv": None}. SwiftKV runs the FULL forward (every token through every layer, SwiftKV projections on):
-    layers < L once, then the base branch and each variant's SwiftKV branch (the shared-prefix API, equal to
-    `model(ids)` with swiftkv on/off, see tests). The model's SwiftKV weights are restored afterwards.
-    """
-    variants = variants or {"swiftkv": None}
-    decoder, device = model.model, next(model.parameters()).device
-    params = {n: p for n, p in model.named_parameters() if "swiftkv" in n}
-    current = {n: p.detach().clone() for n, p in params.items()}
+    """{source: {tokens, base_ppl, and per variant {name}_ppl, {name}_kl, {name}_agreement}} on the held-out split
+    (`split`) of each source: the distillation's targets (assistant tokens with `assistant_only`, else every token),
+    for SwiftKV models sharing one base model's weights (`variants_stats`: full forward, base run once)."""
+    device = next(next(iter(variants.values())).parameters()).device
     results = {}
-    try:
-        for source in sources:
-            sequences, _ = build_sequences(tokenizer, [source], max_length, assistant_only, split, max_examples)
-            nll = dict.fromkeys(["base", *variants], 0.0)
-            agree = dict.fromkeys(variants, 0)
-            count = 0
-            for seq in tqdm(sequences, desc=f"eval {source}", disable=not progress, leave=False):
-                ids = torch.tensor([seq.input_ids], device=device)
-                labels = torch.tensor(seq.labels[1:], device=device)
-                targets = torch.nn.functional.pad(labels != IGNORE, (0, 1)).unsqueeze(0)  # [1, T] logit positions
-                hidden, inputs = decoder.prepare_layer_inputs(ids)
-                h_L = decoder.run_prefix_layers(hidden, inputs)
-                base_logits = model.lm_head(decoder.norm(decoder.run_base_layers(h_L, inputs)[0][targets])).float()
-                wanted = labels[labels != IGNORE]
-                nll["base"] += F.cross_entropy(base_logits, wanted, reduction="sum").item()
-                for name, state in variants.items():
-                    for key, param in params.items():
-                        param.copy_((state or current)[key])
-                    # Under autocast, the low-precision copies of trainable (requires_grad) weights are cached for
-                    # the whole context and in-place writes don't invalidate them: every variant would run with
-                    # the first one's projections.
-                    torch.clear_autocast_cache()
-                    out, _ = decoder.run_swiftkv_layers(h_L, inputs)
-                    logits = model.lm_head(decoder.norm(out[targets])).float()
-                    nll[name] += F.cross_entropy(logits, wanted, reduction="sum").item()
-                    agree[name] += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
-                count += len(wanted)
-            row = {"tokens": count, "base_ppl": math.exp(nll["base"] / count)}
-            for name in variants:
-                row[f"{name}_ppl"] = math.exp(nll[name] / count)
-                row[f"{name}_agreement"] = agree[name] / count
-            results[str(source)] = row
-    finally:
-        for key, param in params.items():
-            param.copy_(current[key])
+    for source in sources:
+        sequences, _ = build_sequences(tokenizer, [source], max_length, assistant_only, split, max_examples)
+        sums: dict[str, dict] = {name: {} for name in variants}
+        for seq in tqdm(sequences, desc=f"eval {source}", disable=not progress, leave=False):
+            ids = torch.tensor([seq.input_ids], device=device)
+            scored = torch.tensor(seq.labels[1:]) != IGNORE  # [T-1]: position t scores token t+1
+            for name, part in variants_stats(variants, ids, scored=scored).items():
+                add_sums(sums[name], part)
+        first = summarize_text(next(iter(sums.values())))
+        row = {"tokens": first["tokens"], "base_ppl": first["base"]["ppl"]}
+        for name, part in sums.items():
+            summary = summarize_text(part)
+            row |= {f"{name}_ppl": summary["swiftkv"]["ppl"], f"{name}_kl": summary["kl"]}
+            row[f"{name}_agreement"] = summary["agreement"]
+        results[str(source)] = row
     return results
 
 

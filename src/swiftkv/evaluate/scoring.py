@@ -107,8 +107,11 @@ def sequence_stats(
 
 
 @torch.inference_mode()
-def variants_stats(variants: dict[str, PreTrainedModel], ids: torch.Tensor, chunk: int = 256) -> dict[str, dict]:
-    """{name: `sequence_stats` sums} of several SwiftKV variants of ONE base model against it, for ids [1, T].
+def variants_stats(
+    variants: dict[str, PreTrainedModel], ids: torch.Tensor, chunk: int = 256, scored: torch.Tensor | None = None
+) -> dict[str, dict]:
+    """{name: `sequence_stats` sums} of several SwiftKV variants of ONE base model against it, for ids [1, T];
+    `scored` [T-1] bool limits the sums to those positions (e.g. assistant tokens; default: every position).
 
     The variants are built from the same base weights (`convert` / `apply_adapter` of one loaded model), so the
     base forward and its logits run once for all of them, and layers < L once per distinct L.
@@ -126,14 +129,15 @@ def variants_stats(variants: dict[str, PreTrainedModel], ids: torch.Tensor, chun
         name: model.model.norm(model.model.run_swiftkv_layers(prefix[model.config.num_key_value_layers], inputs)[0])
         for name, model in variants.items()
     }
-    targets = ids[0, 1:]  # position t predicts token t+1
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)  # position t predicts token t+1
+    if scored is not None:
+        positions = positions[scored.to(ids.device)]
     totals: dict[str, dict] = {name: {} for name in variants}
-    for start in range(0, targets.numel(), chunk):
-        stop = min(start + chunk, targets.numel())
-        teacher = logits_of(models[0], base[0, start:stop])
+    for start in range(0, positions.numel(), chunk):
+        at = positions[start : start + chunk]
+        teacher = logits_of(models[0], base[0, at])
         for name, final in finals.items():
-            student = logits_of(variants[name], final[0, start:stop])
-            add_sums(totals[name], token_stats(teacher, student, targets[start:stop]))
+            add_sums(totals[name], token_stats(teacher, logits_of(variants[name], final[0, at]), ids[0, at + 1]))
     return totals
 
 
