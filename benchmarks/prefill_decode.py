@@ -25,7 +25,7 @@ import torch
 
 from swiftkv.bench import run_benchmark, summary_lines
 from swiftkv.cli.args import layout_arg
-from swiftkv.loading import DTYPES
+from swiftkv.config import DTYPES
 
 
 def parse_args() -> argparse.Namespace:

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from swiftkv import bench, theory
 from swiftkv.conversion import convert
-from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_measured_kv_bytes_counts_shared_storage_once():
     keys, values = torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8)
     cache.update(keys, values, 0)
     cache.layers.append(cache.layers[0])  # a second layer reading the same tensors
-    assert bench.measured_kv_bytes(cache) == 2 * keys.numel() * 4
+    assert measured_kv_bytes(cache) == 2 * keys.numel() * 4
 
 
 def test_measured_kv_bytes_ratio_is_exact_after_prefill():

@@ -16,9 +16,10 @@ from test_distill import GOLDEN_LOSSES
 from test_distill_helpers import chat_file, tiny_config, tiny_model_dir
 from test_modeling import reference_greedy
 
-from swiftkv.bench import measure_peak_memory, measured_kv_bytes, prefill
+from swiftkv.bench import measure_peak_memory, prefill
 from swiftkv.conversion import convert
 from swiftkv.distill.recipe import DistillRecipe
+from swiftkv.modeling.cache import measured_kv_bytes
 
 DEVICE = torch.device(os.environ.get("SWIFTKV_TEST_DEVICE", "cuda"))
 needs_gpu = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")

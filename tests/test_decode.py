@@ -7,10 +7,9 @@ import torch
 from conftest import left_padded_batch, tiny_base
 from transformers import DynamicCache
 
-from swiftkv.bench import measured_kv_bytes
 from swiftkv.conversion import convert
 from swiftkv.modeling import decode
-from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache
+from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache, measured_kv_bytes
 from swiftkv.modeling.kernels import FastLinear, onednn_linears
 from swiftkv.modes import swiftkv_mode
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
 from swiftkv.conversion import convert
+from swiftkv.distill.checkpoint import latest_checkpoint
 from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
 from swiftkv.distill.loss import distill_loss, kl_sum
 from swiftkv.distill.recipe import (
@@ -20,7 +21,6 @@ from swiftkv.distill.recipe import (
     DistillRecipe,
     evaluate,
     format_eval_table,
-    latest_checkpoint,
     lr_multiplier,
 )
 from swiftkv.sequences import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from test_distill_helpers import chat_file, tiny_config, tiny_model_dir
 
 from swiftkv.adapter import read_adapter
-from swiftkv.distill.recipe import DistillRecipe, latest_checkpoint
+from swiftkv.distill.checkpoint import latest_checkpoint
+from swiftkv.distill.recipe import DistillRecipe
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from conftest import left_padded_batch, tiny_base
 from transformers import DynamicCache
 
-from swiftkv.bench import measured_kv_bytes
 from swiftkv.conversion import convert
+from swiftkv.modeling.cache import measured_kv_bytes
 from swiftkv.modeling.kernels import onednn_linears
 
 TIGHT = {"atol": 1e-5, "rtol": 1e-5}

@@ -8,8 +8,8 @@ from test_modeling import reference_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swiftkv import embedded
-from swiftkv.bench import measured_kv_bytes
 from swiftkv.conversion import convert
+from swiftkv.modeling.cache import measured_kv_bytes
 from swiftkv.modeling.kernels import onednn_linears
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
-from swiftkv.loading import DTYPES
 from swiftkv.modeling.kernels import move_to_huge_pages
 
 FORMAT = "swiftkv-adapter"

@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache
 
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.files import save_figure, write_json
-from swiftkv.modeling.cache import SwiftKVCache
+from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 from swiftkv.modeling.kernels import onednn_linears
 from swiftkv.modes import is_swiftkv, swiftkv_mode
 from swiftkv.theory import kv_bytes_ratio, theoretical_prefill_flops_ratio
@@ -51,17 +51,6 @@ class Run:
 
 
 Timings = dict[str, list[Run]]  # mode ("base" | "swiftkv") or engine name -> one Run per timed call
-
-
-def measured_kv_bytes(cache: Cache) -> int:
-    """Bytes of the DISTINCT tensor storages a cache holds (a storage shared by several layers counts once)."""
-    storages: dict[int, int] = {}
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------------------------- timing

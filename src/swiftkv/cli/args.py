@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from swiftkv.config import parse_layout
-from swiftkv.loading import DEFAULT_MODEL, DTYPES
+from swiftkv.config import DTYPES, parse_layout
+from swiftkv.loading import DEFAULT_MODEL
 
 DEFAULT_SKIP = 0.5  # the paper's headline layout: prompt tokens skip the later half of the layers
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from swiftkv.loading import DTYPES
+from swiftkv.config import DTYPES
 
 SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp")

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,53 +32,30 @@ from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
 from swiftkv.calibration import fit_key_value_projections, sample_tokens
+from swiftkv.config import DTYPES
 from swiftkv.conversion import convert, save_atomic
+from swiftkv.distill.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    trim_metrics,
+    write_checkpoint,
+)
 from swiftkv.distill.config import DistillConfig
 from swiftkv.distill.loss import distill_loss
 from swiftkv.evaluate.scoring import add_sums, summarize_text, variants_stats
 from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
-from swiftkv.loading import DTYPES, load, load_model
+from swiftkv.loading import load, load_model
 from swiftkv.sequences import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
-
-CHECKPOINT_DIR = "checkpoint"  # holds step-XXXXXXXX/ directories; the highest-numbered one is the latest
-INITIAL_WEIGHTS = "initial.safetensors"  # the *_swiftkv weights training started from, when not the recipe's
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `out/checkpoint` (each appears by one atomic rename), or None."""
-    steps = sorted((Path(out) / CHECKPOINT_DIR).glob("step-*"))
-    return steps[-1] if steps else None
-
-
-# Config fields a resumed run must share with the checkpoint (they fix the model, the data order and the schedule).
-RESUME_KEYS = (
-    "model",
-    "num_key_value_layers",
-    "key_value_group_size",
-    "dtype",
-    "data",
-    "split",
-    "assistant_only",
-    "max_length",
-    "max_examples",
-    "micro_batch_size",
-    "epochs",
-    "max_steps",
-    "lr",
-    "betas",
-    "weight_decay",
-    "warmup_ratio",
-    "schedule",
-    "max_grad_norm",
-    "temperature",
-    "hidden_loss_weight",
-    "hidden_loss_layer",
-    "seed",
-)
 
 
 class NonFiniteLossError(ValueError):
     """The loss or gradient became NaN/inf; the weights were not updated with it."""
+
+
+INITIAL_WEIGHTS = "initial.safetensors"  # the *_swiftkv weights training started from, when not the recipe's
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -90,20 +66,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 at the end of warm-up
     return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _check_gpu(device: torch.device, local_rank: int) -> None:
@@ -413,48 +375,27 @@ class DistillRecipe:
         weights, optimizer = self.trainable_state(), self._optimizer_state()
         rng = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(rng, _rng_state())
+            dist.all_gather_object(rng, rng_state())
         else:
-            rng = [_rng_state()]
+            rng = [rng_state()]
         if self.rank == 0:
-            # A new directory per checkpoint, renamed into place when complete, then older ones removed: a kill at
-            # any moment leaves at least one complete checkpoint (replacing one directory in place cannot).
-            with staged(self.out / CHECKPOINT_DIR / f"step-{self.step:08d}", replace=True) as staging:
-                staging.mkdir()
-                save_file(weights, staging / "trainable.safetensors")
-                torch.save(
-                    {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng},
-                    staging / "trainer.pt",
-                )
-                state = {
-                    "step": self.step,
-                    "total_steps": self.total_steps,
-                    "tokens_seen": self.tokens_seen,
-                    "world_size": self.world,
-                    "global_batch": self.plan.global_batch,
-                    "config": self.config.to_dict(),
-                }
-                (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-            for old in sorted((self.out / CHECKPOINT_DIR).glob("step-*"))[:-1]:
-                shutil.rmtree(old, ignore_errors=True)
+            trainer = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rng}
+            state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "tokens_seen": self.tokens_seen,
+                "world_size": self.world,
+                "global_batch": self.plan.global_batch,
+                "config": self.config.to_dict(),
+            }
+            write_checkpoint(self.out, self.step, weights, trainer, state)
             self._write_plot()
         self.last_saved = self.step
         if self.world > 1:
             dist.barrier()
 
     def _load_checkpoint(self) -> None:
-        where = latest_checkpoint(self.out)
-        state = json.loads((where / "state.json").read_text())
-        saved, now = state["config"], self.config.to_dict()
-        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
-        if state["global_batch"] != self.plan.global_batch:
-            changed.append(f"global batch: {state['global_batch']} -> {self.plan.global_batch}")
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from the checkpoint's in {where} ({'; '.join(changed)}); "
-                "resume with the same settings, or start a new output_dir."
-            )
-        weights = load_file(where / "trainable.safetensors")
+        where, state, weights, trainer = read_checkpoint(self.out, self.config.to_dict(), self.plan.global_batch)
         with torch.no_grad():
             for name, param in self.trainable:
                 value = weights[name].to(self.device, param.dtype)
@@ -465,7 +406,6 @@ class DistillRecipe:
                     param.to_local().copy_(value)
                 else:
                     param.copy_(value)
-        trainer = torch.load(where / "trainer.pt", weights_only=False)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -475,15 +415,12 @@ class DistillRecipe:
             self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         rng = trainer["rng"]
-        _set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
+        set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
         self.step = self.last_saved = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self._say(f"resumed from {where} at step {self.step}/{self.total_steps}")
-        if self.rank == 0:  # drop metrics logged after the checkpoint: those steps run again
-            metrics = self.out / "metrics.jsonl"
-            if metrics.exists():
-                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= self.step))
+        if self.rank == 0:
+            trim_metrics(self.out / "metrics.jsonl", self.step)
 
     # ------------------------------------------------------------------------------------------------ output
     def finish(self) -> dict:

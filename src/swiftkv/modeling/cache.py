@@ -103,3 +103,14 @@ class SwiftKVCache(DynamicCache):
     def preallocated(self) -> bool:
         """True when every layer that stores K/V is a `PreallocatedLayer` (the fast decode step needs it)."""
         return all(isinstance(layer, PreallocatedLayer) for layer in self.layers if not isinstance(layer, DummyLayer))
+
+
+def measured_kv_bytes(cache: Cache) -> int:
+    """Bytes of the DISTINCT tensor storages a cache holds (a storage shared by several layers counts once)."""
+    storages: dict[int, int] = {}
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

@@ -236,6 +236,39 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+def _build_layers(config, layout: SwiftKVLayout, cache_config, quant_config, prefix: str) -> list[DecoderLayer]:
+    """Layers 0..N-1, their attentions registered with vLLM in this order: layers < L, the writers, layers >= L.
+
+    vLLM needs a KV-sharing target registered before the layers that share it, and serves fast prefill to the
+    trailing run of sharing layers only: so every writer comes before layer L and every layer >= L shares.
+    """
+    shape = AttentionShape.of(config)
+
+    def attn_prefix(layer_idx: int) -> str:
+        return f"{prefix}.layers.{layer_idx}.self_attn"
+
+    def layer(attn: nn.Module, layer_idx: int) -> DecoderLayer:
+        return DecoderLayer(config, attn, quant_config, f"{prefix}.layers.{layer_idx}")
+
+    layers = [
+        layer(BaseAttention(config, shape, cache_config, quant_config, i, attn_prefix(i)), i)
+        for i in range(layout.num_key_value_layers)
+    ]
+    writers = {
+        leader: _attention(
+            SwiftKVCacheWriter, config, shape, cache_config, quant_config, leader, f"{attn_prefix(leader)}.swiftkv_attn"
+        )
+        for leader in layout.leaders
+    }
+    for i in range(layout.num_key_value_layers, layout.num_layers):
+        leader = layout.leader_of(i)
+        attn = SwiftKVAttention(
+            config, shape, cache_config, quant_config, i, attn_prefix(i), writers[leader], is_leader=leader == i
+        )
+        layers.append(layer(attn, i))
+    return layers
+
+
 class SwiftKVModel(nn.Module):
     """Embedding, layers 0..N-1, `norm_swiftkv` and the final norm; the SwiftKV forward (module docstring)."""
 
@@ -246,45 +279,14 @@ class SwiftKVModel(nn.Module):
             raise ValueError("SwiftKV models in vLLM do not support pipeline parallelism yet; use tensor parallelism.")
         self.config, self.layout = config, SwiftKVLayout.of(config)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
-        shape = AttentionShape.of(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
-
-        def layer(attn: nn.Module, layer_idx: int) -> DecoderLayer:
-            return DecoderLayer(config, attn, quant_config, f"{prefix}.layers.{layer_idx}")
-
-        layers = [
-            layer(BaseAttention(config, shape, cache_config, quant_config, i, self._attn(prefix, i)), i)
-            for i in range(self.layout.num_key_value_layers)
-        ]
-        # Writers first: the sharing layers must come after their target and form the trailing run of layers.
-        writers = {
-            leader: _attention(
-                SwiftKVCacheWriter,
-                config,
-                shape,
-                cache_config,
-                quant_config,
-                leader,
-                f"{self._attn(prefix, leader)}.swiftkv_attn",
-            )
-            for leader in self.layout.leaders
-        }
-        for i in range(self.layout.num_key_value_layers, self.layout.num_layers):
-            leader = self.layout.leader_of(i)
-            attn = SwiftKVAttention(
-                config, shape, cache_config, quant_config, i, self._attn(prefix, i), writers[leader], leader == i
-            )
-            layers.append(layer(attn, i))
+        layers = _build_layers(config, self.layout, cache_config, quant_config, prefix)
         self.layers = nn.ModuleList(layers)
         self.norm_swiftkv = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.layout.skips else None
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.fast_prefill = bool(cache_config.kv_sharing_fast_prefill) and self.layout.skips
         # (rows into layer 0, rows into layer L) of recent forwards: shows the skipping (tests, `row_counts`).
         self.row_counts: deque[tuple[int, int]] = deque(maxlen=256)
-
-    @staticmethod
-    def _attn(prefix: str, layer_idx: int) -> str:
-        return f"{prefix}.layers.{layer_idx}.self_attn"
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

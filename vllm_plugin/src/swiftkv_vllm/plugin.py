@@ -14,8 +14,12 @@ from __future__ import annotations
 import os
 
 from transformers import AutoConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
 from swiftkv_vllm.configs import FAMILIES, SwiftKVLayout
+
+logger = init_logger(__name__)
 
 FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
 FAST_PREFILL_OVERRIDE = "swiftkv_fast_prefill"  # hf_overrides / config.json key
@@ -35,7 +39,6 @@ def register() -> None:
     if _registered:
         return
     from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     for config_class, architecture in FAMILIES.values():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -53,20 +56,11 @@ def fast_prefill_requested(hf_config) -> bool:
     return env not in ("0", "false", "off") and bool(getattr(hf_config, FAST_PREFILL_OVERRIDE, True))
 
 
-def _hook_base() -> type:
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    return VerifyAndUpdateConfig
-
-
-class SwiftKVConfigHook(_hook_base()):
+class SwiftKVConfigHook(VerifyAndUpdateConfig):
     """Turns on vLLM's KV-sharing fast prefill for SwiftKV checkpoints, and guards prompt logprobs."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from vllm.logger import init_logger
-
-        logger = init_logger(__name__)
         hf_config = vllm_config.model_config.hf_config
         layout = SwiftKVLayout.of(hf_config)
         cache_config = vllm_config.cache_config
