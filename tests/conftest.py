@@ -81,3 +81,12 @@ def tiny_tokenizer():
         "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7{% endif %}"
     )
     return tokenizer
+
+
+@pytest.fixture
+def chat_dir(tmp_path):
+    """A tiny Llama checkpoint with the word-level chat tokenizer (256 positions, 6 layers), saved to disk."""
+    path = tmp_path / "chat"
+    tiny_base("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -12,19 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_base, tiny_tokenizer
 
 from swiftkv.cli import main
 from swiftkv.files import STAGING_TAG, remove_stale_staging
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    """A tiny Llama with a tokenizer (256 positions, 6 layers)."""
-    path = tmp_path / "model"
-    tiny_base("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def model_dir(chat_dir):
+    return chat_dir
 
 
 def _fails(argv: list[str], capsys, *messages: str) -> str:

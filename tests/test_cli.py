@@ -80,16 +80,6 @@ def test_unsupported_family(tmp_path, capsys):
     assert "supports llama, mistral, qwen2, qwen3" in capsys.readouterr().err
 
 
-@pytest.fixture
-def chat_dir(tmp_path):
-    from conftest import tiny_tokenizer
-
-    path = tmp_path / "chat"
-    tiny_base("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_demo_and_generate_smoke(chat_dir, capsys):
     argv = ["demo", str(chat_dir), "-L", "3", "-g", "3", "--adapter", "none", "--prompt-tokens", "64"]
     assert main([*argv, "--max-new-tokens", "3", "--reps", "1", "--threads", "1"]) == 0
