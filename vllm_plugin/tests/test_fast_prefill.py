@@ -73,3 +73,14 @@ def test_engine_argument_turns_fast_prefill_off(expected):
         assert got == expected["models"]["qwen3/g1"]["tokens"]
     finally:
         close_llm(llm)
+
+
+def test_swiftkv_false_serves_the_base_model(expected):
+    """`swiftkv: false` (here through hf_overrides) is the teacher: the base model's tokens, no fast prefill."""
+    llm = make_llm("llama/g3", hf_overrides={"swiftkv": False})
+    try:
+        assert not llm.llm_engine.vllm_config.cache_config.kv_sharing_fast_prefill
+        got = generate_ids(llm, expected["prompts"], expected["new_tokens"])
+        assert got == expected["models"]["llama/base"]["tokens"]
+    finally:
+        close_llm(llm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from swiftkv_vllm.configs import LlamaSwiftKVConfig, Qwen3SwiftKVConfig, SwiftKVLayout
 from swiftkv_vllm.model import _skipped
 from swiftkv_vllm.plugin import fast_prefill_requested
@@ -30,7 +31,7 @@ def test_bad_layouts_name_the_value(layers, group, message):
 
 
 def test_configs_validate_when_read():
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(StrictDataclassClassValidationError, match="does not divide"):
         Qwen3SwiftKVConfig(num_hidden_layers=6, swiftkv=True, num_key_value_layers=3, key_value_group_size=2)
 
 
