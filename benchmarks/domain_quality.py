@@ -71,6 +71,32 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
+def markdown(results: dict) -> str:
+    """One row per variant: perplexity vs base / top-1 agreement on every domain (the unseen one last), then the
+    overall perplexity ratio, KL and agreement; the base perplexities in the first row."""
+    first = next(iter(results.values()))
+    domains = list(first["sources"])
+    label = {d: f"{d} (unseen)" if first["sources"][d]["unseen"] else d for d in domains}
+    lines = [
+        "| model | " + " | ".join(label[d] for d in domains) + " | overall | KL | agreement |",
+        "|---" * (len(domains) + 4) + "|",
+        "| base ppl | "
+        + " | ".join(f"{first['sources'][d]['base']['ppl']:.2f}" for d in domains)
+        + f" | {first['overall']['base']['ppl']:.2f} | | |",
+    ]
+    for name, table in results.items():
+        cells = [
+            f"{table['sources'][d]['ppl_ratio'] - 1:+.1%} / {table['sources'][d]['agreement']:.0%}" for d in domains
+        ]
+        overall = table["overall"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {overall['ppl_ratio'] - 1:+.1%} | {overall['kl']:.3f} | {overall['agreement']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -99,6 +125,8 @@ def main() -> None:
                 write_json(tables[name], Path(spec["adapter"]) / "domains.json")
         write_json(results, args.json)
     plot(results, args.plot)
+    if args.markdown:
+        print(markdown(results))
     print(f"wrote {args.json} and {args.plot}")
 
 
