@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--plot", type=Path, required=True)
+    p.add_argument("--markdown", action="store_true", help="print the table for README / docs")
     p.add_argument(
         "--into-adapters", action="store_true", help="also write each adapter's table to ADAPTER/domains.json"
     )
