@@ -43,12 +43,8 @@ def final_hidden(
 ) -> dict[str, torch.Tensor]:
     """{mode: hidden states after the final norm [B, T, D]} of every token (full forward)."""
     if is_swiftkv(model) and set(modes) == set(MODES):
-        decoder = model.model
-        hidden, inputs = decoder.prepare_layer_inputs(ids, attention_mask=mask)
-        prefix = decoder.run_prefix_layers(hidden, inputs)  # h_L [B, T, D], shared by both branches
-        teacher, _ = decoder.run_base_layers(prefix, inputs)
-        student, _ = decoder.run_swiftkv_layers(prefix, inputs)
-        return {BASE: decoder.norm(teacher), SWIFTKV: decoder.norm(student)}
+        base, finals = variants_hidden({SWIFTKV: model}, ids, mask)
+        return {BASE: base, SWIFTKV: finals[SWIFTKV]}
     out = {}
     for name in modes:
         with mode(model, name):
@@ -107,18 +103,15 @@ def sequence_stats(
 
 
 @torch.inference_mode()
-def variants_stats(
-    variants: dict[str, PreTrainedModel], ids: torch.Tensor, chunk: int = 256, scored: torch.Tensor | None = None
-) -> dict[str, dict]:
-    """{name: `sequence_stats` sums} of several SwiftKV variants of ONE base model against it, for ids [1, T];
-    `scored` [T-1] bool limits the sums to those positions (e.g. assistant tokens; default: every position).
-
-    The variants are built from the same base weights (`convert` / `apply_adapter` of one loaded model), so the
-    base forward and its logits run once for all of them, and layers < L once per distinct L.
-    """
+def variants_hidden(
+    variants: dict[str, PreTrainedModel], ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(base model's, {name: each variant's}) hidden states after the final norm [B, T, D], full forward, for
+    SwiftKV variants of ONE base model (built from the same base weights by `convert` / `apply_adapter`): the base
+    branch runs once, and layers < L once per distinct L (h_L is what both branches start from)."""
     models = list(variants.values())
-    hidden, inputs = models[0].model.prepare_layer_inputs(ids)
-    prefix: dict[int, torch.Tensor] = {}  # L -> h_L [1, T, D]
+    hidden, inputs = models[0].model.prepare_layer_inputs(ids, attention_mask=mask)
+    prefix: dict[int, torch.Tensor] = {}  # L -> h_L [B, T, D]
     for model in models:
         layers = model.config.num_key_value_layers
         if layers not in prefix:
@@ -129,6 +122,19 @@ def variants_stats(
         name: model.model.norm(model.model.run_swiftkv_layers(prefix[model.config.num_key_value_layers], inputs)[0])
         for name, model in variants.items()
     }
+    return base, finals
+
+
+@torch.inference_mode()
+def variants_stats(
+    variants: dict[str, PreTrainedModel], ids: torch.Tensor, chunk: int = 256, scored: torch.Tensor | None = None
+) -> dict[str, dict]:
+    """{name: `sequence_stats` sums} of several SwiftKV variants of ONE base model against it, for ids [1, T];
+    `scored` [T-1] bool limits the sums to those positions (e.g. assistant tokens; default: every position).
+    The base forward (`variants_hidden`) and its logits run once for all variants.
+    """
+    models = list(variants.values())
+    base, finals = variants_hidden(variants, ids)
     positions = torch.arange(ids.shape[1] - 1, device=ids.device)  # position t predicts token t+1
     if scored is not None:
         positions = positions[scored.to(ids.device)]
