@@ -93,12 +93,15 @@ def encode_chat(
     return TokenSequence(ids, labels)
 
 
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """A plain text's token ids followed by EOS (the separator when texts are packed together)."""
+    eos = tokenizer.eos_token_id
+    return tokenizer(text)["input_ids"] + ([eos] if eos is not None else [])
+
+
 def pack_text(tokenizer, texts: Sequence[str], max_length: int) -> list[TokenSequence]:
     """Concatenate texts (each followed by EOS) and cut into `max_length` chunks; every token is a target."""
-    stream: list[int] = []
-    eos = tokenizer.eos_token_id
-    for text in texts:
-        stream += tokenizer(text)["input_ids"] + ([eos] if eos is not None else [])
+    stream = [token for text in texts for token in _text_ids(tokenizer, text)]
     chunks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
     return [TokenSequence(chunk, list(chunk)) for chunk in chunks if len(chunk) >= 2]
 
@@ -153,7 +156,6 @@ def _source_sequences(
     `max_length` are cut; sequences without targets are skipped.
     """
     examples = load_examples(source, split=split)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rng = random.Random(f"{seed}:{source}")
     stream: list[int] = []
     while True:
@@ -161,7 +163,7 @@ def _source_sequences(
         for index in rng.sample(range(len(examples)), len(examples)):
             example = examples[index]
             if "text" in example:
-                stream += tokenizer(example["text"])["input_ids"] + eos
+                stream += _text_ids(tokenizer, example["text"])
                 while len(stream) >= max_length:
                     produced += 1
                     yield TokenSequence(stream[:max_length], stream[:max_length])
