@@ -26,66 +26,76 @@ namespace {
 using Tensor = at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-typedef float v16 __attribute__((vector_size(64)));  // GCC vectors: AVX-512, 2x AVX2 or NEON, chosen by -march
+// One machine vector of float32 lanes: GCC vector types sized to the target's registers. A type wider than the
+// registers (64 bytes under AVX2) is lowered through the stack: the AVX2 build of this file ran 2.2x slower.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;  // SSE, NEON
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-inline v16 load16(const float* p) {
-  v16 v;
+inline vf loadv(const float* p) {
+  vf v;
   __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
   return v;
 }
 
-// Sum of the 16 lanes as a tree of halves (4 shuffles + adds instead of 15 dependent scalar adds).
-inline float hsum(v16 v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
+inline void storev(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// Sum of the W lanes as a tree of halves (log2(W) adds instead of W - 1 dependent scalar adds).
+inline float hsum(vf v) {
+  float lanes[W];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  for (int width = W / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four independent FMA chains
+  vf s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four independent FMA chains
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    s0 += load16(a + i) * load16(b + i);
-    s1 += load16(a + i + 16) * load16(b + i + 16);
-    s2 += load16(a + i + 32) * load16(b + i + 32);
-    s3 += load16(a + i + 48) * load16(b + i + 48);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 += loadv(a + i) * loadv(b + i);
+    s1 += loadv(a + i + W) * loadv(b + i + W);
+    s2 += loadv(a + i + 2 * W) * loadv(b + i + 2 * W);
+    s3 += loadv(a + i + 3 * W) * loadv(b + i + 3 * W);
   }
-  for (; i + 16 <= n; i += 16) s0 += load16(a + i) * load16(b + i);
+  for (; i + W <= n; i += W) s0 += loadv(a + i) * loadv(b + i);
   float r = hsum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
 }
 
-// exp of 16 lanes (Cephes expf: 2^n * p(r), |r| <= ln2/2; ~1 ulp). Lanes below -87.3 (masked, -inf) give exactly 0.
-inline v16 exp16(v16 x) {
-  typedef int32_t i16 __attribute__((vector_size(64)));
-  const v16 zero = {};
-  const v16 c = x < -87.3f ? zero : (x > 88.3f ? zero + 88.3f : x);  // in range for the exponent trick
-  const v16 n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const v16 r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
-  v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+// exp of W lanes (Cephes expf: 2^n * p(r), |r| <= ln2/2; ~1 ulp). Lanes below -87.3 (masked, -inf) give exactly 0.
+inline vf expv(vf x) {
+  const vf zero = {};
+  const vf c = x < -87.3f ? zero : (x > 88.3f ? zero + 88.3f : x);  // in range for the exponent trick
+  const vf n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const vf r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
+  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  const v16 e = p * scale;
+  const vf e = p * scale;
   return x < -87.3f ? zero : e;
 }
 
 // x [n] = exp(x - shift), returns the sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
-  v16 total = {};
+  vf total = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 e = exp16(load16(x + i) - shift);
-    __builtin_memcpy(x + i, &e, sizeof(e));
+  for (; i + W <= n; i += W) {
+    const vf e = expv(loadv(x + i) - shift);
+    storev(x + i, e);
     total += e;
   }
   float sum = hsum(total);
@@ -96,22 +106,16 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
 // o [DH] = scale * sum_s p[s] v[s, :] with the accumulator in registers (head dims 64 and 128).
 template <int DH>
 inline void weighted_sum(const float* p, float scale, const float* v, int64_t S, float* o) {
-  v16 acc[DH / 16] = {};
+  vf acc[DH / W] = {};
   for (int64_t s = 0; s < S; ++s)
-    for (int j = 0; j < DH / 16; ++j) acc[j] += p[s] * load16(v + s * DH + 16 * j);
-  for (int j = 0; j < DH / 16; ++j) {
-    const v16 r = acc[j] * scale;
-    __builtin_memcpy(o + 16 * j, &r, sizeof(r));
-  }
+    for (int j = 0; j < DH / W; ++j) acc[j] += p[s] * loadv(v + s * DH + W * j);
+  for (int j = 0; j < DH / W; ++j) storev(o + W * j, acc[j] * scale);
 }
 
 // o [n] += p * v [n]
 inline void axpy(float p, const float* v, float* o, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16 acc = load16(o + i) + p * load16(v + i);
-    __builtin_memcpy(o + i, &acc, sizeof(acc));
-  }
+  for (; i + W <= n; i += W) storev(o + i, loadv(o + i) + p * loadv(v + i));
   for (; i < n; ++i) o[i] += p * v[i];
 }
 
