@@ -487,3 +487,38 @@ def test_quality_vs_layers_sweep_runs_resumes_and_rejects_bad_input(model_dir, c
         with pytest.raises(SystemExit):
             sweep.main()
         assert says in capsys.readouterr().err
+
+
+def test_export_writes_the_latest_checkpoints_adapter_without_training(model_dir, chats, tmp_path):
+    """A run stopped early (Ctrl-C during step 3 of 4) is exported as of its latest checkpoint (step 2)."""
+    from swiftkv.adapter import read_adapter
+    from swiftkv.distill.recipe import distill
+
+    out = tmp_path / "run"
+    config = tiny_config(model_dir, chats, out)  # 4 steps, a checkpoint every 2
+    recipe = DistillRecipe(config, quiet=True)
+    step = recipe._train_step
+
+    def interrupted_at_step_3():
+        if recipe.step == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    recipe._train_step = interrupted_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run()
+    assert not (out / "adapter").exists()
+    step2 = load_file(latest_checkpoint(out) / "trainable.safetensors")
+
+    result = distill(config, quiet=True, export=True)
+    adapter_config, tensors = read_adapter(result["adapter"])
+    assert adapter_config["distill"]["steps"] == 2
+    assert tensors.keys() == step2.keys()
+    assert all(torch.equal(tensors[name], step2[name].to(tensors[name].dtype)) for name in step2)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]  # the exported steps' rows; nothing trained
+
+
+def test_export_needs_a_checkpoint(model_dir, chats, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--export: no checkpoint"):
+        DistillRecipe(tiny_config(model_dir, chats, tmp_path / "new"), export=True, quiet=True).setup()

@@ -13,7 +13,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from swiftkv.distill.recipe import distill
 
     config = load_config(args.config, args.overrides)
-    result = distill(config, resume=args.resume, overwrite=args.overwrite)
+    result = distill(config, resume=args.resume, overwrite=args.overwrite, export=args.export)
     if result.get("adapter"):
         print(f"wrote adapter {result['adapter']}" + (f" and checkpoint {result['model']}" if result["model"] else ""))
 
@@ -43,6 +43,12 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 max_steps=100 data=[chitchat]")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty output_dir")
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="write the adapter (and checkpoint/eval per the config) from OUTPUT_DIR's latest checkpoint without "
+        "training further, e.g. for a run stopped early",
+    )
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(

@@ -83,8 +83,22 @@ def _check_gpu(device: torch.device, local_rank: int) -> None:
 class DistillRecipe:
     """Distil a converted SwiftKV model from its own base weights. See the module docstring and docs/quality.md."""
 
-    def __init__(self, config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False):
-        self.config, self.resume, self.overwrite, self.quiet = config, resume, overwrite, quiet
+    def __init__(
+        self,
+        config: DistillConfig,
+        resume: bool = False,
+        overwrite: bool = False,
+        quiet: bool = False,
+        export: bool = False,
+    ):
+        # export: write the outputs of the latest checkpoint without training further (a run stopped early)
+        self.config, self.resume, self.overwrite, self.quiet, self.export = (
+            config,
+            resume or export,
+            overwrite,
+            quiet,
+            export,
+        )
         self.out = Path(config.output_dir)
         self.history: list[dict] = []  # one row per optimizer step run by this process (rank 0's view)
         self.step = 0  # optimizer steps completed
@@ -99,7 +113,8 @@ class DistillRecipe:
         if self.rank == 0 and not self.resume:
             prepare_output_dir(self.out, self.overwrite)
         if self.resume and latest_checkpoint(self.out) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / CHECKPOINT_DIR}; start without --resume.")
+            flag = "--export" if self.export else "--resume"
+            raise FileNotFoundError(f"{flag}: no checkpoint in {self.out / CHECKPOINT_DIR}; start without {flag}.")
         base, self.tokenizer = load_model(os.path.expanduser(cfg.model), cfg.dtype)
         cfg.validate_for_model(base.config)
         self.identity = adapters.base_identity(base, cfg.model)
@@ -537,15 +552,18 @@ class DistillRecipe:
             (self.out).mkdir(parents=True, exist_ok=True)
             if self.rank == 0:
                 (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-            self.train()
+            if not self.export:
+                self.train()
             return self.finish()
         finally:
             self.cleanup()
 
 
-def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Python API of `swiftkv distill`."""
-    return DistillRecipe(config, resume=resume, overwrite=overwrite, quiet=quiet).run()
+def distill(
+    config: DistillConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False, export: bool = False
+) -> dict:
+    """Python API of `swiftkv distill` (`export`: the latest checkpoint's adapter, no further training)."""
+    return DistillRecipe(config, resume=resume, overwrite=overwrite, quiet=quiet, export=export).run()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
