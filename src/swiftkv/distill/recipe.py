@@ -91,14 +91,9 @@ class DistillRecipe:
         quiet: bool = False,
         export: bool = False,
     ):
-        # export: write the outputs of the latest checkpoint without training further (a run stopped early)
-        self.config, self.resume, self.overwrite, self.quiet, self.export = (
-            config,
-            resume or export,
-            overwrite,
-            quiet,
-            export,
-        )
+        self.config, self.overwrite, self.quiet = config, overwrite, quiet
+        self.export = export  # outputs of the latest checkpoint, no further training (a run stopped early)
+        self.resume = resume or export  # an export loads the checkpoint exactly as a resumed run does
         self.out = Path(config.output_dir)
         self.history: list[dict] = []  # one row per optimizer step run by this process (rank 0's view)
         self.step = 0  # optimizer steps completed
