@@ -129,3 +129,25 @@ def test_eval_calibrate_scores_the_fitted_model(tmp_path, capsys):
     assert main(argv) == 0
     plain = json.loads((tmp_path / "r.json").read_text())
     assert fitted["tasks"] != plain["tasks"]
+
+
+def _bundle(root, name: str, layers: int, group: int, ratios: dict[str, float], agreement: float) -> None:
+    folder = root / name
+    folder.mkdir()
+    config = {"num_key_value_layers": layers, "key_value_group_size": group}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    rows = {source: {"ppl_ratio": ratio} for source, ratio in ratios.items()}
+    overall = {"agreement": agreement, "ppl_ratio": max(ratios.values())}
+    (folder / "domains.json").write_text(json.dumps({"sources": rows, "overall": overall}))
+
+
+def test_demo_runs_the_deepest_bundled_layout_whose_quality_holds(tmp_path, monkeypatch):
+    from swiftkv.cli.commands import demo_adapter
+
+    monkeypatch.setattr("swiftkv.adapter.BUNDLED_DIR", tmp_path)
+    _bundle(tmp_path, "L15", 15, 1, {"a": 1.30, "b": 1.0}, 0.72)  # most skip, misses the targets
+    _bundle(tmp_path, "L22", 22, 1, {"a": 1.06, "b": 1.0}, 0.898)  # closest of the misses
+    assert demo_adapter() == "L22"  # none meets the targets: the closest to the base
+    _bundle(tmp_path, "L25", 25, 1, {"a": 1.01, "b": 1.0}, 0.95)
+    _bundle(tmp_path, "L24", 24, 1, {"a": 1.029, "b": 0.99}, 0.91)
+    assert demo_adapter() == "L24"  # the most skip among those that meet them

@@ -426,3 +426,17 @@ def test_variants_scored_in_one_pass_equal_each_scored_alone(tok):
         assert together[name].keys() == alone.keys()
         for key, value in alone.items():
             assert together[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+
+
+def _table(ratios: dict[str, float], agreement: float, unseen: str | None = None) -> dict:
+    rows = {name: {"ppl_ratio": ratio, "unseen": name == unseen} for name, ratio in ratios.items()}
+    return {"sources": rows, "overall": {"agreement": agreement}}
+
+
+def test_quality_shortfalls_name_every_miss_and_ignore_unseen_domains():
+    from swiftkv.evaluate.text import quality_shortfalls
+
+    assert quality_shortfalls(_table({"a": 1.03, "b": 0.98, "poems": 1.5}, 0.90, unseen="poems")) == []
+    misses = quality_shortfalls(_table({"a": 1.031, "b": 1.0, "c": 1.2}, 0.899))
+    assert misses == ["a +3.1%", "c +20.0%", "agreement 89.9%"]
+    assert quality_shortfalls(_table({"a": 1.10}, 0.5), max_ppl_increase=0.15, min_agreement=0.5) == []

@@ -12,18 +12,18 @@ import torch
 from transformers import TextStreamer
 
 from swiftkv import batch, bench, theory
-from swiftkv.adapter import bundled_adapters, resolve_adapter
+from swiftkv.adapter import CONFIG_NAME, bundled_adapters, resolve_adapter
 from swiftkv.calibration import calibrate
 from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import DEFAULT_SKIP, has_layout
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, quality_shortfalls
 from swiftkv.files import prepare_output_dir
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
 from swiftkv.modeling import native
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
-DEMO_LAYERS = 22  # the deepest bundled layout that keeps the default model's quality (docs/quality.md)
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
 
 
@@ -159,17 +159,39 @@ def _demo_prompt(tokenizer, target_tokens: int) -> torch.Tensor:
     return _encode(tokenizer, f"{document}\n\n{DEMO_QUESTION}", chat=True)
 
 
+def _measured_quality(adapter_dir: Path) -> dict | None:
+    """The adapter's per-domain table (domains.json, written by `benchmarks/domain_quality.py`), if measured."""
+    measured = adapter_dir / "domains.json"
+    return json.loads(measured.read_text()) if measured.is_file() else None
+
+
+def demo_adapter() -> str:
+    """The bundled adapter the demo runs by default: of those whose measured quality meets the targets
+    (`quality_shortfalls`), the one whose prompt tokens skip the most layers; if none does, the closest to base."""
+    candidates = []
+    for name in bundled_adapters():
+        path = resolve_adapter(name)
+        config, table = json.loads((path / CONFIG_NAME).read_text()), _measured_quality(path)
+        if table is not None:
+            layout = (config["num_key_value_layers"], -config["key_value_group_size"])
+            candidates.append((bool(quality_shortfalls(table)), layout, table["overall"]["ppl_ratio"], name))
+    if not candidates:
+        raise FileNotFoundError("no bundled adapter has a measured domains.json; pass --adapter or -L")
+    meeting = [c for c in candidates if not c[0]]
+    return min(meeting, key=lambda c: c[1])[3] if meeting else min(candidates, key=lambda c: c[2])[3]
+
+
 def _demo_model(args: argparse.Namespace):
     """(model, tokenizer, adapter dir or None, origin): --adapter; else for the default model the bundled adapter of
-    the layout (-L/--skip/-g, default L=DEMO_LAYERS); else the SwiftKV checkpoint as it is or an undistilled
-    conversion ('--adapter none' forces the conversion)."""
+    the layout -L/--skip/-g, or without a layout `demo_adapter()`; else the SwiftKV checkpoint as it is or an
+    undistilled conversion ('--adapter none' forces the conversion)."""
     num_layers = load_model_config(args.model).num_hidden_layers
-    default_layers = DEMO_LAYERS if args.model == DEFAULT_MODEL else num_layers // 2
-    layers = _layout(args, num_layers) if has_layout(args) else default_layers
+    layers = _layout(args, num_layers) if has_layout(args) else num_layers // 2
     adapter = args.adapter
     if adapter is None and args.model == DEFAULT_MODEL:
         bundled = f"smollm2-L{layers}-g{args.key_value_group_size}"
-        adapter = bundled if bundled in bundled_adapters() else None
+        adapter = bundled if has_layout(args) else demo_adapter()
+        adapter = adapter if adapter in bundled_adapters() else None
     if adapter not in (None, "none"):
         model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype)
         return model, tokenizer, resolve_adapter(adapter), f"distilled adapter {adapter}"
@@ -182,17 +204,20 @@ def _demo_model(args: argparse.Namespace):
 
 
 def _quality_lines(adapter_dir: Path | None) -> list[str]:
-    """The adapter's measured per-domain quality (domains.json, written by `benchmarks/domain_quality.py`)."""
-    measured = adapter_dir / "domains.json" if adapter_dir is not None else None
-    if measured is None or not measured.is_file():
+    """The adapter's measured per-domain quality against the targets, unseen domains apart."""
+    table = _measured_quality(adapter_dir) if adapter_dir is not None else None
+    if table is None:
         return ["quality: not measured for this model (swiftkv eval MODEL --tasks domains measures it)"]
-    table = json.loads(measured.read_text())
-    overall, rows = table["overall"], table["sources"]
+    rows = {name: row for name, row in table["sources"].items() if not row.get("unseen")}
+    unseen = [f"{name} {row['ppl_ratio'] - 1:+.1%}" for name, row in table["sources"].items() if row.get("unseen")]
     worst = max(rows, key=lambda name: rows[name]["ppl_ratio"])
+    misses = quality_shortfalls(table)
+    verdict = "misses them: " + ", ".join(misses) if misses else "meets them"
     return [
         f"quality (held-out text of {len(rows)} domains, {adapter_dir.name}/domains.json): perplexity "
-        f"{overall['ppl_ratio'] - 1:+.1%} vs base overall, worst {worst} {rows[worst]['ppl_ratio'] - 1:+.1%}; "
-        f"top-1 agreement {overall['agreement']:.1%}"
+        f"{table['overall']['ppl_ratio'] - 1:+.1%} vs base overall, worst {worst} {rows[worst]['ppl_ratio'] - 1:+.1%}; "
+        f"top-1 agreement {table['overall']['agreement']:.1%}; unseen {', '.join(unseen) or 'none measured'}",
+        f"targets (every domain within {MAX_PPL_INCREASE:+.0%}, agreement >= {MIN_AGREEMENT:.0%}): {verdict}",
     ]
 
 
