@@ -32,3 +32,11 @@ def test_every_bundled_adapter_has_its_reference_and_quality():
     for name in swiftkv.bundled_adapters():
         folder = resolve_adapter(name)
         assert (folder / REFERENCE_NAME).is_file() and (folder / "domains.json").is_file(), name
+
+
+def test_the_demo_default_adapter_meets_the_quality_targets():
+    from swiftkv.cli.commands import demo_adapter
+    from swiftkv.evaluate.text import quality_shortfalls
+
+    table = json.loads((resolve_adapter(demo_adapter()) / "domains.json").read_text())
+    assert quality_shortfalls(table) == []
