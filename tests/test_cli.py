@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_base
 
+from swiftkv.adapter import CONFIG_NAME, QUALITY_NAME
 from swiftkv.cli import main
 
 
@@ -135,10 +136,10 @@ def _bundle(root, name: str, layers: int, group: int, ratios: dict[str, float], 
     folder = root / name
     folder.mkdir()
     config = {"num_key_value_layers": layers, "key_value_group_size": group}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
     rows = {source: {"ppl_ratio": ratio} for source, ratio in ratios.items()}
     overall = {"agreement": agreement, "ppl_ratio": max(ratios.values())}
-    (folder / "domains.json").write_text(json.dumps({"sources": rows, "overall": overall}))
+    (folder / QUALITY_NAME).write_text(json.dumps({"sources": rows, "overall": overall}))
 
 
 def test_demo_runs_the_deepest_bundled_layout_whose_quality_holds(tmp_path, monkeypatch):
@@ -151,3 +152,5 @@ def test_demo_runs_the_deepest_bundled_layout_whose_quality_holds(tmp_path, monk
     _bundle(tmp_path, "L25", 25, 1, {"a": 1.01, "b": 1.0}, 0.95)
     _bundle(tmp_path, "L24", 24, 1, {"a": 1.029, "b": 0.99}, 0.91)
     assert demo_adapter() == "L24"  # the most skip among those that meet them
+    _bundle(tmp_path, "L15g3", 15, 3, {"a": 2.0}, 0.6)
+    assert demo_adapter(group=3) == "L15g3" and demo_adapter(group=2) is None  # -g picks among its own group

@@ -220,6 +220,7 @@ def apply_adapter(
 
 
 REFERENCE_NAME = "reference.json"  # logits of base + adapter on a fixed prompt, recorded when the adapter is made
+QUALITY_NAME = "domains.json"  # its per-domain quality table (`benchmarks/domain_quality.py --into-adapters`)
 REFERENCE_PROMPT = "The river valley had been farmed for centuries before the railway arrived. Each spring the water"
 
 

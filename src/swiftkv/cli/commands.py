@@ -12,14 +12,14 @@ import torch
 from transformers import TextStreamer
 
 from swiftkv import batch, bench, theory
-from swiftkv.adapter import CONFIG_NAME, bundled_adapters, resolve_adapter
+from swiftkv.adapter import CONFIG_NAME, QUALITY_NAME, bundled_adapters, resolve_adapter
 from swiftkv.calibration import calibrate
 from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import DEFAULT_SKIP, has_layout
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
 from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, quality_shortfalls
-from swiftkv.files import prepare_output_dir
+from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
 from swiftkv.modeling import native
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
@@ -160,38 +160,39 @@ def _demo_prompt(tokenizer, target_tokens: int) -> torch.Tensor:
 
 
 def _measured_quality(adapter_dir: Path) -> dict | None:
-    """The adapter's per-domain table (domains.json, written by `benchmarks/domain_quality.py`), if measured."""
-    measured = adapter_dir / "domains.json"
-    return json.loads(measured.read_text()) if measured.is_file() else None
+    """The adapter's per-domain table (QUALITY_NAME, written by `benchmarks/domain_quality.py`), if measured."""
+    measured = adapter_dir / QUALITY_NAME
+    return read_json_file(measured, f"quality table of {adapter_dir}") if measured.is_file() else None
 
 
-def demo_adapter() -> str:
-    """The bundled adapter the demo runs by default: of those whose measured quality meets the targets
-    (`quality_shortfalls`), the one whose prompt tokens skip the most layers; if none does, the closest to base."""
-    candidates = []
+def demo_adapter(group: int = 1) -> str | None:
+    """The bundled adapter of AcrossKV group `group` the demo runs by default: of those whose measured quality meets
+    the targets (`quality_shortfalls`), the one whose prompt tokens skip the most layers; if none does, the one
+    closest to the base; None when no bundled adapter of that group is measured."""
+    measured = {}  # name -> (L, quality table)
     for name in bundled_adapters():
         path = resolve_adapter(name)
-        config, table = json.loads((path / CONFIG_NAME).read_text()), _measured_quality(path)
-        if table is not None:
-            layout = (config["num_key_value_layers"], -config["key_value_group_size"])
-            candidates.append((bool(quality_shortfalls(table)), layout, table["overall"]["ppl_ratio"], name))
-    if not candidates:
-        raise FileNotFoundError("no bundled adapter has a measured domains.json; pass --adapter or -L")
-    meeting = [c for c in candidates if not c[0]]
-    return min(meeting, key=lambda c: c[1])[3] if meeting else min(candidates, key=lambda c: c[2])[3]
+        config, table = read_json_file(path / CONFIG_NAME, f"adapter {path}"), _measured_quality(path)
+        if table is not None and config["key_value_group_size"] == group:
+            measured[name] = (config["num_key_value_layers"], table)
+    meeting = [name for name, (_, table) in measured.items() if not quality_shortfalls(table)]
+    if meeting:
+        return min(meeting, key=lambda name: measured[name][0])
+    return min(measured, key=lambda name: measured[name][1]["overall"]["ppl_ratio"], default=None)
 
 
 def _demo_model(args: argparse.Namespace):
     """(model, tokenizer, adapter dir or None, origin): --adapter; else for the default model the bundled adapter of
-    the layout -L/--skip/-g, or without a layout `demo_adapter()`; else the SwiftKV checkpoint as it is or an
-    undistilled conversion ('--adapter none' forces the conversion)."""
+    the layout -L/--skip/-g, or without -L/--skip `demo_adapter(g)`; else the SwiftKV checkpoint as it is or an
+    undistilled conversion at L = N // 2 ('--adapter none' forces the conversion)."""
     num_layers = load_model_config(args.model).num_hidden_layers
     layers = _layout(args, num_layers) if has_layout(args) else num_layers // 2
     adapter = args.adapter
-    if adapter is None and args.model == DEFAULT_MODEL:
+    if adapter is None and args.model == DEFAULT_MODEL and has_layout(args):
         bundled = f"smollm2-L{layers}-g{args.key_value_group_size}"
-        adapter = bundled if has_layout(args) else demo_adapter()
-        adapter = adapter if adapter in bundled_adapters() else None
+        adapter = bundled if bundled in bundled_adapters() else None
+    elif adapter is None and args.model == DEFAULT_MODEL:
+        adapter = demo_adapter(args.key_value_group_size)
     if adapter not in (None, "none"):
         model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype)
         return model, tokenizer, resolve_adapter(adapter), f"distilled adapter {adapter}"
