@@ -1,0 +1,86 @@
+"""benchmarks/token_curve.py: the power-law fit against a closed form, the table and plot, and its input errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "token_curve.py"
+
+
+@pytest.fixture(scope="module")
+def curve():
+    spec = importlib.util.spec_from_file_location("token_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(excess: dict[str, float], kl: float) -> dict:
+    """A domain_quality.py entry with these perplexity excesses (ppl_ratio - 1) per source; overall = their mean."""
+    rows = {name: {"ppl_ratio": 1 + value, "unseen": name == "plays"} for name, value in excess.items()}
+    return {"sources": rows, "overall": {"ppl_ratio": 1 + sum(excess.values()) / len(excess), "kl": kl}}
+
+
+def tables() -> dict:
+    """'prose' halves per doubling from +16% at 1M tokens (reaches +3% at 16/3 M tokens); 'code' is already
+    within +3% at the last point; 'plays' does not improve."""
+    tokens = {"a": 1e6, "b": 2e6, "c": 4e6}
+    return {
+        name: table({"prose": 0.16 * (1e6 / t), "code": 0.04 if name == "a" else 0.02, "plays": 0.05}, 0.1 * 1e6 / t)
+        for name, t in tokens.items()
+    }
+
+
+def test_fit_recovers_the_power_law_and_marks_met_and_unreachable(curve):
+    result = curve.token_curve(tables(), {"a": 1e6, "b": 2e6, "c": 4e6}, target=0.03, kl_target=0.01)
+    prose = result["sources"]["prose"]
+    assert prose["per_doubling"] == pytest.approx(0.5)
+    assert prose["tokens_to_target"] == pytest.approx(1e6 * 16 / 3)  # excess = 0.16 * 1e6 / tokens
+    assert result["sources"]["code"]["met"] and result["sources"]["code"]["tokens_to_target"] is None
+    plays = result["sources"]["plays"]
+    assert not plays["met"] and plays["per_doubling"] == pytest.approx(1.0) and plays["tokens_to_target"] is None
+    assert result["sources"]["plays"]["unseen"] and not result["sources"]["prose"]["unseen"]
+    assert result["overall_kl"]["tokens_to_target"] == pytest.approx(1e7)  # kl = 0.1 * 1e6 / tokens
+    assert math.isclose(result["overall"]["values"][0], (0.16 + 0.04 + 0.05) / 3)
+
+
+def test_cli_writes_json_and_plot_and_prints_the_table(curve, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "domains.json"
+    source.write_text(json.dumps(tables()))
+    out, png = tmp_path / "curve.json", tmp_path / "curve.png"
+    argv = ["token_curve.py", "--json", str(source), "--series", "c=4e6", "a=1e6", "b=2e6"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out), "--plot", str(png)])
+    curve.main()
+    written = json.loads(out.read_text())
+    assert list(written["series"]) == ["a", "b", "c"]  # sorted by tokens
+    assert png.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "5M" in printed.splitlines()[1] and "met" in printed and "out of reach" in printed
+
+
+@pytest.mark.parametrize(
+    ("series", "says"),
+    [
+        (["a=1e6", "z=2e6"], "'z' is not a variant"),
+        (["a=1e6", "b=lots"], "is not NAME=TOKENS"),
+        (["a=1e6", "b=0"], "must be > 0"),
+        (["a=1e6"], "at least two"),
+    ],
+)
+def test_bad_series_exits_2_naming_the_value_and_writes_nothing(curve, tmp_path, monkeypatch, capsys, series, says):
+    source = tmp_path / "domains.json"
+    source.write_text(json.dumps(tables()))
+    out = tmp_path / "curve.json"
+    argv = ["token_curve.py", "--json", str(source), "--series", *series, "--out", str(out), "--plot", "x.png"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        curve.main()
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()
