@@ -7,8 +7,8 @@ squares on log-log over the points where the excess is positive; the same for th
 factor per doubling of the tokens (2^b) and the tokens where the fit crosses the target. A power law without a
 floor is the optimistic reading: if the curve flattens (a capacity limit), more tokens stop helping sooner.
 
-    python benchmarks/token_curve.py --json results/domains_smollm2.json --target 0.03 \\
-        --series L22-mix=296e3 L22-mix2=506e3 L22-mix3=1.847e6 L22-mix4=2.104e6 L22-mix5=3.688e6 \\
+    python benchmarks/token_curve.py --json results/domains_smollm2.json --target 0.03 --kl-target 0.02 \\
+        --series L22-mix=296e3 L22-mix2=506e3 L22-mix3=1.847e6 L22-mix4=2.104e6 L22-mix5=3.688e6 L22-mix6=5.225e6 \\
         --out results/tokens_L22.json --plot results/tokens_L22.png
 """
 
@@ -52,8 +52,9 @@ def fit(tokens: list[float], values: list[float], target: float) -> dict:
     slope, intercept = np.polyfit(np.log([t for t, _ in points]), np.log([v for _, v in points]), 1)
     row["fit"] = {"slope": float(slope), "intercept": float(intercept)}  # log(value) = intercept + slope * log(tokens)
     row["per_doubling"] = float(2**slope)
-    log_needed = (math.log(target) - intercept) / slope if slope < 0 else math.inf  # in log space: a flat fit
-    if log_needed <= math.log(MAX_TOKENS):  # has a slope of ~-1e-17, and exp() of its crossing overflows
+    # in log space: a flat fit has a slope of ~-1e-17, and exp() of its crossing would overflow
+    log_needed = (math.log(target) - intercept) / slope if slope < 0 else math.inf
+    if log_needed <= math.log(MAX_TOKENS):
         row["tokens_to_target"] = math.exp(log_needed)
     return row
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -24,6 +27,15 @@ _STOCK = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),  # per-head q/k norms
 }
+
+
+def load_benchmark(name: str):
+    """The module of the script benchmarks/NAME.py (benchmarks/ is not a package)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_base(family: str, num_layers: int = 6, seed: int = 0, hidden: int = 32) -> torch.nn.Module:

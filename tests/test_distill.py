@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import load_benchmark, tiny_base
 from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
@@ -454,15 +454,11 @@ def test_cli_reports_bad_input_as_a_clear_error(tmp_path, capsys):
 
 
 def test_quality_vs_layers_sweep_runs_resumes_and_rejects_bad_input(model_dir, chats, tmp_path, monkeypatch, capsys):
-    import importlib.util
     import sys
 
     import yaml
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_vs_layers.py"
-    spec = importlib.util.spec_from_file_location("quality_vs_layers", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("quality_vs_layers")
     config = tmp_path / "tiny.yaml"
     # 300 conversations: the held-out ~5% of a local file (hashed by its temporary path) is never empty
     held_out = chat_file(tmp_path / "eval.jsonl", conversations=300, seed=1)
