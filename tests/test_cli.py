@@ -154,3 +154,16 @@ def test_demo_runs_the_deepest_bundled_layout_whose_quality_holds(tmp_path, monk
     assert demo_adapter() == "L24"  # the most skip among those that meet them
     _bundle(tmp_path, "L15g3", 15, 3, {"a": 2.0}, 0.6)
     assert demo_adapter(group=3) == "L15g3" and demo_adapter(group=2) is None  # -g picks among its own group
+
+
+def test_demo_quality_lines_name_the_worst_domain_its_interval_and_the_misses(tmp_path):
+    from swiftkv.cli.commands import _quality_lines
+
+    _bundle(tmp_path, "L22", 22, 1, {"wiki": 1.054, "chat": 1.01}, 0.905)
+    first, verdict = _quality_lines(tmp_path / "L22")
+    assert "worst wiki +5.4%;" in first and "interval" not in first  # tables measured before intervals existed
+    assert verdict.endswith("misses them: wiki +5.4%")
+    table = json.loads((tmp_path / "L22" / QUALITY_NAME).read_text())
+    table["sources"]["wiki"]["ppl_ratio_ci"] = [1.021, 1.093]
+    (tmp_path / "L22" / QUALITY_NAME).write_text(json.dumps(table))
+    assert "worst wiki +5.4% (95% interval +2.1% .. +9.3%);" in _quality_lines(tmp_path / "L22")[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -379,8 +380,6 @@ def test_load_applies_an_adapter_or_converts(tok, tmp_path):
 
 
 def test_domains_table_has_every_source_and_a_token_weighted_overall(swift, tok, tmp_path, monkeypatch):
-    import math
-
     from swiftkv import corpora
     from swiftkv.evaluate.text import format_domains, run_domains
 
@@ -404,8 +403,31 @@ def test_domains_table_has_every_source_and_a_token_weighted_overall(swift, tok,
     for key in ("kl", "agreement"):
         assert overall[key] == pytest.approx(sum(r["tokens"] * r[key] for r in pooled) / tokens, rel=1e-9)
     assert overall["ppl_ratio"] == pytest.approx(overall[SWIFTKV]["ppl"] / overall[BASE]["ppl"])
+    for row in [*rows.values(), overall]:  # the bootstrap interval brackets the point estimate
+        low, high = row["ppl_ratio_ci"]
+        assert low <= row["ppl_ratio"] * (1 + 1e-9) and row["ppl_ratio"] <= high * (1 + 1e-9)
     table = format_domains(result)
     assert len(table) == 2 + 3 + 1 and "(unseen)" in table[4] and table[-1].startswith("overall")
+    assert "95% interval" in table[0] and " .. " in table[-1]
+
+
+def test_ratio_interval_is_a_seeded_bootstrap_over_texts_that_keeps_each_source():
+    from swiftkv.evaluate.text import ratio_interval
+
+    def text(tokens, increase):  # a text whose SwiftKV perplexity is (1 + increase) x the base's
+        return {"tokens": tokens, "nll_base": 2.0 * tokens, "nll_swiftkv": (2.0 + math.log1p(increase)) * tokens}
+
+    same = [text(100, 0.04)] * 5
+    assert ratio_interval([same]) == pytest.approx((1.04, 1.04))  # no spread between texts: no width
+    spread = [text(100, x) for x in (0.0, 0.02, 0.04, 0.06, 0.08)]
+    low, high = ratio_interval([spread])
+    assert 1.0 <= low < 1.04 < high <= 1.08 and ratio_interval([spread]) == (low, high)
+    narrow = ratio_interval([spread], level=0.5)
+    assert low <= narrow[0] and narrow[1] <= high and narrow[1] - narrow[0] < high - low
+    # pooled: every replicate redraws within each source, so two sources without spread of their own give no width
+    # (pooling all texts into one draw would vary the mix of +0% and +10% texts)
+    flat, raised = [text(1000, 0.0)] * 5, [text(1000, 0.1)] * 5
+    assert ratio_interval([flat, raised]) == pytest.approx((math.sqrt(1.1), math.sqrt(1.1)))
 
 
 def test_domains_task_name_and_zero_limit_is_refused():

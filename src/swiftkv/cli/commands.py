@@ -18,7 +18,7 @@ from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import DEFAULT_SKIP, has_layout
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
-from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, quality_shortfalls
+from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, format_interval, quality_shortfalls
 from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
 from swiftkv.modeling import native
@@ -214,9 +214,11 @@ def _quality_lines(adapter_dir: Path | None) -> list[str]:
     worst = max(rows, key=lambda name: rows[name]["ppl_ratio"])
     misses = quality_shortfalls(table)
     verdict = "misses them: " + ", ".join(misses) if misses else "meets them"
+    spread = f" (95% interval {format_interval(rows[worst]['ppl_ratio_ci'])})" if "ppl_ratio_ci" in rows[worst] else ""
     return [
         f"quality (held-out text of {len(rows)} domains, {adapter_dir.name}/domains.json): perplexity "
-        f"{table['overall']['ppl_ratio'] - 1:+.1%} vs base overall, worst {worst} {rows[worst]['ppl_ratio'] - 1:+.1%}; "
+        f"{table['overall']['ppl_ratio'] - 1:+.1%} vs base overall, worst {worst} {rows[worst]['ppl_ratio'] - 1:+.1%}"
+        f"{spread}; "
         f"top-1 agreement {table['overall']['agreement']:.1%}; unseen {', '.join(unseen) or 'none measured'}",
         f"targets (every domain within {MAX_PPL_INCREASE:+.0%}, agreement >= {MIN_AGREEMENT:.0%}): {verdict}",
     ]

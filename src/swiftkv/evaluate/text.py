@@ -34,11 +34,15 @@ def token_samples(tokenizer, source: str, limit: int | None, max_tokens: int) ->
 
 def score_samples(
     model: PreTrainedModel, samples: Sequence[torch.Tensor], modes: Sequence[str], desc: str
-) -> dict[str, float]:
-    """Token statistics (`sequence_stats`) summed over samples, with their count as `examples`."""
-    sums: dict[str, float] = {"examples": len(samples)}
-    for ids in tqdm(samples, desc=desc, leave=False):
-        add_sums(sums, sequence_stats(model, ids.to(model.device), modes))
+) -> list[dict[str, float]]:
+    """Token statistics (`sequence_stats`) of each sample, in order."""
+    return [sequence_stats(model, ids.to(model.device), modes) for ids in tqdm(samples, desc=desc, leave=False)]
+
+
+def _total(texts: Sequence[dict[str, float]]) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for part in texts:
+        add_sums(sums, part)
     return sums
 
 
@@ -55,8 +59,8 @@ def run_text_task(
     Perplexity is token-weighted over all examples: exp(sum of NLL / number of scored tokens); the first token of
     each text has no context and is not scored.
     """
-    sums = score_samples(model, token_samples(tokenizer, source, limit, max_tokens), modes, f"ppl:{source}")
-    return {"examples": sums.pop("examples"), **summarize_text(sums)}
+    texts = score_samples(model, token_samples(tokenizer, source, limit, max_tokens), modes, f"ppl:{source}")
+    return {"examples": len(texts), **summarize_text(_total(texts))}
 
 
 def run_domains(
@@ -67,8 +71,9 @@ def run_domains(
     max_tokens: int = 1024,
     sources: Sequence[str] = DOMAIN_SOURCES,
 ) -> dict[str, object]:
-    """Every domain source scored like `run_text_task`, plus `ppl_ratio` (SwiftKV / base); `overall` is the
-    token-weighted summary of all sources but the unseen domains (UNSEEN_SOURCES: reported, not pooled)."""
+    """Every domain source scored like `run_text_task`, plus `ppl_ratio` (SwiftKV / base) and its 95% bootstrap
+    interval over the texts (`ratio_interval`); `overall` is the token-weighted summary of all sources but the
+    unseen domains (UNSEEN_SOURCES: reported, not pooled)."""
     if set(modes) == set(MODES) and is_swiftkv(model):
         return run_domains_variants({SWIFTKV: model}, tokenizer, limit, max_tokens, sources)[SWIFTKV]
     return _domains_table(
@@ -87,29 +92,50 @@ def run_domains_variants(
     sources: Sequence[str] = DOMAIN_SOURCES,
 ) -> dict[str, dict]:
     """{name: `run_domains` table} of SwiftKV variants of ONE base model, scored in one pass (`variants_stats`)."""
-    sums: dict[str, dict[str, dict]] = {name: {} for name in variants}  # name -> source -> sums
+    texts: dict[str, dict[str, list]] = {name: {} for name in variants}  # name -> source -> per-text stats
     for source in tqdm(sources, desc="domains", leave=False):
-        samples = token_samples(tokenizer, source, limit, max_tokens)
         for name in variants:
-            sums[name][source] = {"examples": len(samples)}
-        for ids in tqdm(samples, desc=f"domain {source}", leave=False):
+            texts[name][source] = []
+        for ids in tqdm(token_samples(tokenizer, source, limit, max_tokens), desc=f"domain {source}", leave=False):
             for name, part in variants_stats(variants, ids.to(next(iter(variants.values())).device)).items():
-                add_sums(sums[name][source], part)
-    return {name: _domains_table(per_source) for name, per_source in sums.items()}
+                texts[name][source].append(part)
+    return {name: _domains_table(per_source) for name, per_source in texts.items()}
 
 
-def _domains_table(per_source_sums: dict[str, dict]) -> dict[str, object]:
+def _domains_table(per_source_texts: dict[str, list[dict]]) -> dict[str, object]:
+    """The `run_domains` table from each source's per-text statistics (`sequence_stats`)."""
     rows: dict[str, dict] = {}
-    pooled: dict[str, float] = {}
-    for source, sums in per_source_sums.items():
-        examples = sums.pop("examples", None)
-        if source not in UNSEEN_SOURCES:
-            add_sums(pooled, sums)
+    for source, texts in per_source_texts.items():
         rows[source] = _with_ratio(
-            {"examples": examples, "split": eval_split(source), "unseen": source in UNSEEN_SOURCES}
-            | summarize_text(sums)
+            {"examples": len(texts), "split": eval_split(source), "unseen": source in UNSEEN_SOURCES}
+            | summarize_text(_total(texts)),
+            [texts],
         )
-    return {"sources": rows, "overall": _with_ratio(summarize_text(pooled)) if pooled else None}
+    pooled = [texts for source, texts in per_source_texts.items() if source not in UNSEEN_SOURCES]
+    overall = _with_ratio(summarize_text(_total([t for group in pooled for t in group])), pooled) if pooled else None
+    return {"sources": rows, "overall": overall}
+
+
+def ratio_interval(
+    groups: Sequence[Sequence[dict[str, float]]], level: float = 0.95, reps: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the SwiftKV / base perplexity ratio over texts.
+
+    groups: per source, the per-text `sequence_stats` (tokens, nll_base, nll_swiftkv). Each replicate redraws the
+    texts of every group with replacement (so a pooled interval keeps each source's weight) and recomputes
+    exp(sum(nll_swiftkv - nll_base) / sum(tokens)). Texts, not tokens, are the unit: tokens of one text are not
+    independent, and 8 texts of short prose are ~1,200 tokens whose ratio moves by percents from text to text.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.zeros(reps, 2, dtype=torch.float64)  # [reps, (tokens, nll_swiftkv - nll_base)]
+    for texts in groups:
+        stats = torch.tensor([[t["tokens"], t["nll_swiftkv"] - t["nll_base"]] for t in texts], dtype=torch.float64)
+        picks = torch.randint(len(texts), (reps, len(texts)), generator=generator)  # [reps, n]
+        drawn += stats[picks].sum(dim=1)
+    ratios = torch.exp(drawn[:, 1] / drawn[:, 0].clamp(min=1))
+    tail = (1 - level) / 2
+    low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
 
 
 # The 25%-skip quality targets (issue 16): every trained-on domain within +3% perplexity of the base, and the
@@ -132,22 +158,34 @@ def quality_shortfalls(
     return misses
 
 
-def _with_ratio(row: dict) -> dict:
+def _with_ratio(row: dict, groups: Sequence[Sequence[dict]]) -> dict:
     if BASE in row and SWIFTKV in row:
         row["ppl_ratio"] = row[SWIFTKV]["ppl"] / row[BASE]["ppl"]
+        row["ppl_ratio_ci"] = list(ratio_interval(groups))
     return row
 
 
 def format_domains(result: dict) -> list[str]:
     """The per-domain table: one line per source, then the overall line."""
-    header = f"{'domain':<22}{'texts':>6}{'tokens':>8}{'base ppl':>10}{'swiftkv':>10}{'ratio':>8}{'KL':>8}{'agree':>8}"
+    header = (
+        f"{'domain':<22}{'texts':>6}{'tokens':>8}{'base ppl':>10}{'swiftkv':>10}{'ratio':>8}{'95% interval':>18}"
+        f"{'KL':>8}{'agree':>8}"
+    )
     lines = [header, "-" * len(header)]
     rows = list(result["sources"].items()) + ([("overall", result["overall"])] if result["overall"] else [])
     for name, row in rows:
         label = f"{name} (unseen)" if row.get("unseen") else name
         cells = [f"{row[mode]['ppl']:>10.3f}" if mode in row else f"{'-':>10}" for mode in (BASE, SWIFTKV)]
         ratio = f"{row['ppl_ratio'] - 1:>+8.1%}" if "ppl_ratio" in row else f"{'-':>8}"
+        interval = f"{format_interval(row['ppl_ratio_ci']):>18}" if "ppl_ratio_ci" in row else f"{'-':>18}"
         kl = f"{row['kl']:>8.4f}" if "kl" in row else f"{'-':>8}"
         agree = f"{row['agreement']:>8.1%}" if "agreement" in row else f"{'-':>8}"
-        lines.append(f"{label:<22}{row.get('examples', ''):>6}{row['tokens']:>8}{''.join(cells)}{ratio}{kl}{agree}")
+        lines.append(
+            f"{label:<22}{row.get('examples', ''):>6}{row['tokens']:>8}{''.join(cells)}{ratio}{interval}{kl}{agree}"
+        )
     return lines
+
+
+def format_interval(bounds: Sequence[float]) -> str:
+    """[1.012, 1.047] -> '+1.2% .. +4.7%' (perplexity increase over the base)."""
+    return f"{bounds[0] - 1:+.1%} .. {bounds[1] - 1:+.1%}"
