@@ -6,6 +6,8 @@ the perplexity excess (ratio to base - 1) is fitted as a power law of the tokens
 squares on log-log over the points where the excess is positive; the same for the overall KL. Reported: the
 factor per doubling of the tokens (2^b) and the tokens where the fit crosses the target. A power law without a
 floor is the optimistic reading: if the curve flattens (a capacity limit), more tokens stop helping sooner.
+`--check NAME=TOKENS` tests the forecast: a later variant, left out of the fit, measured against the fit's
+prediction at its tokens.
 
     python benchmarks/token_curve.py --json results/domains_smollm2.json --target 0.03 --kl-target 0.02 \\
         --series L22-mix=296e3 L22-mix2=506e3 L22-mix3=1.847e6 L22-mix4=2.104e6 L22-mix5=3.688e6 L22-mix6=5.225e6 \\
@@ -25,19 +27,23 @@ from swiftkv.files import read_json_file, save_figure, write_json
 MAX_TOKENS = 1e12  # a fit that crosses the target beyond this is reported as out of reach (null)
 
 
+def parse_point(item: str, tables: dict, option: str) -> tuple[str, float]:
+    """'NAME=TOKENS' -> (NAME, tokens); NAME must be a variant of the JSON."""
+    name, _, tokens = item.partition("=")
+    if name not in tables:
+        raise ValueError(f"{option}: {name!r} is not a variant of the JSON (it has: {', '.join(tables)})")
+    try:
+        value = float(tokens)
+    except ValueError:
+        raise ValueError(f"{option}: {item!r} is not NAME=TOKENS (TOKENS a number, e.g. 2.1e6)") from None
+    if value <= 0:
+        raise ValueError(f"{option}: {item!r}: TOKENS must be > 0")
+    return name, value
+
+
 def parse_series(items: list[str], tables: dict) -> dict[str, float]:
     """['NAME=TOKENS', ...] -> {NAME: tokens}, in increasing tokens; every NAME must be a variant of the JSON."""
-    series = {}
-    for item in items:
-        name, _, tokens = item.partition("=")
-        if name not in tables:
-            raise ValueError(f"--series: {name!r} is not a variant of the JSON (it has: {', '.join(tables)})")
-        try:
-            series[name] = float(tokens)
-        except ValueError:
-            raise ValueError(f"--series: {item!r} is not NAME=TOKENS (TOKENS a number, e.g. 2.1e6)") from None
-        if series[name] <= 0:
-            raise ValueError(f"--series: {item!r}: TOKENS must be > 0")
+    series = dict(parse_point(item, tables, "--series") for item in items)
     if len(series) < 2:
         raise ValueError("--series: give at least two variants to fit a curve through")
     return dict(sorted(series.items(), key=lambda item: item[1]))
@@ -59,8 +65,20 @@ def fit(tokens: list[float], values: list[float], target: float) -> dict:
     return row
 
 
-def token_curve(tables: dict, series: dict[str, float], target: float, kl_target: float | None) -> dict:
-    """Fits per source (perplexity excess) and overall (perplexity excess, KL) over the series' tokens."""
+def predict(row: dict, tokens: float) -> float | None:
+    """The fitted excess at `tokens` (None where there is no fit: met, or fewer than two positive points)."""
+    return math.exp(row["fit"]["intercept"] + row["fit"]["slope"] * math.log(tokens)) if row["fit"] else None
+
+
+def token_curve(
+    tables: dict,
+    series: dict[str, float],
+    target: float,
+    kl_target: float | None,
+    check: tuple[str, float] | None = None,
+) -> dict:
+    """Fits per source (perplexity excess) and overall (perplexity excess, KL) over the series' tokens; with
+    `check` (NAME, tokens), each fit's prediction there beside that variant's measurement."""
     tokens = list(series.values())
     entries = [tables[name] for name in series]
     sources = list(entries[-1]["sources"])
@@ -71,6 +89,16 @@ def token_curve(tables: dict, series: dict[str, float], target: float, kl_target
     result["overall"] = fit(tokens, [entry["overall"]["ppl_ratio"] - 1 for entry in entries], target)
     if kl_target is not None:
         result["overall_kl"] = fit(tokens, [entry["overall"]["kl"] for entry in entries], kl_target)
+    if check is not None:
+        name, at = check
+        measured = {source: row["ppl_ratio"] - 1 for source, row in tables[name]["sources"].items()}
+        measured["overall"] = tables[name]["overall"]["ppl_ratio"] - 1
+        fits = result["sources"] | {"overall": result["overall"]}
+        result["check"] = {
+            "variant": name,
+            "tokens": at,
+            "rows": {row: {"predicted": predict(fits[row], at), "measured": measured[row]} for row in fits},
+        }
     return result
 
 
@@ -92,11 +120,15 @@ def plot(result: dict, path: Path) -> None:
         if row["fit"]:
             ends = np.array([tokens[0], min(row["tokens_to_target"] or math.inf, 1000 * tokens[-1])])
             ax.plot(ends, 100 * np.exp(row["fit"]["intercept"] + row["fit"]["slope"] * np.log(ends)), ":", color=color)
+        if "check" in result:  # the held-out point: hollow, not part of the fit
+            measured = result["check"]["rows"][name]["measured"]
+            ax.plot(result["check"]["tokens"], 100 * measured, "o", mfc="none", ms=9, color=color)
     ax.axhline(100 * result["target"], color="grey", ls="--", lw=0.8, label=f"target +{result['target']:.0%}")
     ax.set(xscale="log", yscale="log", xlabel="distillation tokens seen", ylabel="perplexity vs base (%)")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 4, 6 rather than 4x10^0
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_title("sources above the target, power-law fits (dotted)", fontsize=9)
+    checked = f"; hollow: {result['check']['variant']}, left out of the fit" if "check" in result else ""
+    ax.set_title(f"sources above the target, power-law fits (dotted){checked}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     save_figure(fig, path)
@@ -104,7 +136,11 @@ def plot(result: dict, path: Path) -> None:
 
 def summary(result: dict) -> list[str]:
     rows = result["sources"] | {"overall": result["overall"]}
-    lines = [f"{'source':<22} {'now':>8} {'per doubling':>13} {'tokens to +' + format(result['target'], '.0%'):>16}"]
+    check = result.get("check")
+    header = f"{'source':<22} {'now':>8} {'per doubling':>13} {'tokens to +' + format(result['target'], '.0%'):>16}"
+    if check:
+        header += f" {check['variant'] + ' predicted':>24} {'measured':>9}"
+    lines = [header]
     for name, row in rows.items():
         if row["met"]:
             reach = "met"
@@ -113,7 +149,11 @@ def summary(result: dict) -> list[str]:
         else:
             reach = f"{row['tokens_to_target'] / 1e6:.0f}M"
         doubling = f"x{row['per_doubling']:.2f}" if row["per_doubling"] else "-"
-        lines.append(f"{name:<22} {row['values'][-1]:>+8.1%} {doubling:>13} {reach:>16}")
+        line = f"{name:<22} {row['values'][-1]:>+8.1%} {doubling:>13} {reach:>16}"
+        if check:
+            predicted, measured = check["rows"][name]["predicted"], check["rows"][name]["measured"]
+            line += f" {format(predicted, '+.1%') if predicted is not None else '-':>24} {measured:>+9.1%}"
+        lines.append(line)
     return lines
 
 
@@ -123,6 +163,7 @@ def main() -> None:
     p.add_argument("--series", nargs="+", required=True, help="NAME=TOKENS: a variant and the tokens it has seen")
     p.add_argument("--target", type=float, default=0.03, help="perplexity excess to reach (0.03 = +3%%)")
     p.add_argument("--kl-target", type=float, default=None, help="also fit the overall KL to this value")
+    p.add_argument("--check", help="NAME=TOKENS: a variant left out of the fit, compared with its prediction")
     p.add_argument("--out", type=Path, required=True, help="JSON to write")
     p.add_argument("--plot", type=Path, required=True, help="PNG to write")
     args = p.parse_args()
@@ -131,9 +172,14 @@ def main() -> None:
     try:  # validate everything before writing anything
         tables = read_json_file(args.json, "the domain_quality JSON")
         series = parse_series(args.series, tables)
+        check = parse_point(args.check, tables, "--check") if args.check else None
+        if check and check[0] in series:
+            raise ValueError(
+                f"--check: {check[0]!r} is also in --series; the checked variant must be left out of the fit"
+            )
     except (OSError, ValueError) as error:
         p.error(str(error))
-    result = token_curve(tables, series, args.target, args.kl_target)
+    result = token_curve(tables, series, args.target, args.kl_target, check)
     write_json(result, args.out)
     plot(result, args.plot)
     print("\n".join(summary(result)))

@@ -44,6 +44,19 @@ def test_fit_recovers_the_power_law_and_marks_met_and_unreachable(curve):
     assert math.isclose(result["overall"]["values"][0], (0.16 + 0.04 + 0.05) / 3)
 
 
+def test_check_compares_a_left_out_variant_with_the_fits_prediction(curve):
+    measured = tables() | {"d": table({"prose": 0.025, "code": 0.02, "plays": 0.05}, 0.01)}  # prose flattened
+    result = curve.token_curve(measured, {"a": 1e6, "b": 2e6}, target=0.03, kl_target=None, check=("d", 8e6))
+    assert result["check"]["variant"] == "d" and result["check"]["tokens"] == 8e6
+    rows = result["check"]["rows"]
+    assert rows["prose"]["predicted"] == pytest.approx(0.02) and rows["prose"]["measured"] == pytest.approx(0.025)
+    assert rows["plays"]["predicted"] == pytest.approx(0.05)  # flat fit: the same value
+    assert rows["code"]["predicted"] is None and rows["code"]["measured"] == pytest.approx(0.02)  # met at b: no fit
+    assert rows["overall"]["measured"] == pytest.approx((0.025 + 0.02 + 0.05) / 3)
+    printed = "\n".join(curve.summary(result))
+    assert "d predicted" in printed and "+2.0%" in printed and "+2.5%" in printed
+
+
 def test_cli_writes_json_and_plot_and_prints_the_table(curve, tmp_path, monkeypatch, capsys):
     source = tmp_path / "domains.json"
     source.write_text(json.dumps(tables()))
@@ -65,6 +78,8 @@ def test_cli_writes_json_and_plot_and_prints_the_table(curve, tmp_path, monkeypa
         (["a=1e6", "b=lots"], "is not NAME=TOKENS"),
         (["a=1e6", "b=0"], "must be > 0"),
         (["a=1e6"], "at least two"),
+        (["a=1e6", "b=2e6", "--check", "b=2e6"], "must be left out of the fit"),
+        (["a=1e6", "b=2e6", "--check", "q=4e6"], "--check: 'q' is not a variant"),
     ],
 )
 def test_bad_series_exits_2_naming_the_value_and_writes_nothing(curve, tmp_path, monkeypatch, capsys, series, says):
