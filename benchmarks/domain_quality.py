@@ -29,14 +29,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     """'NAME=DIR' -> (NAME, {adapter: DIR}); 'NAME=L:g' -> (NAME, {num_key_value_layers: L, ...})."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
-        raise SystemExit(f"--variants: {text!r} is not NAME=ADAPTER_DIR or NAME=L:g")
+        raise ValueError(f"--variants: {text!r} is not NAME=ADAPTER_DIR or NAME=L:g")
     try:
         layers, group = parse_layout(spec)
     except ValueError:
         try:
             return name, {"adapter": str(resolve_adapter(spec))}
         except FileNotFoundError as error:
-            raise SystemExit(f"--variants {name}: {error}") from None
+            raise ValueError(f"--variants {name}: {error}") from None
     return name, {"num_key_value_layers": layers, "key_value_group_size": group}
 
 
@@ -111,7 +111,12 @@ def main() -> None:
         "--into-adapters", action="store_true", help="also write each adapter's table to ADAPTER/domains.json"
     )
     args = p.parse_args()
-    variants = dict(parse_variant(v) for v in args.variants)  # validate all before any work
+    if args.limit < 1:
+        p.error(f"--limit {args.limit}: give at least 1 text per domain")
+    try:  # validate every variant before any work
+        variants = dict(parse_variant(v) for v in args.variants)
+    except ValueError as error:
+        p.error(str(error))
     torch.set_num_threads(args.threads)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     todo = {name: spec for name, spec in variants.items() if name not in results}
