@@ -11,7 +11,7 @@ prediction at its tokens.
 
     python benchmarks/token_curve.py --json results/domains_smollm2.json --target 0.03 --kl-target 0.02 \\
         --series L22-mix=296e3 L22-mix2=506e3 L22-mix3=1.847e6 L22-mix4=2.104e6 L22-mix5=3.688e6 L22-mix6=5.225e6 \\
-        --out results/tokens_L22.json --plot results/tokens_L22.png
+        L22-mix7=6.785e6 --out results/tokens_L22.json --plot results/tokens_L22.png
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(tokens, 100 * np.array(row["values"]), "o-", color=color, label=label, lw=2 if name == "overall" else 1)
         if row["fit"]:
             ends = np.array([tokens[0], min(row["tokens_to_target"] or math.inf, 1000 * tokens[-1])])
-            ax.plot(ends, 100 * np.exp(row["fit"]["intercept"] + row["fit"]["slope"] * np.log(ends)), ":", color=color)
+            ax.plot(ends, [100 * predict(row, end) for end in ends], ":", color=color)
         if "check" in result:  # the held-out point: hollow, not part of the fit
             measured = result["check"]["rows"][name]["measured"]
             ax.plot(result["check"]["tokens"], 100 * measured, "o", mfc="none", ms=9, color=color)
