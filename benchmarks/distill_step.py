@@ -8,6 +8,11 @@ A middle variant (shared prefix, all logits) separates the two savings. Same los
 Timings are interleaved (naive, shared, ... per repetition) on one model object and one real micro-batch of
 chat data (assistant-only targets). Prints a few lines and writes JSON.
 
+`--dtypes float32 bfloat16` also times the recipe's step ("shared") with the frozen weights in bf16, as
+`swiftkv distill dtype=bfloat16` runs it (its own model object, autocast, trainable weights float32), interleaved
+with the others, and measures what bf16 does to the teacher: KL(fp32 teacher || bf16 teacher) per token,
+perplexity ratio and top-1 agreement of the base model (SwiftKV off) on every position of the batch.
+
     python benchmarks/distill_step.py --model default -L 15 -g 1 --seq-len 512 --threads 2 --json distill_step.json
 """
 
@@ -22,8 +27,11 @@ from pathlib import Path
 
 import torch
 
+from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
+from swiftkv.distill.recipe import freeze_all_but_swiftkv
+from swiftkv.evaluate.scoring import BASE, final_hidden, logits_of, summarize_text, token_stats
 from swiftkv.loading import load_model
 from swiftkv.sequences import collate, encode_chat
 
@@ -67,6 +75,26 @@ def step(model, batch, mode: str, hidden_layer: int, n_targets: int, n_tokens: i
     return loss.item()
 
 
+def student(name: str, dtype: str, num_key_value_layers: int, group_size: int, device: str):
+    """(model, tokenizer) as the recipe trains it: frozen weights in `dtype`, `*_swiftkv` float32 and trainable."""
+    base, tokenizer = load_model(name, dtype)
+    model = convert(base, num_key_value_layers, group_size).eval().to(device)
+    freeze_all_but_swiftkv(model)
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def teacher_fidelity(reference, other, batch) -> dict:
+    """{tokens, base: {ppl}, swiftkv: {ppl}, kl, agreement} of the base model (SwiftKV off) in two dtypes, on
+    every position of `batch`: "base" is `reference`, "swiftkv" is `other` (KL(reference || other) per token)."""
+    mask = batch.attention_mask[:, 1:].bool()  # [B, T-1]: positions with a next token to predict
+    logits = [
+        logits_of(model, final_hidden(model, batch.input_ids, batch.attention_mask, [BASE])[BASE][:, :-1][mask])
+        for model in (reference, other)
+    ]  # each [tokens, V]
+    return summarize_text(token_stats(*logits, batch.input_ids[:, 1:][mask]))
+
+
 def theoretical_ratio(config, target_fraction: float) -> dict:
     """Matmul FLOPs (2 per weight per token; attention scores ignored) of shared / naive.
 
@@ -96,37 +124,51 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32"],
+        choices=list(DTYPES),
+        help="frozen-weight dtypes: float32 runs every mode; each other dtype runs the recipe's step ('shared')",
+    )
     parser.add_argument("--json", type=Path, default=Path("distill_step.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    base, tokenizer = load_model(args.model)
-    model = convert(base, args.num_key_value_layers, args.key_value_group_size).eval().to(args.device)
-    for name, param in model.named_parameters():
-        param.requires_grad_("swiftkv" in name)
+    model, tokenizer = student(args.model, "float32", args.num_key_value_layers, args.key_value_group_size, args.device)
+    others = {
+        dtype: student(args.model, dtype, args.num_key_value_layers, args.key_value_group_size, args.device)[0]
+        for dtype in args.dtypes
+        if dtype != "float32"
+    }
     batch = chat_batch(tokenizer, args.data, args.seq_len, args.micro_batch)
     batch = type(batch)(*(t.to(args.device) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
     n_targets = int((batch.labels[:, 1:] != -100).sum())
     n_tokens = int(batch.attention_mask.sum())
     hidden_layer = model.config.num_hidden_layers - 1
+    # column name -> (model, its step mode, autocast dtype or None)
+    columns = {mode: (model, mode, None) for mode in MODES}
+    columns |= {f"shared_{dtype}": (other, "shared", DTYPES[dtype]) for dtype, other in others.items()}
 
-    def timed(mode: str) -> tuple[float, float]:
+    def timed(column: str) -> tuple[float, float]:
+        net, mode, dtype = columns[column]
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step(model, batch, mode, hidden_layer, n_targets, n_tokens)
+        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+            loss = step(net, batch, mode, hidden_layer, n_targets, n_tokens)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start, loss
 
-    for mode in MODES:  # warm-up
-        timed(mode)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for column in columns:  # warm-up
+        timed(column)
+    times: dict[str, list[float]] = {column: [] for column in columns}
     losses = {}
     for _ in range(args.reps):
-        for mode in MODES:
-            seconds, losses[mode] = timed(mode)
-            times[mode].append(seconds)
+        for column in columns:
+            seconds, losses[column] = timed(column)
+            times[column].append(seconds)
     median = {mode: statistics.median(t) for mode, t in times.items()}
     theory = theoretical_ratio(model.config, n_targets / n_tokens)
     result = {
@@ -142,21 +184,28 @@ def main() -> None:
         "torch": torch.__version__,
         "times_s": times,
         "median_s": median,
-        "ratio_vs_naive": {mode: median[mode] / median["naive"] for mode in MODES},
+        "ratio_vs_naive": {column: median[column] / median["naive"] for column in columns},
         "theoretical_ratio": theory,
-        "tokens_per_s": {mode: n_tokens / median[mode] for mode in MODES},
+        "tokens_per_s": {column: n_tokens / median[column] for column in columns},
         "loss": losses,
+        "teacher_vs_float32": {dtype: teacher_fidelity(model, other, batch) for dtype, other in others.items()},
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{args.model} L={args.num_key_value_layers} g={args.key_value_group_size}: {args.micro_batch}x{args.seq_len} "
         f"tokens ({result['target_fraction']:.0%} targets), {args.threads} threads, median of {args.reps}"
     )
-    for mode in MODES:
-        theory_note = f" (FLOPs theory {theory[mode]:.2f})" if mode in theory else ""
+    for column in columns:
+        theory_note = f" (FLOPs theory {theory[column]:.2f})" if column in theory else ""
         print(
-            f"  {mode:<18} {median[mode] * 1000:7.0f} ms/step  {result['tokens_per_s'][mode]:6.0f} tok/s  "
-            f"ratio {result['ratio_vs_naive'][mode]:.3f}{theory_note}  loss {losses[mode]:.5f}"
+            f"  {column:<18} {median[column] * 1000:7.0f} ms/step  {result['tokens_per_s'][column]:6.0f} tok/s  "
+            f"ratio {result['ratio_vs_naive'][column]:.3f}{theory_note}  loss {losses[column]:.5f}"
+        )
+    for dtype, fidelity in result["teacher_vs_float32"].items():
+        ratio = fidelity["swiftkv"]["ppl"] / fidelity["base"]["ppl"]
+        print(
+            f"  teacher {dtype} vs float32 on {fidelity['tokens']} tokens: KL {fidelity['kl']:.5f}/token, "
+            f"perplexity ratio {ratio:.4f}, top-1 agreement {fidelity['agreement']:.1%}"
         )
     print(f"wrote {args.json}")
 

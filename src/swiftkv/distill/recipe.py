@@ -68,6 +68,14 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
     return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def freeze_all_but_swiftkv(model: torch.nn.Module) -> None:
+    """Trainable: exactly the `*_swiftkv` parameters, kept in float32 (frozen weights may be bf16/fp16)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_("swiftkv" in name)
+        if "swiftkv" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def _check_gpu(device: torch.device, local_rank: int) -> None:
     """A clear error instead of CUDA's own when the GPU this process would use does not exist."""
     count = torch.cuda.device_count()
@@ -118,7 +126,7 @@ class DistillRecipe:
         self.model = self._student(base, cfg.resolved_num_key_value_layers(num_layers)).eval()
         del base
         self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
-        self._freeze()
+        freeze_all_but_swiftkv(self.model)
         self.model.to(self.device)
         # init_adapter wins over `init`; a resumed run loads its weights from the checkpoint.
         if cfg.init == "least_squares" and cfg.init_adapter is None and not self.resume:
@@ -222,13 +230,6 @@ class DistillRecipe:
             self.device = torch.device("cpu")
         self.fsdp = self.world > 1 and self.config.distributed == "fsdp"
         self.compute_dtype = DTYPES[self.config.dtype]
-
-    def _freeze(self) -> None:
-        """Trainable: exactly the `*_swiftkv` parameters, kept in float32 (frozen weights may be bf16/fp16)."""
-        for name, param in self.model.named_parameters():
-            param.requires_grad_("swiftkv" in name)
-            if "swiftkv" in name and param.dtype != torch.float32:
-                param.data = param.data.float()
 
     def _shard(self) -> None:
         """FSDP2: one unit per decoder layer, plus units for the modules that run outside their layer's forward
