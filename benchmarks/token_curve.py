@@ -11,7 +11,7 @@ prediction at its tokens.
 
     python benchmarks/token_curve.py --json results/domains_smollm2.json --target 0.03 --kl-target 0.02 \\
         --series L22-mix=296e3 L22-mix2=506e3 L22-mix3=1.847e6 L22-mix4=2.104e6 L22-mix5=3.688e6 L22-mix6=5.225e6 \\
-        L22-mix7=6.785e6 --out results/tokens_L22.json --plot results/tokens_L22.png
+        L22-mix7=6.785e6 L22-mix8=9.529e6 --out results/tokens_L22.json --plot results/tokens_L22.png
 """
 
 from __future__ import annotations

@@ -76,6 +76,18 @@ def freeze_all_but_swiftkv(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+def cpu_capability() -> str:
+    """ATen's CPU kernel level ("AVX512", "AVX2", ...; ATEN_CPU_CAPABILITY lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether bf16 matrix products run natively on this CPU (AVX512-BF16 or AMX with AVX-512 kernels). Without
+    them oneDNN and ATen convert to float32 and back: slower than float32 itself (results/distill_step_bf16*.json)."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return native and cpu_capability().startswith("AVX512")
+
+
 def _check_gpu(device: torch.device, local_rank: int) -> None:
     """A clear error instead of CUDA's own when the GPU this process would use does not exist."""
     count = torch.cuda.device_count()
@@ -113,6 +125,12 @@ class DistillRecipe:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._setup_distributed()
+        if self.device.type == "cpu" and self.compute_dtype == torch.bfloat16 and not cpu_has_fast_bfloat16():
+            self._say(
+                f"swiftkv distill: dtype=bfloat16 on a CPU without AVX512-BF16/AMX ({cpu_capability()}): bf16 "
+                "products are emulated there, ~13x slower than float32 on an AVX2 CPU (docs/quality.md). "
+                "dtype=float32 is faster on this machine."
+            )
         if self.rank == 0 and not self.resume:
             prepare_output_dir(self.out, self.overwrite)
         if self.resume and latest_checkpoint(self.out) is None:
