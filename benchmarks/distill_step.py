@@ -30,7 +30,7 @@ import torch
 from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
-from swiftkv.distill.recipe import freeze_all_but_swiftkv
+from swiftkv.distill.recipe import freeze_all_but_swiftkv, frozen_dtype_autocast
 from swiftkv.evaluate.scoring import BASE, final_hidden, logits_of, summarize_text, token_stats
 from swiftkv.loading import load_model
 from swiftkv.sequences import collate, encode_chat
@@ -146,8 +146,8 @@ def main() -> None:
     n_targets = int((batch.labels[:, 1:] != -100).sum())
     n_tokens = int(batch.attention_mask.sum())
     hidden_layer = model.config.num_hidden_layers - 1
-    # column name -> (model, its step mode, autocast dtype or None)
-    columns = {mode: (model, mode, None) for mode in MODES}
+    # column name -> (model, its step mode, its frozen weights' dtype)
+    columns = {mode: (model, mode, torch.float32) for mode in MODES}
     columns |= {f"shared_{dtype}": (other, "shared", DTYPES[dtype]) for dtype, other in others.items()}
 
     def timed(column: str) -> tuple[float, float]:
@@ -155,7 +155,7 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+        with frozen_dtype_autocast(torch.device(args.device).type, dtype):
             loss = step(net, batch, mode, hidden_layer, n_targets, n_tokens)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

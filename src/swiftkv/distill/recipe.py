@@ -76,6 +76,11 @@ def freeze_all_but_swiftkv(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+def frozen_dtype_autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
+    """Frozen weights in bf16/fp16 meet the float32 trainable ones: run both in the frozen dtype (off for float32)."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def cpu_capability() -> str:
     """ATen's CPU kernel level ("AVX512", "AVX2", ...; ATEN_CPU_CAPABILITY lowers it)."""
     return torch.backends.cpu.get_cpu_capability()
@@ -302,8 +307,7 @@ class DistillRecipe:
         return self.history
 
     def _autocast(self) -> torch.autocast:
-        """Frozen weights in bf16/fp16 meet the float32 trainable ones: run both in the frozen dtype."""
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+        return frozen_dtype_autocast(self.device.type, self.compute_dtype)
 
     def _train_step(self) -> dict:
         started = time.perf_counter()
