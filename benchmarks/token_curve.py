@@ -78,7 +78,8 @@ def token_curve(
     check: tuple[str, float] | None = None,
 ) -> dict:
     """Fits per source (perplexity excess) and overall (perplexity excess, KL) over the series' tokens; with
-    `check` (NAME, tokens), each fit's prediction there beside that variant's measurement."""
+    `check` (NAME, tokens), each fit's prediction there beside that variant's measurement (the KL's too, as the
+    row "overall_kl", when it is fitted)."""
     tokens = list(series.values())
     entries = [tables[name] for name in series]
     sources = list(entries[-1]["sources"])
@@ -93,7 +94,8 @@ def token_curve(
         name, at = check
         measured = {source: row["ppl_ratio"] - 1 for source, row in tables[name]["sources"].items()}
         measured["overall"] = tables[name]["overall"]["ppl_ratio"] - 1
-        fits = result["sources"] | {"overall": result["overall"]}
+        measured["overall_kl"] = tables[name]["overall"]["kl"]
+        fits = result["sources"] | {key: result[key] for key in ("overall", "overall_kl") if key in result}
         result["check"] = {
             "variant": name,
             "tokens": at,
@@ -154,6 +156,10 @@ def summary(result: dict) -> list[str]:
             predicted, measured = check["rows"][name]["predicted"], check["rows"][name]["measured"]
             line += f" {format(predicted, '+.1%') if predicted is not None else '-':>24} {measured:>+9.1%}"
         lines.append(line)
+    if check and "overall_kl" in check["rows"]:
+        kl = check["rows"]["overall_kl"]
+        predicted = format(kl["predicted"], ".4f") if kl["predicted"] is not None else "-"
+        lines.append(f"{'overall KL':<22} {'':>8} {'':>13} {'':>16} {predicted:>24} {kl['measured']:>9.4f}")
     return lines
 
 

@@ -55,6 +55,16 @@ def test_check_compares_a_left_out_variant_with_the_fits_prediction(curve):
     assert rows["overall"]["measured"] == pytest.approx((0.025 + 0.02 + 0.05) / 3)
     printed = "\n".join(curve.summary(result))
     assert "d predicted" in printed and "+2.0%" in printed and "+2.5%" in printed
+    assert "overall_kl" not in rows and "overall KL" not in printed  # no KL fit asked for
+
+
+def test_check_compares_the_kl_when_it_is_fitted(curve):
+    measured = tables() | {"d": table({"prose": 0.02, "code": 0.02, "plays": 0.05}, 0.02)}
+    result = curve.token_curve(measured, {"a": 1e6, "b": 2e6}, target=0.03, kl_target=0.01, check=("d", 8e6))
+    kl = result["check"]["rows"]["overall_kl"]
+    assert kl["predicted"] == pytest.approx(0.0125) and kl["measured"] == pytest.approx(0.02)  # 0.1 * 1e6 / 8e6
+    printed = [line for line in curve.summary(result) if line.startswith("overall KL")]
+    assert len(printed) == 1 and "0.0125" in printed[0] and "0.0200" in printed[0]
 
 
 def test_cli_writes_json_and_plot_and_prints_the_table(curve, tmp_path, monkeypatch, capsys):
