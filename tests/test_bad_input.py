@@ -3,6 +3,7 @@ value and what is valid, exit status 2, and nothing written."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from swiftkv.cli import main
+from swiftkv.cli import IO_FAILURE, commands, main
 from swiftkv.files import STAGING_TAG, remove_stale_staging
 
 
@@ -188,6 +189,27 @@ def test_distill_data_with_a_malformed_line_names_file_and_line(tmp_path, capsys
         capsys,
         f"{data}: line 6 is not valid JSON",
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors"), IO_FAILURE),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/out"), IO_FAILURE),
+        (OSError(errno.EIO, "Input/output error", "/data/a", "/data/b"), IO_FAILURE),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "prompts.jsonl"), 2),  # the user's input
+    ],
+)
+def test_a_failing_system_is_not_bad_input(monkeypatch, capsys, error, status):
+    def fails(_args):
+        raise error
+
+    monkeypatch.setattr(commands, "cmd_info", fails)
+    assert main(["info", "default"]) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("swiftkv info: error: ") and error.strerror in err, err
+    assert all(path in err for path in (error.filename, error.filename2) if path), err
+    assert ("input/output failure" in err) == (status == IO_FAILURE), err
 
 
 def test_stale_staging_folder_of_a_dead_process_is_removed(tmp_path):

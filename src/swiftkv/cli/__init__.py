@@ -4,12 +4,15 @@
     distill | apply-adapter                       swiftkv.cli.distill
     eval | analyze                                swiftkv.cli.evaluate
 
-Every bad input is one line on stderr naming the value and what is valid, exit status 2, nothing written.
+Every bad input is one line on stderr naming the value and what is valid, exit status 2, nothing written. A failure
+of the system rather than of the input (disk full, permission denied, a read error) is one line naming what failed
+and the path, exit status 74 (EX_IOERR).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +25,17 @@ from swiftkv.cli import distill as distill_commands
 from swiftkv.cli import evaluate as evaluate_commands
 from swiftkv.cli.args import add_layout_args, add_model_args, layout_arg, positive_int
 
-USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)  # OSError: missing / unreadable / unwritable files
+# Bad input: what the user named is wrong (a value, a missing file, an output that exists, a missing package). Any
+# other OSError is the system failing (ENOSPC, EACCES, EIO, ...), not the input: a different exit status.
+USER_ERRORS = (
+    ValueError,
+    ModuleNotFoundError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+IO_FAILURE = os.EX_IOERR
 
 
 def _add(sub, name: str, func, help_text: str, model_arg: bool = True) -> argparse.ArgumentParser:
@@ -80,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def io_failure(error: OSError) -> str:
+    """'input/output failure: <reason>: <path>' from the error's own fields (both paths of a failed rename)."""
+    paths = " -> ".join(str(path) for path in (error.filename, error.filename2) if path is not None)
+    reason = error.strerror or str(error)
+    return f"input/output failure: {reason}: {paths or 'no path reported by the system'}"
+
+
 def _terminate(signum, _frame) -> None:
     """SIGTERM/SIGHUP unwind like Ctrl-C, so staging folders and partial outputs are cleaned up."""
     raise SystemExit(128 + signum)
@@ -93,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"swiftkv {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"swiftkv {args.command}: error: {io_failure(error)}", file=sys.stderr)
+        return IO_FAILURE
     except KeyboardInterrupt:
         print(f"swiftkv {args.command}: interrupted", file=sys.stderr)
         return 130
