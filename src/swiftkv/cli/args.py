@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from swiftkv.config import DTYPES, parse_layout
-from swiftkv.loading import DEFAULT_MODEL
+from swiftkv.loading import DEFAULT_MODEL, EMBEDDED_MODELS
 
 DEFAULT_SKIP = 0.5  # the paper's headline layout: prompt tokens skip the later half of the layers
 
@@ -35,7 +35,10 @@ def layout_arg(text: str) -> tuple[int, int]:
 
 def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint dir, .gguf, or 'default'")
+        names = ", ".join(EMBEDDED_MODELS)
+        parser.add_argument(
+            "model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint dir, .gguf, or an embedded name ({names})"
+        )
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
 
 

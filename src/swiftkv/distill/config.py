@@ -24,7 +24,7 @@ INITS = ("recipe", "least_squares")
 @dataclasses.dataclass
 class DistillConfig:
     # --- model and SwiftKV layout
-    model: str = "default"  # base model: 'default' (SmolLM2-135M-Instruct), a HF checkpoint dir or a .gguf file
+    model: str = "default"  # base model: an embedded name ('default': SmolLM2-135M-Instruct), a HF dir or a .gguf
     num_key_value_layers: int | None = None  # L: layers 0..L-1 keep their own K/V (None: half the layers)
     key_value_group_size: int = 1  # g: AcrossKV group size for layers >= L (1: off)
     dtype: str = "float32"  # dtype of the frozen weights; trainable weights and optimizer state stay float32
