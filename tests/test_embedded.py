@@ -88,6 +88,12 @@ def test_cache_dir_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert files.cache_dir() == tmp_path / "home" / ".cache" / "swiftkv"
 
 
+def test_the_suite_runs_on_a_cache_of_its_own() -> None:
+    """conftest.py's per-run cache: nothing a test converts or builds lands in (or is read from) ~/.cache/swiftkv."""
+    assert files.cache_dir().name.startswith("swiftkv-test-cache-")
+    assert files.cache_dir() != Path.home() / ".cache" / "swiftkv"
+
+
 def test_default_model_dir_converts_once_into_the_cache(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -120,11 +120,19 @@ def test_native_step_is_skipped_where_it_does_not_apply(monkeypatch):
     assert native.runtime(model, cache, hidden) is None and cache.native is False
 
 
+def test_builds_live_in_the_swiftkv_cache_unless_swiftkv_native_dir_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(native.NATIVE_DIR_ENV, "")
+    assert native.build_root().parent == tmp_path / "cache" / "native"
+    monkeypatch.setenv(native.NATIVE_DIR_ENV, str(tmp_path / "builds"))
+    assert native.build_root().parent == tmp_path / "builds"
+
+
 def test_a_failed_build_warns_once_and_leaves_the_python_step(tmp_path, monkeypatch):
     broken = tmp_path / "decode.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setenv("SWIFTKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(native.NATIVE_DIR_ENV, str(tmp_path / "native"))  # not next to the suite's shared builds
     native.extension.cache_clear()
     try:
         with pytest.warns(UserWarning, match="native decode step could not be built"):

@@ -1,11 +1,11 @@
 """The native decode step (csrc/decode.cpp): one C++ call per token for float32 models on CPU.
 
 The extension is compiled once per machine with its own instruction set (`-march=native`; `SWIFTKV_NATIVE_MARCH=
-x86-64-v3` builds for any AVX2 CPU instead) into `<swiftkv cache>/native/<cpu tag>/`, and loaded from there afterwards
-(a fraction of a second). `prepare` builds it when a SwiftKV model is loaded, with a progress line, so no user's
-first generation pays for the compiler. If it cannot be built, decoding keeps the Python step (decode.py) and a
-warning says why once. `SWIFTKV_NATIVE=0` turns it off. Which step runs changes nothing but float32 rounding
-(tests/test_native.py).
+x86-64-v3` builds for any AVX2 CPU instead) into `<swiftkv cache>/native/<cpu tag>/` (`$SWIFTKV_NATIVE_DIR/<cpu tag>/`
+when set), and loaded from there afterwards (a fraction of a second). `prepare` builds it when a SwiftKV model is
+loaded, with a progress line, so no user's first generation pays for the compiler. If it cannot be built, decoding
+keeps the Python step (decode.py) and a warning says why once. `SWIFTKV_NATIVE=0` turns it off. Which step runs
+changes nothing but float32 rounding (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
 OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 MARCH = os.environ.get("SWIFTKV_NATIVE_MARCH", "native")  # e.g. x86-64-v3: AVX2 + FMA, runs on any such CPU
 FLAGS = ["-O3", f"-march={MARCH}", *OPENMP]
+NATIVE_DIR_ENV = "SWIFTKV_NATIVE_DIR"
 
 
 # native_decode(False): decode.py's Python step inside the block; native_decode(True) allows the native one.
@@ -56,10 +57,12 @@ def _cpu_tag() -> str:
 
 
 def build_root() -> Path:
-    """Where builds live: <swiftkv cache>/native/<cpu tag>/ (one folder per source version inside)."""
+    """Where builds live: $SWIFTKV_NATIVE_DIR, else <swiftkv cache>/native, then /<cpu tag>/ (one folder per source
+    version inside). The variable lets a build outlive the cache it was made for (the tests' per-run cache)."""
     from swiftkv.files import cache_dir
 
-    return cache_dir() / "native" / _cpu_tag()
+    explicit = os.environ.get(NATIVE_DIR_ENV)  # empty counts as unset, like SWIFTKV_CACHE
+    return (Path(explicit).expanduser() if explicit else cache_dir() / "native") / _cpu_tag()
 
 
 def _name() -> str:
