@@ -128,17 +128,12 @@ def test_template_breaking_the_prefix_property_is_an_error():
     encode_chat(char_tokenizer(template), messages, assistant_only=False)  # fine without assistant masks
 
 
-def test_smollm2_template_has_the_prefix_property():
+def test_smollm2_template_has_the_prefix_property(default_model_dir):
     """The real SmolLM2 tokenizer (BPE, no {% generation %} markers): spans derived from prefixes equal the
     tokens of each assistant turn's rendering."""
-    from swiftkv import files
-
-    path = files.cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("SmolLM2 not converted yet (run `swiftkv info` once)")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     messages = [
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": " It is 4.\n\nAnything else?"},
