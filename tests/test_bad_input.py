@@ -17,6 +17,8 @@ import pytest
 from swiftkv.cli import IO_FAILURE, commands, main
 from swiftkv.files import STAGING_TAG, remove_stale_staging
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # whatever the working directory
+
 
 @pytest.fixture
 def model_dir(chat_dir):
@@ -185,7 +187,7 @@ def test_distill_data_with_a_malformed_line_names_file_and_line(tmp_path, capsys
     lines = [json.dumps({"text": f"w{i} w9"}) for i in range(5)] + ['{"text": "w5" "w6"}']
     data.write_text("\n".join(lines) + "\n")
     _fails(
-        ["distill", "configs/smollm2.yaml", f"data=[{data}]", "max_steps=1", f"output_dir={tmp_path / 'o'}"],
+        ["distill", CONFIGS / "smollm2.yaml", f"data=[{data}]", "max_steps=1", f"output_dir={tmp_path / 'o'}"],
         capsys,
         f"{data}: line 6 is not valid JSON",
     )
