@@ -87,8 +87,45 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     printed = capsys.readouterr().out
     assert "(converted, undistilled)" in printed and "--- SwiftKV answer" in printed
     assert "KV-cache bytes SwiftKV/base: 0.667 (theory 0.667)" in printed
+    assert "top-1 agreement on the base answer" in printed and " of 3 tokens (" in printed
+    assert "the answers part at token" in printed or "the answers are the same 3 tokens" in printed
     assert main(["generate", str(chat_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "3", "--threads", "1"]) == 0
     assert "time to first token" in capsys.readouterr().err
+
+
+def test_demo_finds_where_two_answers_part():
+    from swiftkv.cli.commands import first_difference
+
+    assert first_difference([5, 6, 7], [5, 6, 7]) is None
+    assert first_difference([5, 6, 7], [5, 9, 7]) == 1
+    assert first_difference([5, 6, 7], [5, 6]) == 2  # one answer ended (EOS) where the other went on
+    assert first_difference([], [4]) == 0
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_demo_answer_agreement_is_the_quality_tables_measure(chat_dir, exact):
+    # Recomputed here from the model's own full forward in each mode, not from the scorer the demo calls.
+    from swiftkv.cli.commands import answer_agreement
+    from swiftkv.loading import load
+    from swiftkv.modes import swiftkv_mode
+
+    model, _ = load(chat_dir, num_key_value_layers=5 if exact else 3)
+    if not exact:  # the tiny model copies its input whatever L: move the SwiftKV weights so some predictions differ
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "swiftkv" in name:
+                    param.add_(torch.randn_like(param) * param.std() * 2)
+    prompt, base, swift = torch.tensor([[5, 9, 11, 14, 20, 33]]), [7, 8, 9, 30, 31, 2, 50, 60, 70, 80, 90, 100], [7, 8]
+    result = answer_agreement(model, prompt, base, swift)
+    text = torch.cat([prompt, torch.tensor([base])], dim=1)
+    predicted = {}
+    for enabled in (False, True):
+        with swiftkv_mode(model, enabled), torch.no_grad():  # rows P-1 .. T-2 predict the answer's tokens
+            predicted[enabled] = model(text, logits_to_keep=0).logits[0, prompt.shape[1] - 1 : -1].argmax(-1)
+    agree = int((predicted[False] == predicted[True]).sum())
+    assert result == {"base": base, "swiftkv": swift, "first_difference": 2, "tokens": 12, "agree": agree}
+    assert (agree == 12) == exact  # L = N-1 is exact at conversion: every token agrees
 
 
 def test_convert_calibrate_fits_the_key_values(tmp_path, capsys):

@@ -18,6 +18,7 @@ from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import DEFAULT_SKIP, has_layout
 from swiftkv.config import validate_swiftkv_layout
 from swiftkv.conversion import convert, resolve_num_key_value_layers, save_atomic
+from swiftkv.evaluate.scoring import SWIFTKV, variants_stats
 from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, format_interval, quality_shortfalls
 from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
@@ -25,6 +26,7 @@ from swiftkv.modeling import native
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
+CONTINUATION_TOKENS = 8  # how much of each answer the demo shows from where they part
 
 
 def _layout(args: argparse.Namespace, num_layers: int) -> int:
@@ -118,6 +120,7 @@ def generate_text(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
     times = streamer.token_times
     decode_s = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {
+        "ids": output[0, input_ids.shape[1] :].tolist(),
         "text": tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True),
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": len(times),
@@ -204,6 +207,52 @@ def _demo_model(args: argparse.Namespace):
     return model, tokenizer, None, "converted, undistilled"
 
 
+def first_difference(base: list[int], swift: list[int]) -> int | None:
+    """Index of the first token where two greedy answers differ (one ending before the other counts), else None."""
+    for at, (a, b) in enumerate(zip(base, swift, strict=False)):  # the answers may end at different lengths
+        if a != b:
+            return at
+    return None if len(base) == len(swift) else min(len(base), len(swift))
+
+
+def answer_agreement(model, prompt: torch.Tensor, base: list[int], swift: list[int]) -> dict:
+    """Where the SwiftKV answer parts from the base's, and SwiftKV's top-1 agreement with the base on the base's
+    answer: at each of its tokens, given the prompt [1, P] and the base's answer so far, do both modes predict the
+    same next token. That is the quality tables' agreement (teacher-forced, `variants_stats`), so the demo's
+    answers and the figures measure one thing: one differing token is enough for a greedy answer to part."""
+    text = torch.cat([prompt, torch.tensor([base], dtype=prompt.dtype)], dim=1)  # [1, P + n]
+    scored = torch.arange(text.shape[1] - 1) >= prompt.shape[1] - 1  # the positions that predict the answer
+    sums = variants_stats({SWIFTKV: model}, text, scored=scored)[SWIFTKV]
+    return {
+        "base": base,
+        "swiftkv": swift,
+        "first_difference": first_difference(base, swift),
+        "tokens": int(sums["tokens"]),
+        "agree": int(sums["agree"]),
+    }
+
+
+def _answer_lines(tokenizer, agreement: dict) -> list[str]:
+    """Where the two answers part (token position, a few tokens of each from there) and the answer's agreement."""
+    base, swift, at = agreement["base"], agreement["swiftkv"], agreement["first_difference"]
+
+    def shown(ids: list[int]) -> str:
+        text = tokenizer.decode(ids[at : at + CONTINUATION_TOKENS], skip_special_tokens=True)
+        return json.dumps(text + ("..." if len(ids) > at + CONTINUATION_TOKENS else ""))
+
+    if at is None:
+        parted = f"the answers are the same {len(base)} tokens"
+    else:
+        parted = f"the answers part at token {at + 1} (the first {at} are the same): base {shown(base)}, "
+        parted += f"SwiftKV {shown(swift)}"
+    tokens, agree = agreement["tokens"], agreement["agree"]
+    return [
+        parted,
+        f"top-1 agreement on the base answer (both modes' next token given the base's text so far, as in the quality "
+        f"figures below): {agree} of {tokens} tokens ({agree / max(tokens, 1):.1%})",
+    ]
+
+
 def _quality_lines(adapter_dir: Path | None) -> list[str]:
     """The adapter's measured per-domain quality against the targets, unseen domains apart."""
     table = _measured_quality(adapter_dir) if adapter_dir is not None else None
@@ -235,12 +284,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
         f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; {args.threads} threads"
     )
-    answers = time.perf_counter()
+    answers, tokens = time.perf_counter(), {}
     for enabled in (False, True):  # answers only: the figures below are warm medians
         with swiftkv_mode(model, enabled):
             result = generate_text(model, tokenizer, ids, args.max_new_tokens, quiet=True)
+        tokens[enabled] = result["ids"]
         print(f"\n--- {'SwiftKV' if enabled else 'base'} answer:\n{result['text'].strip()}")
     answers = time.perf_counter() - answers
+    print("\n" + "\n".join(_answer_lines(tokenizer, answer_agreement(model, ids, tokens[False], tokens[True]))))
     times = bench.measure_prefill(model, ids, reps=args.reps, threads=args.threads)
     base, swift = (bench.summary(times[mode])["median_s"] for mode in ("base", "swiftkv"))
     kv = bench.measure_kv_bytes(model, ids)
