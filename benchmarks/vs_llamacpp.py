@@ -1,9 +1,10 @@
 """Decode and prefill speed on CPU: stock transformers vs swiftkv vs llama.cpp, in one interleaved run.
 
     pip install llama-cpp-python sentencepiece      # benchmark only (builds llama.cpp from source, ~10 min)
-    python SDIST/vendor/llama.cpp/convert_hf_to_gguf.py ~/.cache/swiftkv/models/SmolLM2-135M-Instruct \\
-        --outtype f32 --outfile ~/.cache/swiftkv/gguf/SmolLM2-135M-Instruct-F32.gguf   # SDIST: the unpacked sdist
-    python benchmarks/vs_llamacpp.py --gguf ~/.cache/swiftkv/gguf/SmolLM2-135M-Instruct-F32.gguf
+    python SDIST/vendor/llama.cpp/convert_hf_to_gguf.py SMOLLM2_DIR \\
+        --outtype f32 --outfile out/SmolLM2-135M-Instruct-F32.gguf   # SDIST: the unpacked sdist
+    python benchmarks/vs_llamacpp.py --gguf out/SmolLM2-135M-Instruct-F32.gguf
+    # SMOLLM2_DIR: the default model's converted checkpoint, swiftkv.embedded.default_model_dir()
 
 Engines (same weights, float32, the same number of threads):
 - transformers: the stock model class, `DynamicCache`, one forward per token (what `generate` runs);
