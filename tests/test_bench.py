@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_base
-from transformers import DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from swiftkv import bench, theory
 from swiftkv.conversion import convert
@@ -77,17 +77,14 @@ def test_prompt_ids_have_exact_length():
     assert bench.prompt_ids(None, 128, 37).shape == (1, 37)
 
 
-class _WordTokenizer:
-    """Enough of a tokenizer for prompt_ids: one id per word."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + len(word) for word in text.split()]}
-
-
-def test_prompt_ids_repeat_the_text_to_exact_length():
-    ids = bench.prompt_ids(_WordTokenizer(), 128, 300)
-    words = len(bench.PROMPT_TEXT.split())
-    assert ids.shape == (1, 300) and torch.equal(ids[0, :words], ids[0, words : 2 * words])
+def test_prompt_ids_repeat_the_text_to_exact_length(default_model_dir):
+    """With the tokenizer `swiftkv bench default` uses (the run converts the default model once for other tests)."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    text = tokenizer(bench.PROMPT_TEXT, add_special_tokens=False)["input_ids"]  # 138 tokens, no BOS
+    assert tokenizer.decode(text) == bench.PROMPT_TEXT
+    ids = bench.prompt_ids(tokenizer, len(tokenizer), 300)  # two copies of the text and the start of a third
+    assert ids.shape == (1, 300) and ids[0].tolist() == text + text + text[: 300 - 2 * len(text)]
+    assert bench.prompt_ids(tokenizer, len(tokenizer), 50)[0].tolist() == text[:50]
 
 
 def test_cropped_cache_decodes_the_same_tokens_again(tiny_swiftkv):
@@ -101,6 +98,7 @@ def test_cropped_cache_decodes_the_same_tokens_again(tiny_swiftkv):
 
 
 def test_run_benchmark_smoke(tiny_swiftkv, tmp_path):
+    readable = bench.peak_memory_delta(lambda: None) is not None
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     result = bench.run_benchmark(
         tiny_swiftkv,
@@ -129,7 +127,10 @@ def test_run_benchmark_smoke(tiny_swiftkv, tmp_path):
         latency = setting["latency"]  # the decode prompt (16) was a measured prefill length: TTFT is its median
         assert latency["swiftkv"]["ttft_s"] == setting["prefill"][1]["swiftkv"]["median_s"]
         assert latency["base"]["tpot_s"] == 1 / decode["base"]["tokens_per_s_median"]
-        assert all(v is None or v >= 0 for v in setting["peak_memory_bytes"].values())
+        # Integers where the process's peak memory can be read (Linux), None for both modes elsewhere.
+        peak = setting["peak_memory_bytes"]
+        assert peak.keys() == {"base", "swiftkv"}
+        assert all(isinstance(v, int) if readable else v is None for v in peak.values())
     assert len(bench.summary_lines(result)) == 1 + 2 * (2 + 3)
 
 
@@ -139,6 +140,20 @@ def test_peak_memory_delta_sees_a_new_allocation():
     size = 64 * 2**20
     grown = bench.peak_memory_delta(lambda: torch.ones(size // 4).sum())  # 64 MiB touched, then freed
     assert size * 0.9 <= grown <= size * 1.5
+
+
+def test_peak_memory_covers_the_kv_cache():
+    """The peak of each mode is at least the KV cache it holds through prefill and decode, counted from the config:
+    layers with a cache entry (N in base mode; L + (N-L)/g in SwiftKV mode) x K and V x positions x Hkv*Dh x 4 bytes.
+    """
+    if bench.peak_memory_delta(lambda: None) is None:
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    model = convert(tiny_base("llama", hidden=256), num_key_value_layers=3, key_value_group_size=3)
+    prompt, new_tokens = 1024, 2
+    per_entry = 2 * (prompt + new_tokens) * 2 * 64 * 4  # K and V, positions, Hkv=2 heads of Dh=256/4, float32
+    peak = bench.measure_peak_memory(model, bench.prompt_ids(None, 128, prompt), new_tokens)
+    assert peak["base"] >= 6 * per_entry  # 6 MiB
+    assert peak["swiftkv"] >= (3 + 1) * per_entry
 
 
 def test_measure_workload_schema():
