@@ -9,6 +9,8 @@ from engines import load_expected
 
 # Tests read the model's row counters through `LLM.apply_model`, which pickles a function to the engine process.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# The model's row counter is a debug switch, off by default: on for the tests that read it.
+os.environ.setdefault("SWIFTKV_VLLM_COUNT_ROWS", "1")
 
 
 @pytest.fixture(scope="session")

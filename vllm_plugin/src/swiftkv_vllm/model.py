@@ -20,6 +20,7 @@ every layer (the full SwiftKV forward: same tokens, no saving).
 
 from __future__ import annotations
 
+import os
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -27,13 +28,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -45,6 +52,8 @@ from vllm.utils.torch_utils import _encode_layer_name
 from vllm.v1.attention.backends.utils import KVSharingFastPrefillMetadata
 
 from swiftkv_vllm.configs import SwiftKVLayout
+
+COUNT_ROWS_ENV = "SWIFTKV_VLLM_COUNT_ROWS"
 
 
 @dataclass(frozen=True)
@@ -102,17 +111,20 @@ class SwiftKVCacheWriter(Attention):
     It never attends itself; its layer name is the `kv_sharing_target_layer_name` of the group's layers.
     """
 
-    def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store K, V [T, Hkv*Dh] (RoPE applied) at this step's slots."""
-        key = key.view(-1, self.num_kv_heads, self.head_size)
-        value = value.view(-1, self.num_kv_heads, self.head_size_v)
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Store K, V [T, Hkv*Dh] (RoPE applied) at this step's slots; returns the op's dependency token.
+
+        No layer of this compiled part reads the entry (the group's layers read it in the other part), so the caller
+        must return the token from its compiled forward, or the compiler could drop the write as dead code.
+        """
+        key = key.reshape(-1, self.num_kv_heads, self.head_size)
+        value = value.reshape(-1, self.num_kv_heads, self.head_size_v)
         if self.attn_backend.forward_includes_kv_cache_update:
             # This backend writes the cache only inside its attention call: run one and drop its output.
-            self.forward(key.new_zeros(key.shape[0], self.num_heads * self.head_size), key, value)
-        elif self.use_direct_call:
-            unified_kv_cache_update(key, value, self.layer_name)
-        else:
-            torch.ops.vllm.unified_kv_cache_update(key, value, _encode_layer_name(self.layer_name))
+            return self.forward(key.new_zeros(key.shape[0], self.num_heads * self.head_size), key, value)
+        if self.use_direct_call:
+            return unified_kv_cache_update(key, value, self.layer_name)
+        return torch.ops.vllm.unified_kv_cache_update(key, value, _encode_layer_name(self.layer_name))
 
 
 class BaseAttention(nn.Module):
@@ -147,11 +159,11 @@ class BaseAttention(nn.Module):
 
 
 class SwiftKVAttention(nn.Module):
-    """Layers >= L: queries from `q_proj_swiftkv`, K/V read from the group's writer; leaders also fill it.
+    """Layers >= L: queries from `q_proj_swiftkv`, K/V read from the group's writer.
 
     The layer's original q/k/v projections are not built (the checkpoint keeps them for the teacher; the loader
-    skips them). Qwen3: SwiftKV queries use the layer's own `q_norm`, SwiftKV keys the leader's `k_norm`, as in
-    swiftkv's HF model.
+    skips them). The leaders' `k_proj_swiftkv`/`v_proj_swiftkv` live stacked in `SwiftKVKeyValues`; a leader keeps
+    its writer and (qwen3) its `k_norm`, which normalises the group's SwiftKV keys, as in swiftkv's HF model.
     """
 
     def __init__(
@@ -168,18 +180,14 @@ class SwiftKVAttention(nn.Module):
         super().__init__()
         self.shape = shape
         tp = get_tensor_model_parallel_world_size()
-        q_out, kv_out = shape.heads * tp * shape.head_dim, shape.kv_heads * tp * shape.head_dim
-        self.q_proj_swiftkv = _column(shape.hidden, q_out, shape.qkv_bias, quant_config, f"{prefix}.q_proj_swiftkv")
+        q_out = shape.heads * tp * shape.head_dim
+        self.q_proj_swiftkv = ColumnParallelLinear(
+            shape.hidden, q_out, bias=shape.qkv_bias, quant_config=quant_config, prefix=f"{prefix}.q_proj_swiftkv"
+        )
         self.o_proj = _o_proj(shape, quant_config, prefix)
         self.q_norm = RMSNorm(shape.head_dim, eps=config.rms_norm_eps) if shape.qk_norm else None
         self.rotary_emb = _rope(config, shape)
         if is_leader:
-            self.k_proj_swiftkv = _column(
-                shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.k_proj_swiftkv"
-            )
-            self.v_proj_swiftkv = _column(
-                shape.hidden, kv_out, shape.qkv_bias, quant_config, f"{prefix}.v_proj_swiftkv"
-            )
             self.k_norm = RMSNorm(shape.head_dim, eps=config.rms_norm_eps) if shape.qk_norm else None
             self.swiftkv_attn = writer  # a submodule of its leader only, so its (scale) parameters load once
         self.attn = _attention(
@@ -193,18 +201,45 @@ class SwiftKVAttention(nn.Module):
             kv_sharing_target_layer_name=writer.layer_name,
         )
 
-    def write_key_values(self, positions: torch.Tensor, x: torch.Tensor) -> None:
-        """Leader only: the group's K/V from x = norm_swiftkv(h_L) [T, D], for every token, into its cache entry."""
-        k = per_head_norm(self.k_norm, self.k_proj_swiftkv(x)[0], self.shape.head_dim)  # [T, Hkv*Dh]
-        v = self.v_proj_swiftkv(x)[0]
-        k, _ = self.rotary_emb(positions, k, None)  # RoPE is per head: rotating K as a "query" is the same op
-        self.swiftkv_attn.write(k, v)
-
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Kept rows only [K, D] -> [K, D]; attends to every cached token of the group."""
         q = per_head_norm(self.q_norm, self.q_proj_swiftkv(hidden)[0], self.shape.head_dim)
         q, _ = self.rotary_emb(positions, q, None)
         return self.o_proj(self.attn(q, None, None))[0]
+
+
+class SwiftKVKeyValues(nn.Module):
+    """The K/V of every AcrossKV group from x = norm_swiftkv(h_L): one GEMM, one RoPE, one cache write per group.
+
+    `kv_proj_swiftkv` stacks the leaders' `k_proj_swiftkv` then their `v_proj_swiftkv` (shards 0..G-1 and G..2G-1,
+    each [Hkv*Dh, D], split per tensor-parallel rank as vLLM stacks q/k/v into `qkv_proj`).
+    """
+
+    def __init__(self, shape: AttentionShape, leaders: list[SwiftKVAttention], quant_config, prefix: str):
+        super().__init__()
+        self.shape, self.groups = shape, len(leaders)
+        tp = get_tensor_model_parallel_world_size()
+        self.kv_proj_swiftkv = MergedColumnParallelLinear(
+            shape.hidden,
+            [shape.kv_heads * tp * shape.head_dim] * (2 * self.groups),
+            bias=shape.qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.kv_proj_swiftkv",
+        )
+        self.rotary_emb = leaders[0].rotary_emb
+        self.k_norms = [leader.k_norm for leader in leaders]  # plain list: the leaders own (and load) them
+        self.writers = [leader.swiftkv_attn for leader in leaders]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> every group's cache entry written; returns the writes' dependency tokens (see `write`)."""
+        kv_size = self.shape.kv_heads * self.shape.head_dim
+        keys, values = self.kv_proj_swiftkv(x)[0].split(self.groups * kv_size, dim=-1)  # [T, G*Hkv*Dh] each
+        if self.k_norms[0] is not None:  # qwen3: each leader's own k_norm on its group's keys
+            groups = zip(self.k_norms, keys.split(kv_size, dim=-1), strict=True)
+            keys = torch.cat([per_head_norm(norm, k, self.shape.head_dim) for norm, k in groups], dim=-1)
+        keys, _ = self.rotary_emb(positions, keys, None)  # RoPE is per head: all groups' keys as one "query"
+        groups = zip(self.writers, keys.split(kv_size, dim=-1), values.split(kv_size, dim=-1), strict=True)
+        return torch.cat([writer.write(k, v).reshape(-1) for writer, k, v in groups])
 
 
 class DecoderLayer(nn.Module):
@@ -269,8 +304,55 @@ def _build_layers(config, layout: SwiftKVLayout, cache_config, quant_config, pre
     return layers
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
+class SwiftKVPrefix(nn.Module):
+    """Compiled part 1, every scheduled token: embedding, layers 0..L-1, then `norm_swiftkv` and every group's K/V.
+
+    Returns (h_L [T, D], the cache writes' dependency tokens). With no SwiftKV layer (L = N) it is the whole base
+    model and returns (norm(h_N), an empty tensor).
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", model: SwiftKVModel):
+        super().__init__()
+        self.embed_tokens, self.layers = model.embed_tokens, model.layers[: model.layout.num_key_value_layers]
+        self.norm_swiftkv, self.key_values, self.norm = model.norm_swiftkv, model.key_values, model.norm
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        if self.key_values is None:
+            return self.norm(hidden, residual)[0], hidden.new_empty(0)
+        x, h_l = self.norm_swiftkv(hidden, residual)  # h_L = hidden + residual, x = norm_swiftkv(h_L): [T, D]
+        return h_l, self.key_values(positions, x)
+
+
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden": 0})
+class SwiftKVSuffix(nn.Module):
+    """Compiled part 2, the kept rows only: layers L..N-1 and the final norm, [K, D] -> [K, D]."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", model: SwiftKVModel):
+        super().__init__()
+        self.layers, self.norm = model.layers[model.layout.num_key_value_layers :], model.norm
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden, residual)[0]
+
+
 class SwiftKVModel(nn.Module):
-    """Embedding, layers 0..N-1, `norm_swiftkv` and the final norm; the SwiftKV forward (module docstring)."""
+    """Embedding, layers 0..N-1, `norm_swiftkv` and the final norm; the SwiftKV forward (module docstring).
+
+    Compiled like vLLM's Gemma3n: two compiled parts (`SwiftKVPrefix`, `SwiftKVSuffix`) around the row gather,
+    which runs eagerly between them on static buffers, so a piecewise CUDA graph of either part never freezes
+    which rows are kept. The parts hold references to the modules registered here first, so parameter names stay
+    the checkpoint's (`model.layers.{i}...`).
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -280,13 +362,27 @@ class SwiftKVModel(nn.Module):
         self.config, self.layout = config, SwiftKVLayout.of(config)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
-        layers = _build_layers(config, self.layout, cache_config, quant_config, prefix)
-        self.layers = nn.ModuleList(layers)
-        self.norm_swiftkv = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.layout.skips else None
+        self.layers = nn.ModuleList(_build_layers(config, self.layout, cache_config, quant_config, prefix))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_swiftkv, self.key_values = None, None
+        if self.layout.skips:
+            self.norm_swiftkv = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            leaders = [self.layers[i].self_attn for i in self.layout.leaders]
+            self.key_values = SwiftKVKeyValues(AttentionShape.of(config), leaders, quant_config, prefix)
+        from vllm.compilation.backends import set_model_tag  # as gemma3n: a compile-cache folder per part
+
+        with set_model_tag("swiftkv_prefix"):
+            self.prefix = SwiftKVPrefix(vllm_config=vllm_config, prefix=f"{prefix}.prefix", model=self)
+        with set_model_tag("swiftkv_suffix"):
+            self.suffix = SwiftKVSuffix(vllm_config=vllm_config, prefix=f"{prefix}.suffix", model=self)
         self.fast_prefill = bool(cache_config.kv_sharing_fast_prefill) and self.layout.skips
-        # (rows into layer 0, rows into layer L) of recent forwards: shows the skipping (tests, `row_counts`).
-        self.row_counts: deque[tuple[int, int]] = deque(maxlen=256)
+        if self.fast_prefill:  # static inputs of the suffix (CUDA graphs replay from fixed addresses)
+            rows = vllm_config.scheduler_config.max_num_batched_tokens
+            device = self.norm.weight.device
+            self.kept_positions = torch.zeros(rows, dtype=torch.int64, device=device)
+            self.kept_hidden = torch.zeros(rows, config.hidden_size, dtype=self.norm.weight.dtype, device=device)
+        # (rows into layer 0, rows into layer L) per forward, only when asked: a debug switch, off the hot path.
+        self.row_counts: deque[tuple[int, int]] | None = deque(maxlen=256) if count_rows_requested() else None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -298,40 +394,29 @@ class SwiftKVModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
-        residual = None
-        for layer in self.layers[: self.layout.num_key_value_layers]:
-            hidden, residual = layer(positions, hidden, residual)
+        h_l, _ = self.prefix(input_ids, positions, inputs_embeds)  # [T, D]; the write tokens kept the writes alive
         if not self.layout.skips:
-            self.row_counts.append((hidden.shape[0], 0))
-            return self.norm(hidden, residual)[0]
-        h_l = hidden + residual  # [T, D]: the residual stream entering layer L
-        self._write_swiftkv_cache(positions, h_l)
-        kept = self._kept_rows()
-        rows = h_l if kept is None else h_l[kept[0]]  # [K, D]
-        row_positions = positions if kept is None else positions[kept[0]]
-        self.row_counts.append((h_l.shape[0], rows.shape[0]))
-        hidden, residual = rows, None
-        for layer in self.layers[self.layout.num_key_value_layers :]:
-            hidden, residual = layer(row_positions, hidden, residual)
-        hidden = self.norm(hidden, residual)[0]
-        if kept is None:
-            return hidden
-        # The runner reads hidden states at its logits indices only: scatter the kept rows back to [T, D].
-        out = h_l.new_zeros(h_l.shape)
-        out[kept[0][: kept[1]]] = hidden[: kept[1]]
-        return out
+            self._count(h_l.shape[0], 0)
+            return h_l
+        kept = self._kept_rows(h_l.shape[0])
+        if kept is None:  # every row runs every layer: decode, fast prefill off, dummy and capture runs
+            self._count(h_l.shape[0], h_l.shape[0])
+            return self.suffix(positions, h_l)
+        rows, count = kept  # [K'] padded row indices, the first `count` real
+        self._count(h_l.shape[0], rows.shape[0])
+        kept_positions, kept_hidden = self.kept_positions[: rows.shape[0]], self.kept_hidden[: rows.shape[0]]
+        torch.index_select(positions, 0, rows, out=kept_positions)
+        torch.index_select(h_l, 0, rows, out=kept_hidden)
+        out = self.suffix(kept_positions, kept_hidden)  # [K', D]
+        # The runner reads hidden states at its logits indices only: write the kept rows back into h_L's rows.
+        h_l.index_put_((rows[:count],), out[:count])  # rows: int32
+        return h_l
 
-    def _write_swiftkv_cache(self, positions: torch.Tensor, h_l: torch.Tensor) -> None:
-        x = self.norm_swiftkv(h_l)  # [T, D]
-        for leader in self.layout.leaders:
-            self.layers[leader].self_attn.write_key_values(positions, x)
+    def _kept_rows(self, num_tokens: int) -> tuple[torch.Tensor, int] | None:
+        """(row indices [K'] padded, K real) of the rows the sampler needs, or None when every row must run.
 
-    def _kept_rows(self) -> tuple[torch.Tensor, int] | None:
-        """(row indices [K'] padded, K) of the rows the sampler needs, or None when every row must run.
-
-        vLLM attaches them to the metadata of the fast-prefill layers; absent in dummy/profile runs and when fast
-        prefill is off.
+        vLLM attaches them to the metadata of the fast-prefill layers; absent in dummy/profile/capture runs and when
+        fast prefill is off. Both are host values (a tensor already on the device, a Python int): no sync.
         """
         if not self.fast_prefill:
             return None
@@ -341,7 +426,13 @@ class SwiftKVModel(nn.Module):
         last = metadata.get(self.layers[-1].self_attn.attn.layer_name)
         if not isinstance(last, KVSharingFastPrefillMetadata) or last.logits_indices_padded is None:
             return None
-        return last.logits_indices_padded, int(last.num_logits_indices)
+        if last.num_logits_indices == num_tokens:  # every row kept (pure decode): no gather
+            return None
+        return last.logits_indices_padded, last.num_logits_indices
+
+    def _count(self, rows_in: int, rows_after_l: int) -> None:
+        if self.row_counts is not None:
+            self.row_counts.append((rows_in, rows_after_l))
 
 
 class SwiftKVForCausalLM(nn.Module):
@@ -397,13 +488,22 @@ class Qwen3SwiftKVForCausalLM(SwiftKVForCausalLM):
     pass
 
 
+def count_rows_requested() -> bool:
+    """The row-count debug switch (`SWIFTKV_VLLM_COUNT_ROWS=1` in the engine's environment); off by default."""
+    return os.environ.get(COUNT_ROWS_ENV, "0").strip() == "1"
+
+
 def row_counts(model: nn.Module) -> list[tuple[int, int]]:
     """For `LLM.apply_model(row_counts)`: (rows into layer 0, rows into layer L) of the model's recent forwards."""
-    return list(model.model.row_counts)
+    counts = model.model.row_counts
+    if counts is None:
+        raise RuntimeError(f"Row counts are off: start the engine with {COUNT_ROWS_ENV}=1 in its environment.")
+    return list(counts)
 
 
 def clear_row_counts(model: nn.Module) -> None:
-    model.model.row_counts.clear()
+    if model.model.row_counts is not None:
+        model.model.row_counts.clear()
 
 
 # HF name -> (vLLM parameter, shard): the fused projections vLLM builds for layers < L and every MLP.
@@ -411,6 +511,22 @@ _STACKED = re.compile(r"\.(q|k|v|gate|up)_proj\.(weight|bias)$")
 _SHARD = {"q": ("qkv_proj", "q"), "k": ("qkv_proj", "k"), "v": ("qkv_proj", "v"), "gate": ("gate_up_proj", 0)}
 _SHARD["up"] = ("gate_up_proj", 1)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# A leader's SwiftKV K/V projection -> its shard of the stacked `model.key_values.kv_proj_swiftkv` (SwiftKVKeyValues).
+_SWIFTKV_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj_swiftkv\.(weight|bias)$")
+
+
+def _target(name: str, layout: SwiftKVLayout) -> tuple[str, str | int | None]:
+    """(vLLM parameter name, shard of a stacked parameter or None) of checkpoint tensor `name`."""
+    swiftkv_kv = _SWIFTKV_KV.match(name)
+    if swiftkv_kv:
+        group = layout.leaders.index(int(swiftkv_kv.group(1)))  # ValueError for a non-leader: caught by the caller
+        shard = group if swiftkv_kv.group(2) == "k" else len(layout.leaders) + group
+        return f"model.key_values.kv_proj_swiftkv.{swiftkv_kv.group(3)}", shard
+    stacked = _STACKED.search(name) if "_swiftkv" not in name else None
+    if stacked is None:
+        return name, None
+    fused, shard = _SHARD[stacked.group(1)]
+    return name[: stacked.start()] + f".{fused}.{stacked.group(2)}", shard
 
 
 def _skipped(name: str, layout: SwiftKVLayout, tied: bool) -> bool:
@@ -428,27 +544,38 @@ def _skipped(name: str, layout: SwiftKVLayout, tied: bool) -> bool:
     return False
 
 
+def _shard_count(target: str, layout: SwiftKVLayout) -> int:
+    if ".kv_proj_swiftkv." in target:
+        return 2 * len(layout.leaders)
+    return 3 if ".qkv_proj." in target else 2 if ".gate_up_proj." in target else 1
+
+
 def load_swiftkv_weights(model: SwiftKVForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
     """Load a HF-format SwiftKV checkpoint; a missing or unexpected SwiftKV tensor is an error that names it."""
     layout, tied = model.model.layout, bool(model.config.tie_word_embeddings)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    shards: dict[str, set] = {}
     unexpected: list[str] = []
     for name, tensor in weights:
         if _skipped(name, layout, tied):
             continue
-        stacked = _STACKED.search(name) if "_swiftkv" not in name else None
-        shard = None
-        if stacked:
-            fused, shard = _SHARD[stacked.group(1)]
-            name = name[: stacked.start()] + f".{fused}.{stacked.group(2)}"
-        param = params.get(name)
+        try:
+            target, shard = _target(name, layout)
+        except ValueError:  # K/V SwiftKV projection of a layer that leads no group
+            target, shard = name, None
+        param = params.get(target)
         if param is None:
             unexpected.append(name)
             continue
         loader = getattr(param, "weight_loader", default_weight_loader)
         loader(param, tensor) if shard is None else loader(param, tensor, shard)
-        loaded.add(name)
+        loaded.add(target)
+        shards.setdefault(target, set()).add(shard)
+    # A stacked parameter counts as loaded only with all its shards: else a missing leader would go unnoticed.
+    for target, got in shards.items():
+        if len(got) < _shard_count(target, layout):
+            loaded.discard(target)
     missing = sorted(n for n in params if n not in loaded and not n.endswith("_scale"))
     if missing or unexpected:
         problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected]
@@ -459,10 +586,6 @@ def load_swiftkv_weights(model: SwiftKVForCausalLM, weights: Iterable[tuple[str,
             + ". Write checkpoints with `swiftkv convert` / `swiftkv distill`, or fix config.json."
         )
     return loaded
-
-
-def _column(in_features: int, out_features: int, bias: bool, quant_config, prefix: str) -> ColumnParallelLinear:
-    return ColumnParallelLinear(in_features, out_features, bias=bias, quant_config=quant_config, prefix=prefix)
 
 
 def _o_proj(shape: AttentionShape, quant_config, prefix: str) -> RowParallelLinear:

@@ -85,6 +85,32 @@ class SwiftKVConfigHook(VerifyAndUpdateConfig):
             FAST_PREFILL_ENV,
         )
         _guard_prompt_logprobs(vllm_config)
+        _select_cudagraph_mode(vllm_config)
+
+
+def _select_cudagraph_mode(vllm_config) -> None:
+    """CUDA graphs that cannot freeze which rows run layers >= L.
+
+    The model compiles in two parts around the row gather (`swiftkv_vllm.model.SwiftKVModel`); the gather runs
+    eagerly between them, so piecewise graphs are right for every batch. A full graph is captured by a dummy run,
+    where no row is dropped, so it is right only for batches whose every row is kept: decode-only batches
+    (FULL_AND_PIECEWISE, vLLM's CUDA default, and FULL_DECODE_ONLY). FULL would replay that graph for prefill
+    batches too: it becomes FULL_AND_PIECEWISE.
+    """
+    from vllm.config import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode == CUDAGraphMode.FULL:
+        compilation.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        logger.warning(
+            "SwiftKV: cudagraph_mode FULL would replay a graph captured with every row for prefill batches, whose "
+            "rows after layer L differ per step: using FULL_AND_PIECEWISE (full graphs for decode-only batches only)."
+        )
+    logger.info(
+        "SwiftKV: compiled in two parts around the row gather unless enforce_eager; CUDA graphs (where the platform "
+        "has them): %s, full graphs only for decode-only batches.",
+        compilation.cudagraph_mode.name if compilation.cudagraph_mode is not None else "vLLM's default",
+    )
 
 
 def _guard_prompt_logprobs(vllm_config) -> None:
