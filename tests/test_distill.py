@@ -286,13 +286,15 @@ GOLDEN_LOSSES = [6.329257739707828e-04, 5.103108705952764e-04, 3.814569208770990
 GOLDEN_HIDDEN = [7.901493518147618e-05, 6.753660272806883e-05, 5.861659155925736e-05, 5.304197111399844e-05]
 
 
-def test_golden_losses(model_dir, chats, tmp_path):
+def golden_run(model_dir, chats, out) -> tuple[list[float], list[float]]:
+    """(loss, hidden term) of each step of the golden run; scripts/golden_probe.py runs it under each capability."""
     # split=all: the held-out split of a local file hashes its path, which differs between test runs
-    recipe, _ = _trained(
-        model_dir, chats, tmp_path / "run", num_key_value_layers=2, key_value_group_size=2, split="all"
-    )
-    losses = torch.tensor([row["loss"] for row in recipe.history], dtype=torch.float64)
-    hidden = torch.tensor([row["hidden"] for row in recipe.history], dtype=torch.float64)
+    recipe, _ = _trained(model_dir, chats, out, num_key_value_layers=2, key_value_group_size=2, split="all")
+    return [row["loss"] for row in recipe.history], [row["hidden"] for row in recipe.history]
+
+
+def test_golden_losses(model_dir, chats, tmp_path):
+    losses, hidden = (torch.tensor(v, dtype=torch.float64) for v in golden_run(model_dir, chats, tmp_path / "run"))
     torch.testing.assert_close(losses, torch.tensor(GOLDEN_LOSSES, dtype=torch.float64), rtol=LOSS_RTOL, atol=0)
     torch.testing.assert_close(hidden, torch.tensor(GOLDEN_HIDDEN, dtype=torch.float64), rtol=HIDDEN_RTOL, atol=0)
 
