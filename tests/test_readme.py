@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import tiny_base, tiny_tokenizer
 
+from swiftkv.adapter import WEIGHTS_NAME
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -32,9 +34,8 @@ def test_python_api_block_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     code = code.replace("The valley changed when the railway came.", "w5 w9 w11 w13")  # the tiny vocabulary
     ns = _run(code, tmp_path, monkeypatch)
     assert ns["model"].config.num_key_value_layers == 3 and ns["fast"].shape == (1, 4 + 8)
-    assert (
-        ns["undistilled"].config.num_key_value_layers == 4
-    )  # 6 - round(0.25 * 6) and (tmp_path / "out/my-adapter").is_dir()
+    assert ns["undistilled"].config.num_key_value_layers == 4  # skip=0.25 of 6 layers: 6 - round(1.5)
+    assert (tmp_path / "out/my-adapter" / WEIGHTS_NAME).is_file()  # the relative path, under the working directory
     for name, param in ns["distilled"].named_parameters():  # the saved adapter round-trips (bf16 storage)
         if "swiftkv" in name:
             torch.testing.assert_close(param, dict(ns["model"].named_parameters())[name], atol=1e-2, rtol=1e-2)
