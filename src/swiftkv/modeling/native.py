@@ -4,8 +4,9 @@ The extension is compiled once per machine with its own instruction set (`-march
 x86-64-v3` builds for any AVX2 CPU instead) into `<swiftkv cache>/native/<cpu tag>/` (`$SWIFTKV_NATIVE_DIR/<cpu tag>/`
 when set), and loaded from there afterwards (a fraction of a second). `prepare` builds it when a SwiftKV model is
 loaded, with a progress line, so no user's first generation pays for the compiler. If it cannot be built, decoding
-keeps the Python step (decode.py) and a warning says why once. `SWIFTKV_NATIVE=0` turns it off. Which step runs
-changes nothing but float32 rounding (tests/test_native.py).
+keeps the Python step (decode.py) and a warning says why once; so it does, building nothing, when the -march asks
+for features this CPU lacks (x86-64-v3 without AVX2: the build would die of an illegal instruction; `missing_isa`).
+`SWIFTKV_NATIVE=0` turns it off. Which step runs changes nothing but float32 rounding (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from swiftkv import cpu
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import Switch, own_key_value_layers
 
@@ -32,6 +35,40 @@ OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 MARCH = os.environ.get("SWIFTKV_NATIVE_MARCH", "native")  # e.g. x86-64-v3: AVX2 + FMA, runs on any such CPU
 FLAGS = ["-O3", f"-march={MARCH}", *OPENMP]
 NATIVE_DIR_ENV = "SWIFTKV_NATIVE_DIR"
+# x86 instruction-set extensions a -march may let the compiler use: its predefined macro -> the flag Linux lists in
+# /proc/cpuinfo for them (the names differ for a few: SSE3 is "pni", LZCNT "abm", BMI "bmi1").
+ISA_MACROS = {
+    "__SSE3__": "pni",
+    "__SSSE3__": "ssse3",
+    "__SSE4_1__": "sse4_1",
+    "__SSE4_2__": "sse4_2",
+    "__POPCNT__": "popcnt",
+    "__AVX__": "avx",
+    "__AVX2__": "avx2",
+    "__FMA__": "fma",
+    "__F16C__": "f16c",
+    "__BMI__": "bmi1",
+    "__BMI2__": "bmi2",
+    "__LZCNT__": "abm",
+    "__MOVBE__": "movbe",
+    "__AVX512F__": "avx512f",
+    "__AVX512CD__": "avx512cd",
+    "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl",
+    "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi",
+    "__AVX512VBMI2__": "avx512_vbmi2",
+    "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
+    "__AVX512BF16__": "avx512_bf16",
+    "__AVX512FP16__": "avx512_fp16",
+    "__AVXVNNI__": "avx_vnni",
+    "__AMX_TILE__": "amx_tile",
+    "__AMX_BF16__": "amx_bf16",
+    "__AMX_INT8__": "amx_int8",
+}
 
 
 # native_decode(False): decode.py's Python step inside the block; native_decode(True) allows the native one.
@@ -45,15 +82,33 @@ def enabled() -> bool:
 
 def _cpu_tag() -> str:
     """Binaries built with -march=native only run on the CPU they were built for: key them by its flags."""
-    flags = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags += line
-                break
-    except OSError:
-        pass
+    flags = platform.machine() + " " + " ".join(sorted(cpu.cpu_flags()))
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def target_isa(march: str) -> frozenset[str] | None:
+    """The CPU flags (ISA_MACROS' names) code compiled with -march=`march` may need, from the macros the compiler
+    predefines for it; None when the compiler cannot say (absent, or an -march it does not know)."""
+    from torch.utils.cpp_extension import get_cxx_compiler  # the compiler the build itself will run
+
+    command = [get_cxx_compiler(), f"-march={march}", "-dM", "-E", "-x", "c++", "-"]
+    try:
+        macros = subprocess.run(command, input="", capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
+    return frozenset(flag for macro, flag in ISA_MACROS.items() if macro in defined)
+
+
+def missing_isa(march: str) -> list[str]:
+    """The CPU flags -march=`march` needs that this CPU lacks: a build for it would die of an illegal instruction
+    here. Empty when either side is unknown (no compiler, no /proc/cpuinfo), and for -march=native, which the
+    compiler sets from this very CPU (asking it again would only add the kernel's view, which can lag a new CPU)."""
+    needed, have = target_isa(march) if march != "native" else None, cpu.cpu_flags()
+    if not needed or not have:
+        return []
+    return sorted(needed - have)
 
 
 def build_root() -> Path:
@@ -72,23 +127,29 @@ def _name() -> str:
 
 def prepare(causal_lm) -> None:
     """Build (once per machine, with a progress line) or load the extension for a model that will use it."""
-    if not enabled() or not _supported(causal_lm) or causal_lm.device.type != "cpu" or extension.cache_info().currsize:
-        return
-    built = any((build_root() / _name()).glob("*.so"))
-    if not built:
+    if enabled() and _supported(causal_lm) and causal_lm.device.type == "cpu":
+        extension()
+
+
+@functools.cache
+def extension():
+    """The compiled module, or None (with one warning) when it cannot be built or run here."""
+    if missing := missing_isa(MARCH):  # checked before anything is built or loaded: no illegal instruction later
+        warnings.warn(
+            f"swiftkv: the native decode step is built for -march={MARCH}, which needs CPU features this CPU lacks "
+            f"({', '.join(missing)}); decoding uses the slower Python step. Unset SWIFTKV_NATIVE_MARCH (or set it to "
+            "an -march this CPU supports, e.g. native), or set SWIFTKV_NATIVE=0 to silence.",
+            stacklevel=2,
+        )
+        return None
+    name = _name()
+    build_dir = build_root() / name
+    if not any(build_dir.glob("*.so")):
         print(
             f"swiftkv: building the native decode step for -march={MARCH} (once per machine, ~30 s)...",
             file=sys.stderr,
             flush=True,
         )
-    extension()
-
-
-@functools.cache
-def extension():
-    """The compiled module, or None (with one warning) when it cannot be built here."""
-    name = _name()
-    build_dir = build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         from torch.utils.cpp_extension import load
