@@ -1,17 +1,21 @@
 """Base model vs its SwiftKV conversion served by the same vLLM engine, same arguments, runs alternated.
 
-Run in the vLLM environment (`bash scripts/setup.sh --vllm`); checkpoints as written by swiftkv (main venv):
+Run in the vLLM environment (`bash scripts/setup.sh --vllm`); checkpoints as written by swiftkv (main venv). By
+default the engines run as a vLLM user gets them: `--dtype auto` (bf16 on a CPU for these checkpoints) and
+torch.compile (`--no-eager`); `--dtype float32 --eager` is the old like-for-like setting.
 
     .venv-vllm/bin/python benchmarks/vllm_serving.py --base BASE_DIR --swiftkv SWIFTKV_DIR [--swiftkv-g3 G3_DIR] \
-        --prompt-len 2048 --requests 32 --reps 3 --json results/vllm_serving.json
+        --json results/vllm_serving.json
     .venv/bin/python benchmarks/vllm_serving.py --plot results/vllm_serving.json   # PNG (needs matplotlib)
 
-Three figures (docs/vllm.md):
-- prefill: time of one request of `--prompt-len` tokens and 1 output token (the engine's TTFT), base vs SwiftKV;
-- workload: `--requests` concurrent requests of `--prompt-len` prompt tokens and prompt/10 output tokens: aggregate
-  tokens/s and the mean time per output token (TPOT) from vLLM's request metrics;
-- memory: KV-cache blocks in `--kv-cache-mib` and the largest batch of (prompt + output)-token requests they hold,
-  base vs the g=3 conversion (the AcrossKV gain; needs `--swiftkv-g3`).
+Figures (docs/vllm.md), every one base vs SwiftKV, medians of alternated runs:
+- prefill: one request of `--prompt-len` tokens and 1 output token (the engine's TTFT);
+- decode: `--decode-requests` concurrent requests of 64 prompt + 128 output tokens: the time per output token
+  (TPOT) is the decode step, since the prompts fill one step;
+- workloads: `--workloads RxP` items, R concurrent requests of P prompt tokens and P/10 output tokens (the 10:1
+  enterprise shape): aggregate tokens/s, mean TTFT and TPOT from vLLM's request metrics;
+- memory: KV-cache blocks in `--kv-cache-mib` and the largest batch of requests they hold, base vs the g=3
+  conversion (the AcrossKV gain; needs `--swiftkv-g3`).
 Prompts are random token ids (prefix caching off, so no request reuses another's cache).
 """
 
@@ -26,18 +30,34 @@ import time
 from pathlib import Path
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
+DECODE_PROMPT, DECODE_OUTPUT = 64, 128
+KEYS = ("wall_s", "tokens_per_s", "ttft_s", "tpot_s")
+# The environment that decides which kernels run (threads, ISA caps): recorded with every result.
+ENV_KEYS = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def workload(spec: str) -> tuple[int, int]:
+    """'16x1024' -> (16 requests, 1024 prompt tokens)."""
+    try:
+        requests, prompt = (int(part) for part in spec.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"workload {spec!r} is not RxP (e.g. 16x1024)") from None
+    if requests < 1 or prompt < 1:
+        raise argparse.ArgumentTypeError(f"workload {spec!r}: requests and prompt tokens must be >= 1")
+    return requests, prompt
 
 
 def engine(path: str, args: argparse.Namespace):
     from vllm import LLM
 
+    longest = max([args.prompt_len, DECODE_PROMPT] + [p for _, p in args.workloads])
     return LLM(
         path,
         dtype=args.dtype,
         enforce_eager=args.eager,
-        max_model_len=args.prompt_len + args.prompt_len // 10 + 8,
-        max_num_batched_tokens=max(args.prompt_len, 2048),
-        max_num_seqs=max(args.requests, 1),
+        max_model_len=longest + max(longest // 10, DECODE_OUTPUT) + 8,
+        max_num_batched_tokens=max(longest, 2048),
+        max_num_seqs=max([r for r, _ in args.workloads] + args.decode_requests + [1]),
         kv_cache_memory_bytes=args.kv_cache_mib << 20,
         block_size=BLOCK_SIZE,
         enable_prefix_caching=False,
@@ -77,17 +97,31 @@ def run(llm, prompts: list[dict], new_tokens: int) -> dict:
 
 
 def alternate(engines: dict, prompts: list[dict], new_tokens: int, reps: int) -> dict:
-    """`reps` runs of each engine, alternated (base, swiftkv, base, ...) so drifts hit both; medians."""
+    """One warm-up run each, then `reps` runs of each engine, alternated (base, swiftkv, base, ...); medians."""
+    for llm in engines.values():
+        run(llm, prompts, new_tokens)
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     for _ in range(reps):
         for name, llm in engines.items():
             runs[name].append(run(llm, prompts, new_tokens))
-    keys = ("wall_s", "tokens_per_s", "ttft_s", "tpot_s")
     medians = {
-        name: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in keys}
+        name: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in KEYS}
         for name, rs in runs.items()
     }
-    return {"runs": runs, "median": medians}
+    return {
+        "prompt_tokens": len(prompts[0]["prompt_token_ids"]),
+        "requests": len(prompts),
+        "output_tokens": new_tokens,
+        "runs": runs,
+        "median": medians,
+        "ratio": ratios(medians),
+    }
+
+
+def ratios(medians: dict) -> dict:
+    """SwiftKV / base of every median (tokens/s: higher is better; times: lower is better)."""
+    base, swift = medians["base"], medians["swiftkv"]
+    return {k: swift[k] / base[k] if base[k] and swift[k] is not None else None for k in KEYS}
 
 
 def kv_capacity(llm, tokens_per_request: int) -> dict:
@@ -100,25 +134,36 @@ def close(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def machine(engines: dict) -> dict:
+    config = next(iter(engines.values())).llm_engine.vllm_config
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "env": {k: os.environ.get(k) for k in ENV_KEYS},
+        "dtype": str(config.model_config.dtype),
+        "compilation_mode": str(config.compilation_config.mode),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict:
-    new_tokens = max(1, args.prompt_len // 10)
     engines = {"base": engine(args.base, args), "swiftkv": engine(args.swiftkv, args)}
     vocab = engines["base"].llm_engine.vllm_config.model_config.get_vocab_size()
-    result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": os.environ.get("OMP_NUM_THREADS")},
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "prefill": alternate(engines, random_prompts(1, args.prompt_len, vocab, 0), 1, args.reps),
-        "workload": alternate(
-            engines, random_prompts(args.requests, args.prompt_len, vocab, 1), new_tokens, args.workload_reps
-        )
-        if args.requests
-        else None,
-        "kv": {name: kv_capacity(llm, args.prompt_len + new_tokens) for name, llm in engines.items()},
+    result = {"machine": machine(engines), "args": {k: str(v) for k, v in vars(args).items()}}
+    result["prefill"] = alternate(engines, random_prompts(1, args.prompt_len, vocab, 0), 1, args.reps)
+    result["decode"] = {
+        str(n): alternate(engines, random_prompts(n, DECODE_PROMPT, vocab, 2), DECODE_OUTPUT, args.reps)
+        for n in args.decode_requests
     }
+    result["workloads"] = {
+        f"{r}x{p}": alternate(engines, random_prompts(r, p, vocab, 1), max(1, p // 10), args.workload_reps)
+        for r, p in args.workloads
+    }
+    tokens = args.prompt_len + max(1, args.prompt_len // 10)
+    result["kv"] = {name: kv_capacity(llm, tokens) for name, llm in engines.items()}
     close(engines.pop("swiftkv"))
     if args.swiftkv_g3:
         g3 = engine(args.swiftkv_g3, args)
-        result["kv"]["swiftkv_g3"] = kv_capacity(g3, args.prompt_len + new_tokens)
+        result["kv"]["swiftkv_g3"] = kv_capacity(g3, tokens)
         close(g3)
     close(engines.pop("base"))
     summarize(result)
@@ -126,37 +171,41 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def summarize(result: dict) -> None:
-    prefill, kv = result["prefill"]["median"], result["kv"]
-    work = result["workload"]["median"] if result["workload"] else None
-    result["summary"] = {
-        "prefill_time_ratio": prefill["swiftkv"]["wall_s"] / prefill["base"]["wall_s"],
-        "throughput_ratio": work["swiftkv"]["tokens_per_s"] / work["base"]["tokens_per_s"] if work else None,
-        "tpot_ratio": work["swiftkv"]["tpot_s"] / work["base"]["tpot_s"] if work and work["base"]["tpot_s"] else None,
-        "largest_batch_ratio_g3": (
-            kv["swiftkv_g3"]["largest_batch"] / kv["base"]["largest_batch"] if "swiftkv_g3" in kv else None
-        ),
-    }
-    for key, value in result["summary"].items():
+    kv = result["kv"]
+    summary = {"prefill_time_ratio": result["prefill"]["ratio"]["wall_s"]}
+    for n, figure in result["decode"].items():
+        summary[f"decode_{n}_tpot_ratio"] = figure["ratio"]["tpot_s"]
+    for name, figure in result["workloads"].items():
+        summary[f"workload_{name}_throughput_ratio"] = figure["ratio"]["tokens_per_s"]
+        summary[f"workload_{name}_ttft_ratio"] = figure["ratio"]["ttft_s"]
+        summary[f"workload_{name}_tpot_ratio"] = figure["ratio"]["tpot_s"]
+    if "swiftkv_g3" in kv:
+        summary["largest_batch_ratio_g3"] = kv["swiftkv_g3"]["largest_batch"] / kv["base"]["largest_batch"]
+    result["summary"] = summary
+    for key, value in summary.items():
         print(f"{key}: {value:.3f}" if value is not None else f"{key}: n/a")
 
 
 def plot(json_path: Path) -> Path:
+    """One bar per figure: SwiftKV / base (1.0 = the base model; below 1 is better for times)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     result = json.loads(json_path.read_text())
-    prefill, kv = result["prefill"]["median"], result["kv"]
-    panels = [("prefill time (s)", {k: v["wall_s"] for k, v in prefill.items()})]
-    if result["workload"]:
-        panels.append(("workload tokens/s", {k: v["tokens_per_s"] for k, v in result["workload"]["median"].items()}))
-    panels.append(("largest batch in the KV budget", {k: v["largest_batch"] for k, v in kv.items()}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    for ax, (title, values) in zip(axes, panels, strict=True):
-        ax.bar(list(values), list(values.values()), color=["#888", "#2a7", "#27a"][: len(values)])
-        ax.set_title(title)
-    fig.suptitle(f"vLLM (CPU), prompt {result['args']['prompt_len']} tokens: base vs SwiftKV")
+    summary = {k: v for k, v in result["summary"].items() if v is not None}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(summary)), 4))
+    colors = ["#2a7" if ("throughput" in k or "batch" in k) == (v >= 1) else "#c44" for k, v in summary.items()]
+    ax.bar(range(len(summary)), list(summary.values()), color=colors)
+    ax.axhline(1.0, color="#444", lw=1)
+    ax.set_xticks(range(len(summary)), [k.removesuffix("_ratio") for k in summary], rotation=35, ha="right")
+    ax.set_ylabel("SwiftKV / base")
+    machine = result["machine"]
+    fig.suptitle(
+        f"vLLM (CPU), {machine.get('dtype')}, {machine.get('compilation_mode')}, "
+        f"{machine['env'].get('OMP_NUM_THREADS') or '?'} thread(s): SwiftKV / base (green: better)"
+    )
     fig.tight_layout()
     out = json_path.with_suffix(".png")
     fig.savefig(out, dpi=110)
@@ -168,13 +217,14 @@ def main() -> None:
     parser.add_argument("--base", help="base checkpoint directory")
     parser.add_argument("--swiftkv", help="its SwiftKV conversion (e.g. L=15, g=1)")
     parser.add_argument("--swiftkv-g3", help="its g=3 conversion, for the KV-capacity figure")
-    parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--requests", type=int, default=32, help="concurrent requests of the 10:1 workload (0: none)")
-    parser.add_argument("--reps", type=int, default=3, help="alternated runs of the prefill measurement")
+    parser.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens of the prefill figure")
+    parser.add_argument("--decode-requests", type=int, nargs="*", default=[8, 32], help="decode figures (0: none)")
+    parser.add_argument("--workloads", type=workload, nargs="*", default=[workload("16x1024"), workload("32x2048")])
+    parser.add_argument("--reps", type=int, default=5, help="alternated runs of the prefill and decode figures")
     parser.add_argument("--workload-reps", type=int, default=1)
     parser.add_argument("--kv-cache-mib", type=int, default=1024, help="KV-cache memory of every engine")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="no torch.compile")
+    parser.add_argument("--dtype", default="auto", help="vLLM's --dtype (auto: bf16 on a CPU for these models)")
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False, help="no torch.compile")
     parser.add_argument("--json", type=Path, default=Path("results/vllm_serving.json"))
     parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON (main venv: needs matplotlib)")
     args = parser.parse_args()
@@ -183,10 +233,19 @@ def main() -> None:
         return
     if not (args.base and args.swiftkv):
         parser.error("--base and --swiftkv are required (or --plot JSON)")
+    args.decode_requests = [n for n in args.decode_requests if n > 0]
     result = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
+    if args.plot is None and _has_matplotlib():
+        print(f"wrote {plot(args.json)}")
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 if __name__ == "__main__":

@@ -81,6 +81,29 @@ def clear_rows(llm) -> None:
     llm.apply_model(clear_row_counts)
 
 
+def hook_layers(model) -> None:
+    """For `apply_model`: forward pre-hooks on layer 0 and layer L that record the rows entering each.
+
+    Evidence of the skipping independent of the model's own counter. Eager engines only: a compiled part runs its
+    traced graph, not the hooks.
+    """
+    inner = model.model
+    inner.hooked_rows = {"0": [], "L": []}
+    inner.row_hooks = [
+        inner.layers[index].register_forward_pre_hook(
+            lambda module, args, key=key: inner.hooked_rows[key].append(args[1].shape[0])
+        )
+        for key, index in (("0", 0), ("L", inner.layout.num_key_value_layers))
+    ]
+
+
+def unhook_layers(model) -> dict[str, list[int]]:
+    """For `apply_model`: remove the hooks of `hook_layers`; the rows they saw."""
+    for handle in model.model.row_hooks:
+        handle.remove()
+    return model.model.hooked_rows
+
+
 def counter(llm, name: str) -> float:
     """A vLLM counter metric summed over its label sets (e.g. "vllm:prefix_cache_hits")."""
     return sum(m.value for m in llm.get_metrics() if m.name == name)

@@ -44,6 +44,8 @@ FAMILIES = {
 LAYERS, KV_LAYERS, GROUPS = 6, 3, (1, 3)
 VOCAB, NEW_TOKENS = 128, 8
 PROMPT_LENGTHS = (5, 37, 70, 101)  # > 64 tokens: chunked when the tests cap max_num_batched_tokens at 64
+LOGPROB_PROMPT = [5, 6, 7, 8]  # prompt logprobs checked against vLLM's with fast prefill off
+REAL_TOKENS = 24
 REAL_PROMPT = "The three most useful things to know about the history of the printing press are"
 
 
@@ -102,6 +104,13 @@ def greedy_full_forward(model, prompt: list[int], new_tokens: int) -> tuple[list
     return out, gap
 
 
+@torch.no_grad()
+def prompt_logprobs(model, prompt: list[int]) -> list[float]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1, from the full forward (every token through every layer)."""
+    logprobs = model(torch.tensor([prompt]), logits_to_keep=0).logits[0, :-1].double().log_softmax(-1)
+    return [float(logprobs[i, token]) for i, token in enumerate(prompt[1:])]
+
+
 def perturb_swiftkv(model, seed: int) -> None:
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -124,22 +133,36 @@ def write_tiny(out: Path) -> dict:
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
             runs = [greedy_full_forward(model, p, NEW_TOKENS) for p in cases]
-            expected[f"{family}/{name}"] = {"tokens": [t for t, _ in runs], "min_gap": min(g for _, g in runs)}
+            expected[f"{family}/{name}"] = {
+                "tokens": [t for t, _ in runs],
+                "min_gap": min(g for _, g in runs),
+                "prompt_logprobs": prompt_logprobs(model, LOGPROB_PROMPT),
+            }
             print(f"{family}/{name}: min top-2 logit gap {expected[f'{family}/{name}']['min_gap']:.4f}")
-    return {"prompts": cases, "new_tokens": NEW_TOKENS, "layers": LAYERS, "kv_layers": KV_LAYERS, "models": expected}
+    return {
+        "prompts": cases,
+        "new_tokens": NEW_TOKENS,
+        "layers": LAYERS,
+        "kv_layers": KV_LAYERS,
+        "logprob_prompt": LOGPROB_PROMPT,
+        "models": expected,
+    }
 
 
 def write_real(out: Path) -> dict:
-    """SmolLM2-135M-Instruct + the bundled adapter smollm2-L15-g1 (what `swiftkv apply-adapter` writes), and the
-    greedy tokens of swiftkv's own `generate` (its fast HF path)."""
+    """SmolLM2-135M-Instruct + the bundled adapter smollm2-L15-g1 (what `swiftkv apply-adapter` writes, fp32), and
+    the greedy tokens of swiftkv's own `generate` (its fast HF path) in float32 and in bfloat16."""
     path = out / "smollm2-L15-g1"
     model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     ids = tokenizer(REAL_PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=24, do_sample=False)
-    return {"path": str(path.resolve()), "prompt_ids": ids[0].tolist(), "tokens": generated[0, ids.shape[1] :].tolist()}
+    tokens = {}
+    for dtype in ("float32", "bfloat16"):
+        model, _ = swiftkv.load("default", adapter="smollm2-L15-g1", dtype=dtype)
+        with torch.no_grad():
+            tokens[dtype] = model.generate(ids, max_new_tokens=REAL_TOKENS, do_sample=False)[0, ids.shape[1] :].tolist()
+    return {"path": str(path.resolve()), "prompt_ids": ids[0].tolist(), "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engines import clear_rows, close_llm, generate_ids, make_llm, row_counts
+from engines import clear_rows, close_llm, generate_ids, hook_layers, make_llm, row_counts, unhook_layers
 from swiftkv_vllm.plugin import FAST_PREFILL_ENV
 from vllm import SamplingParams
 
@@ -17,6 +17,15 @@ def prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def fast():
     llm = make_llm("llama/g3")
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """vLLM's default: the SwiftKV model compiled in two parts around the row gather."""
+    llm = make_llm("llama/g3", enforce_eager=False)
+    assert llm.llm_engine.vllm_config.compilation_config.mode.value != 0
     yield llm
     close_llm(llm)
 
@@ -39,6 +48,30 @@ def test_layers_after_l_see_one_row_per_request_at_prefill(fast):
     assert sum(r[1] for r in rows) == len(LENGTHS)  # one row per request ran layers L..N-1
 
 
+def test_forward_hooks_on_layer_0_and_layer_l_see_the_skipping(fast):
+    """The same figures from hooks on the layers themselves, not from the model's counter."""
+    fast.apply_model(hook_layers)
+    generate_ids(fast, prompts(), max_tokens=1)
+    rows = fast.apply_model(unhook_layers)[0]
+    assert sum(rows["0"]) == sum(LENGTHS) and sum(rows["L"]) == len(LENGTHS)
+
+
+def test_compiled_model_skips_too(compiled, expected):
+    """Compiled: prefill rows stop at layer L (the rows handed to the compiled suffix), decode rows run every layer,
+    and the tokens of concurrent prompts of different lengths are the HF model's."""
+    clear_rows(compiled)
+    generate_ids(compiled, prompts(), max_tokens=1)
+    rows = row_counts(compiled)
+    assert sum(r[0] for r in rows) == sum(LENGTHS) and sum(r[1] for r in rows) == len(LENGTHS)
+    clear_rows(compiled)
+    assert (
+        generate_ids(compiled, expected["prompts"], expected["new_tokens"]) == expected["models"]["llama/g3"]["tokens"]
+    )
+    rows = row_counts(compiled)
+    assert sum(r[1] for r in rows) < sum(r[0] for r in rows)
+    assert any(r[0] == r[1] == len(expected["prompts"]) for r in rows)  # a decode step of all 4: every row
+
+
 def test_decode_rows_run_every_layer(fast):
     clear_rows(fast)
     generate_ids(fast, [list(range(3, 40))], max_tokens=4)
@@ -59,10 +92,14 @@ def test_environment_variable_turns_fast_prefill_off(full, expected):
     assert rows and all(r[0] == r[1] for r in rows)  # every token ran every layer
 
 
-def test_prompt_logprobs_with_fast_prefill_off(full):
-    out = full.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(max_tokens=1, prompt_logprobs=1))
+def test_prompt_logprobs_with_fast_prefill_off(full, expected):
+    """Served, and equal to the HF full forward's log p(token | prefix) (fp32 on both sides: 1e-4 is float noise)."""
+    prompt = expected["logprob_prompt"]
+    out = full.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, prompt_logprobs=1))
     logprobs = out[0].prompt_logprobs
-    assert len(logprobs) == 4 and logprobs[0] is None and all(lp for lp in logprobs[1:])
+    assert len(logprobs) == len(prompt) and logprobs[0] is None
+    got = [logprobs[i][token].logprob for i, token in enumerate(prompt) if i > 0]
+    assert got == pytest.approx(expected["models"]["llama/g3"]["prompt_logprobs"], abs=1e-4)
 
 
 def test_engine_argument_turns_fast_prefill_off(expected):

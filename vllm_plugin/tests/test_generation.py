@@ -1,7 +1,8 @@
-"""vLLM's greedy tokens equal swiftkv's HF model's, for every family and layout, with fast prefill on.
+"""vLLM's greedy tokens equal swiftkv's HF model's, for every family and layout, with fast prefill on, compiled
+(vLLM's default: the two compiled parts around the row gather) and eager.
 
-One engine per checkpoint serves every test here: 4 concurrent prompts of 5..101 tokens (the ones over 64 are
-prefilled in 64-token chunks), a repeated prompt served from the prefix cache, and the KV-cache block count.
+One engine per checkpoint and mode serves every test here: 4 concurrent prompts of 5..101 tokens (the ones over 64
+are prefilled in 64-token chunks), a repeated prompt served from the prefix cache, and the KV-cache block count.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import pytest
 from engines import close_llm, counter, generate_ids, make_llm
 
 CHECKPOINTS = [f"{family}/{layout}" for family in ("llama", "mistral", "qwen2", "qwen3") for layout in ("g1", "g3")]
+MODES = {"compiled": False, "eager": True}  # mode -> enforce_eager
 
 
-@pytest.fixture(scope="module", params=CHECKPOINTS)
+@pytest.fixture(scope="module", params=[(c, m) for m in MODES for c in CHECKPOINTS], ids="-".join)
 def engine(request):
-    llm = make_llm(request.param)
-    yield request.param, llm
+    name, mode = request.param
+    llm = make_llm(name, enforce_eager=MODES[mode])
+    assert (llm.llm_engine.vllm_config.compilation_config.mode.value != 0) == (mode == "compiled")
+    yield name, llm
     close_llm(llm)
 
 

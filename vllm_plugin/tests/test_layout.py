@@ -1,12 +1,12 @@
-"""The layout and checkpoint-name rules, without an engine (milliseconds)."""
+"""The layout, checkpoint-name and engine-config rules, without an engine (seconds)."""
 
 from __future__ import annotations
 
 import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from swiftkv_vllm.configs import LlamaSwiftKVConfig, Qwen3SwiftKVConfig, SwiftKVLayout
-from swiftkv_vllm.model import _skipped
-from swiftkv_vllm.plugin import fast_prefill_requested
+from swiftkv_vllm.model import _skipped, _target
+from swiftkv_vllm.plugin import _select_cudagraph_mode, fast_prefill_requested
 
 
 def test_layout_groups_and_cache_entries():
@@ -58,3 +58,64 @@ def test_fast_prefill_switches(monkeypatch):
     monkeypatch.delenv("SWIFTKV_VLLM_FAST_PREFILL")
     config.swiftkv_fast_prefill = False  # what --hf-overrides '{"swiftkv_fast_prefill": false}' sets
     assert not fast_prefill_requested(config)
+
+
+def test_checkpoint_names_map_onto_the_stacked_swiftkv_key_values():
+    """Each leader's k/v_proj_swiftkv is a shard of one stacked GEMM: keys of groups 0..G-1, then their values."""
+    layout = SwiftKVLayout(num_layers=6, num_key_value_layers=3, group_size=1)  # leaders 3, 4, 5: G = 3
+    stacked = "model.key_values.kv_proj_swiftkv"
+    assert _target("model.layers.3.self_attn.k_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 0)
+    assert _target("model.layers.5.self_attn.k_proj_swiftkv.bias", layout) == (f"{stacked}.bias", 2)
+    assert _target("model.layers.4.self_attn.v_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 4)
+    assert _target("model.layers.4.self_attn.q_proj_swiftkv.weight", layout) == (
+        "model.layers.4.self_attn.q_proj_swiftkv.weight",
+        None,
+    )
+    assert _target("model.layers.1.self_attn.k_proj.weight", layout) == (
+        "model.layers.1.self_attn.qkv_proj.weight",
+        "k",
+    )
+    with pytest.raises(ValueError):  # not a leader under g=3: the loader reports it as unexpected
+        _target("model.layers.4.self_attn.k_proj_swiftkv.weight", SwiftKVLayout(6, 3, 3))
+
+
+def engine_config(name: str, **overrides):
+    """The engine config vLLM would build for fixture `name` (no engine, no weights)."""
+    from engines import FIXTURES
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(dtype="float32", max_model_len=256, block_size=32) | overrides
+    return EngineArgs(str(FIXTURES / name), **args).create_engine_config()
+
+
+def test_a_changed_layout_never_reuses_a_compile_cache(expected):
+    """vLLM keys its compile cache on the config hash: every layout, the base mode and fast prefill off differ."""
+    hashes = [
+        engine_config("llama/g3").compute_hash(),
+        engine_config("llama/g1").compute_hash(),
+        engine_config("llama/g3", hf_overrides={"swiftkv": False}).compute_hash(),
+        engine_config("llama/g3", hf_overrides={"swiftkv_fast_prefill": False}).compute_hash(),
+        engine_config("llama/g3", hf_overrides={"num_key_value_layers": 4, "key_value_group_size": 2}).compute_hash(),
+    ]
+    assert len(set(hashes)) == len(hashes)
+    assert engine_config("llama/g3").compute_hash() == hashes[0]  # and the same layout does reuse it
+
+
+@pytest.mark.parametrize(
+    ("asked", "runs"),
+    [
+        ("FULL", "FULL_AND_PIECEWISE"),  # a full graph of every row must not replay for prefill steps
+        ("FULL_AND_PIECEWISE", "FULL_AND_PIECEWISE"),
+        ("FULL_DECODE_ONLY", "FULL_DECODE_ONLY"),
+        ("PIECEWISE", "PIECEWISE"),
+        ("NONE", "NONE"),
+    ],
+)
+def test_cudagraph_mode_never_freezes_the_kept_rows(asked, runs, expected):
+    """The config hook's choice, read before the CPU platform turns CUDA graphs off."""
+    from vllm.config import CUDAGraphMode
+
+    config = engine_config("llama/g3")
+    config.compilation_config.cudagraph_mode = CUDAGraphMode[asked]
+    _select_cudagraph_mode(config)
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode[runs]

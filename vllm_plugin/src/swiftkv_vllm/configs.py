@@ -77,6 +77,28 @@ def validate_swiftkv_layout(num_layers: int, num_key_value_layers: int, group_si
         )
 
 
+def check_parallel_layout(config, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Raise a ValueError naming the numbers when the SwiftKV model cannot be split this way.
+
+    Run by the config hook while the engine config is built (the front-end process, before any worker starts or
+    any weight loads) and again by the model's constructor (a model built without the hook).
+    """
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            f"SwiftKV models in vLLM do not support pipeline parallelism yet (pipeline_parallel_size="
+            f"{pipeline_parallel_size}); use pipeline_parallel_size=1 and tensor parallelism."
+        )
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    if heads % tensor_parallel_size or kv_heads % tensor_parallel_size:
+        sizes = [tp for tp in range(1, kv_heads + 1) if heads % tp == 0 and kv_heads % tp == 0]
+        raise ValueError(
+            f"SwiftKV in vLLM needs num_attention_heads ({heads}) and num_key_value_heads ({kv_heads}) divisible "
+            f"by the tensor-parallel size ({tensor_parallel_size}) (no K/V-head replication yet); "
+            f"tensor-parallel sizes that divide both: {sizes}."
+        )
+
+
 class _SwiftKVConfigMixin:
     num_hidden_layers: int
     num_key_value_layers: int | None

@@ -51,7 +51,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import _encode_layer_name
 from vllm.v1.attention.backends.utils import KVSharingFastPrefillMetadata
 
-from swiftkv_vllm.configs import SwiftKVLayout
+from swiftkv_vllm.configs import SwiftKVLayout, check_parallel_layout
 
 COUNT_ROWS_ENV = "SWIFTKV_VLLM_COUNT_ROWS"
 
@@ -73,11 +73,6 @@ class AttentionShape:
         family = config.model_type.removesuffix("_swiftkv")
         tp = get_tensor_model_parallel_world_size()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-        if heads % tp or kv_heads % tp:
-            raise ValueError(
-                f"SwiftKV in vLLM needs num_attention_heads ({heads}) and num_key_value_heads ({kv_heads}) divisible "
-                f"by the tensor-parallel size ({tp}); use a tensor-parallel size that divides both."
-            )
         bias = bool(getattr(config, "attention_bias", False))
         return cls(
             hidden=config.hidden_size,
@@ -230,7 +225,7 @@ class SwiftKVKeyValues(nn.Module):
         self.k_norms = [leader.k_norm for leader in leaders]  # plain list: the leaders own (and load) them
         self.writers = [leader.swiftkv_attn for leader in leaders]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, D] -> every group's cache entry written; returns the writes' dependency tokens (see `write`)."""
         kv_size = self.shape.kv_heads * self.shape.head_dim
         keys, values = self.kv_proj_swiftkv(x)[0].split(self.groups * kv_size, dim=-1)  # [T, G*Hkv*Dh] each
@@ -239,7 +234,7 @@ class SwiftKVKeyValues(nn.Module):
             keys = torch.cat([per_head_norm(norm, k, self.shape.head_dim) for norm, k in groups], dim=-1)
         keys, _ = self.rotary_emb(positions, keys, None)  # RoPE is per head: all groups' keys as one "query"
         groups = zip(self.writers, keys.split(kv_size, dim=-1), values.split(kv_size, dim=-1), strict=True)
-        return torch.cat([writer.write(k, v).reshape(-1) for writer, k, v in groups])
+        return tuple(writer.write(k, v) for writer, k, v in groups)
 
 
 class DecoderLayer(nn.Module):
@@ -308,8 +303,8 @@ def _build_layers(config, layout: SwiftKVLayout, cache_config, quant_config, pre
 class SwiftKVPrefix(nn.Module):
     """Compiled part 1, every scheduled token: embedding, layers 0..L-1, then `norm_swiftkv` and every group's K/V.
 
-    Returns (h_L [T, D], the cache writes' dependency tokens). With no SwiftKV layer (L = N) it is the whole base
-    model and returns (norm(h_N), an empty tensor).
+    Returns (h_L [T, D], the cache writes' dependency tokens, one per group). With no SwiftKV layer (L = N) it is
+    the whole base model and returns (norm(h_N), ()).
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", model: SwiftKVModel):
@@ -319,13 +314,13 @@ class SwiftKVPrefix(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, D]
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         if self.key_values is None:
-            return self.norm(hidden, residual)[0], hidden.new_empty(0)
+            return self.norm(hidden, residual)[0], ()
         x, h_l = self.norm_swiftkv(hidden, residual)  # h_L = hidden + residual, x = norm_swiftkv(h_L): [T, D]
         return h_l, self.key_values(positions, x)
 
@@ -357,8 +352,7 @@ class SwiftKVModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        if get_pp_group().world_size > 1:
-            raise ValueError("SwiftKV models in vLLM do not support pipeline parallelism yet; use tensor parallelism.")
+        check_parallel_layout(config, get_tensor_model_parallel_world_size(), get_pp_group().world_size)
         self.config, self.layout = config, SwiftKVLayout.of(config)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)

@@ -7,19 +7,26 @@
   skip layers >= L with no extra flag. `SWIFTKV_VLLM_FAST_PREFILL=0`, or the engine argument
   `--hf-overrides '{"swiftkv_fast_prefill": false}'`, keeps it off (every token runs every layer: exact prompt
   logprobs, no prefill saving).
+
+Tested on vLLM 0.32.x only (it imports vLLM internals that change between minor versions): `register` refuses
+other versions. The hook refuses a tensor/pipeline-parallel layout the model cannot split before any weight loads.
 """
 
 from __future__ import annotations
 
 import os
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 from transformers import AutoConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-from swiftkv_vllm.configs import FAMILIES, SwiftKVLayout
+from swiftkv_vllm.configs import FAMILIES, SwiftKVLayout, check_parallel_layout
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's handler prints these lines with its level, time and source (it configures only the "vllm"
+# logger; a "swiftkv_vllm" logger would reach Python's last-resort handler: warnings as bare text, no INFO at all).
+logger = init_logger(f"vllm.{__name__}")
 
 FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
 FAST_PREFILL_OVERRIDE = "swiftkv_fast_prefill"  # hf_overrides / config.json key
@@ -30,7 +37,31 @@ PROMPT_LOGPROBS_ERROR = (
     f"(LLM(..., hf_overrides={{'{FAST_PREFILL_OVERRIDE}': False}}))."
 )
 
+SUPPORTED_VLLM = ">=0.32,<0.33"
+# Drafters that propose from token ids alone: they never read the rows fast prefill skips. The others read the
+# target's hidden states (EAGLE-style: vLLM refuses fast prefill with them; medusa, mlp_speculator,
+# extract_hidden_states) or, as draft_model, add attention layers after the target's, which end the trailing run of
+# KV-sharing layers that vLLM's V1 runner gives fast-prefill metadata (so nothing would be skipped).
+FAST_PREFILL_DRAFTERS = ("ngram", "ngram_gpu", "suffix")
+
 _registered = False
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise unless `version` (vllm.__version__; "0.32.0+cpu" counts as 0.32.0) is in SUPPORTED_VLLM.
+
+    Pre-releases and dev builds of a supported minor version pass: the internals follow the minor version.
+    """
+    try:
+        supported = SpecifierSet(SUPPORTED_VLLM).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise RuntimeError(
+            f"swiftkv-vllm supports vLLM {SUPPORTED_VLLM} (it uses vLLM internals that change between minor "
+            f"versions), but vLLM {version} is installed: install a vLLM in that range, or uninstall swiftkv-vllm to "
+            "run this vLLM without SwiftKV models."
+        )
 
 
 def register() -> None:
@@ -38,6 +69,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import vllm
+
+    # vLLM calls general plugins without catching their errors: an unsupported version stops vLLM here, at start.
+    check_vllm_version(vllm.__version__)
     from vllm import ModelRegistry
 
     for config_class, architecture in FAMILIES.values():
@@ -62,17 +97,34 @@ class SwiftKVConfigHook(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         hf_config = vllm_config.model_config.hf_config
+        parallel = vllm_config.parallel_config
+        check_parallel_layout(hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
         layout = SwiftKVLayout.of(hf_config)
         cache_config = vllm_config.cache_config
         if not layout.skips:
-            logger.info("SwiftKV: no SwiftKV layer (swiftkv=false or L=N): the base model's forward.")
+            logger.warning(
+                "SwiftKV: this %s checkpoint runs as its base model (every token through every layer, no prefill "
+                "skipping, %d KV-cache entries): %s.",
+                hf_config.model_type,
+                layout.num_layers,
+                base_model_reason(hf_config),
+            )
             return
         if not cache_config.kv_sharing_fast_prefill:
             if not fast_prefill_requested(hf_config):
                 logger.info("SwiftKV: fast prefill off by request; every prompt token runs every layer.")
                 return
-            if vllm_config.speculative_config is not None:
-                logger.warning("SwiftKV: fast prefill off (speculative decoding needs every token's logits).")
+            speculative = vllm_config.speculative_config
+            if speculative is not None and speculative.method not in FAST_PREFILL_DRAFTERS:
+                logger.warning(
+                    "SwiftKV: fast prefill off with the %r drafter, so prompt tokens run every layer: it reads the "
+                    "target model's hidden states, which fast prefill leaves unset for prompt tokens (vLLM refuses "
+                    "fast prefill with EAGLE-style drafters), or adds attention layers after the target's (a draft "
+                    "model), which end the run of layers vLLM's V1 runner lets prompt tokens skip. Drafters that "
+                    "keep it on: %s.",
+                    speculative.method,
+                    ", ".join(FAST_PREFILL_DRAFTERS),
+                )
                 return
             cache_config.kv_sharing_fast_prefill = True
         logger.warning(
@@ -86,6 +138,19 @@ class SwiftKVConfigHook(VerifyAndUpdateConfig):
         )
         _guard_prompt_logprobs(vllm_config)
         _select_cudagraph_mode(vllm_config)
+
+
+def base_model_reason(hf_config) -> str:
+    """Why a SwiftKV config has no SwiftKV layer (for the start-up warning)."""
+    if not getattr(hf_config, "swiftkv", False):
+        return '"swiftkv" is false or missing in config.json (a converted checkpoint says "swiftkv": true)'
+    layers = hf_config.num_hidden_layers
+    if hf_config.num_key_value_layers is None:
+        return f"num_key_value_layers is missing in config.json, so all {layers} layers are base layers"
+    return (
+        f"num_key_value_layers ({hf_config.num_key_value_layers}) equals num_hidden_layers ({layers}), so no layer "
+        "uses the SwiftKV projections"
+    )
 
 
 def _select_cudagraph_mode(vllm_config) -> None:
