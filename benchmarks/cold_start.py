@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from swiftkv.bench import machine_info
-from swiftkv.files import write_json
+from swiftkv.files import portable_path, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,13 @@ def main() -> None:
     for _ in range(args.reps):
         for variant in runs:
             runs[variant].append(run_child(variant, args.adapter))
-    result = {"machine": machine_info(2), "reps": args.reps, "adapter": args.adapter, "median_s": {}, "runs": runs}
+    result = {
+        "machine": machine_info(2),
+        "reps": args.reps,
+        "adapter": portable_path(args.adapter),
+        "median_s": {},
+        "runs": runs,
+    }
     for variant, rows in runs.items():
         medians = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
         result["median_s"][variant] = medians

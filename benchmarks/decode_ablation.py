@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from swiftkv.bench import greedy_decode, machine_info, num_threads, rotated, timed
 from swiftkv.conversion import convert
-from swiftkv.files import write_json
+from swiftkv.files import portable_path, write_json
 from swiftkv.loading import load_model
 from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
@@ -78,7 +78,11 @@ def main() -> None:
 
             runs[name] = run
         times = rotated(runs, args.reps)
-    result = {"machine": machine_info(args.threads), **vars(args) | {"json": str(args.json)}, "ms_per_token": {}}
+    result = {
+        "machine": machine_info(args.threads),
+        **vars(args) | {"json": portable_path(args.json)},
+        "ms_per_token": {},
+    }
     for name, timings in times.items():
         per_token = [1e3 * t.wall_s / args.new_tokens for t in timings]
         result["ms_per_token"][name] = {"median": statistics.median(per_token), "runs": per_token}

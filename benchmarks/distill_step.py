@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from swiftkv.bench import machine_info
 from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
 from swiftkv.distill.recipe import freeze_all_but_swiftkv, frozen_dtype_autocast
 from swiftkv.evaluate.scoring import BASE, final_hidden, logits_of, summarize_text, token_stats
+from swiftkv.files import portable_path
 from swiftkv.loading import load_model
 from swiftkv.sequences import collate, encode_chat
 
@@ -172,16 +173,13 @@ def main() -> None:
     median = {mode: statistics.median(t) for mode, t in times.items()}
     theory = theoretical_ratio(model.config, n_targets / n_tokens)
     result = {
-        "model": args.model,
+        "model": portable_path(args.model),
         "num_key_value_layers": args.num_key_value_layers,
         "key_value_group_size": args.key_value_group_size,
         "seq_len": args.seq_len,
         "micro_batch": args.micro_batch,
         "target_fraction": n_targets / n_tokens,
-        "threads": args.threads,
-        "device": args.device,
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "machine": machine_info(args.threads, args.device),
         "times_s": times,
         "median_s": median,
         "ratio_vs_naive": {column: median[column] / median["naive"] for column in columns},

@@ -21,12 +21,12 @@ from swiftkv.adapter import QUALITY_NAME, apply_adapter, resolve_adapter
 from swiftkv.config import parse_layout
 from swiftkv.conversion import convert
 from swiftkv.evaluate.text import format_domains, run_domains_variants
-from swiftkv.files import save_figure, write_json
+from swiftkv.files import portable_path, save_figure, write_json
 from swiftkv.loading import load_model
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'NAME=DIR' -> (NAME, {adapter: DIR}); 'NAME=L:g' -> (NAME, {num_key_value_layers: L, ...})."""
+    """'NAME=DIR' -> (NAME, {adapter: DIR as given}); 'NAME=L:g' -> (NAME, {num_key_value_layers: L, ...})."""
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise ValueError(f"--variants: {text!r} is not NAME=ADAPTER_DIR or NAME=L:g")
@@ -34,10 +34,16 @@ def parse_variant(text: str) -> tuple[str, dict]:
         layers, group = parse_layout(spec)
     except ValueError:
         try:
-            return name, {"adapter": str(resolve_adapter(spec))}
+            resolve_adapter(spec)  # fails now, before any scoring, if there is no such adapter
+            return name, {"adapter": spec}
         except FileNotFoundError as error:
             raise ValueError(f"--variants {name}: {error}") from None
     return name, {"num_key_value_layers": layers, "key_value_group_size": group}
+
+
+def recorded_variant(spec: dict) -> dict:
+    """The variant as the JSON records it: the adapter as `portable_path` records paths, the layout as text."""
+    return {key: portable_path(value) if key == "adapter" else str(value) for key, value in spec.items()}
 
 
 def build_variant(base, spec: dict):
@@ -125,10 +131,10 @@ def main() -> None:
         models = {name: build_variant(base, spec) for name, spec in todo.items()}
         tables = run_domains_variants(models, tokenizer, args.limit, args.max_tokens)
         for name, spec in todo.items():
-            results[name] = tables[name] | {"variant": {k: str(v) for k, v in spec.items()}}
+            results[name] = tables[name] | {"variant": recorded_variant(spec)}
             print(f"\n{name}\n" + "\n".join(format_domains(tables[name])), flush=True)
             if args.into_adapters and "adapter" in spec:
-                write_json(tables[name], Path(spec["adapter"]) / QUALITY_NAME)
+                write_json(tables[name], resolve_adapter(spec["adapter"]) / QUALITY_NAME)
         write_json(results, args.json)
     plot(results, args.plot)
     if args.markdown:

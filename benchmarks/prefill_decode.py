@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     out = Path(__file__).resolve().parents[1] / "out" / "bench"  # out/ is git-ignored
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="Hugging Face dir (default: SmolLM2-135M-Instruct, converted once)")
+    source.add_argument("--model", default="default", help="Hugging Face dir or embedded name (default: SmolLM2)")
     source.add_argument("--config", type=Path, help="a config.json: that architecture with random weights")
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], metavar="T")
     parser.add_argument(
@@ -71,10 +71,6 @@ def main() -> None:
     args = parse_args()
     if args.config is not None:
         args.model = random_model(args.config, DTYPES[args.dtype], args.device)
-    elif args.model is None:
-        from swiftkv.embedded import default_model_dir
-
-        args.model = default_model_dir()
     result = run_benchmark(
         args.model,
         prompt_lengths=args.prompt_lengths,

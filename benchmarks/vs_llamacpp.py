@@ -35,7 +35,7 @@ from swiftkv.bench import (
     rotated,
     timed,
 )
-from swiftkv.files import save_figure, write_json
+from swiftkv.files import portable_path, save_figure, write_json
 from swiftkv.loading import load_model
 from swiftkv.modes import swiftkv_mode
 
@@ -186,8 +186,8 @@ def main() -> None:
     start = time.perf_counter()
     result = {
         "model": "SmolLM2-135M-Instruct",
-        "adapter": args.adapter,
-        "gguf": str(args.gguf),
+        "adapter": portable_path(args.adapter),
+        "gguf": portable_path(args.gguf),
         "decode_prompt": args.decode_prompt,
         "new_tokens": args.new_tokens,
         "prefill_prompt": args.prefill_prompt,

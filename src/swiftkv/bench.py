@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from swiftkv.config import validate_swiftkv_layout
-from swiftkv.files import save_figure, write_json
+from swiftkv.files import portable_path, save_figure, write_json
 from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 from swiftkv.modeling.kernels import onednn_linears
 from swiftkv.modes import is_swiftkv, swiftkv_mode
@@ -331,9 +331,17 @@ def measure_workload(
     }
 
 
+# The variables that limit which instructions the kernels use (ATen, oneDNN, MKL, the native step's -march): CI's
+# AVX2 pass sets them all (docs/testing.md), and a result measured under them compares only with one that was too.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "SWIFTKV_NATIVE_MARCH")
+
+
 def machine_info(threads: int, device: str | torch.device = "cpu") -> dict[str, object]:
-    """What a reader needs to compare runs: versions, threads, CPU, and the GPU when the benchmark ran on one."""
+    """The one machine block of every result: versions, threads, CPU, the instruction-set limits in force (the
+    variables as set, ATen's resulting capability, the native step's build target), and the GPU when one ran it."""
     import transformers
+
+    from swiftkv.modeling import native
 
     gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
     return {
@@ -348,6 +356,9 @@ def machine_info(threads: int, device: str | torch.device = "cpu") -> dict[str, 
         "gpu": gpu,
         "cuda": torch.version.cuda if gpu else None,
         "load_average": list(os.getloadavg()),  # other processes on the machine slow some runs: look here first
+        "isa_variables": {name: os.environ.get(name) for name in ISA_VARIABLES},  # None: not set
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_march": native.MARCH,
     }
 
 
@@ -532,7 +543,7 @@ def _latency(prefills: list[dict], decode: dict) -> dict:
 def _model_info(model: PreTrainedModel, name: str, dtype: torch.dtype) -> dict[str, object]:
     config = model.config
     return {
-        "name": name,
+        "name": portable_path(name),
         "model_type": config.model_type,
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,

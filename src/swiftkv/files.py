@@ -24,6 +24,21 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "swiftkv"
 
 
+def portable_path(path: str | os.PathLike) -> str:
+    """How a result file records a path it used, so the record means the same on another machine: as given when
+    relative (`default`, a bundled adapter's name, `out/...`), `<swiftkv cache>/...` inside the cache, relative to
+    the working directory (the repository) inside it, else its last component: an absolute path only names one
+    machine's folders. Only this module's standard-library imports: benchmarks in other venvs load it by path."""
+    text = os.fspath(path)
+    if not Path(text).expanduser().is_absolute():
+        return text
+    resolved = Path(text).expanduser().resolve()
+    for root, prefix in ((cache_dir().expanduser().resolve(), "<swiftkv cache>/"), (Path.cwd().resolve(), "")):
+        if resolved.is_relative_to(root) and resolved != root:
+            return prefix + resolved.relative_to(root).as_posix()
+    return resolved.name
+
+
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an existing non-empty `out` unless `overwrite`, and never the current directory or one holding it
     (replacing it would pull the ground from under the process); nothing is written here."""

@@ -17,7 +17,7 @@ from transformers import (
 
 from swiftkv import embedded
 from swiftkv.config import DTYPES
-from swiftkv.files import check_safetensors, read_json_file
+from swiftkv.files import check_safetensors, portable_path, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
 from swiftkv.modes import is_swiftkv
@@ -80,9 +80,10 @@ def load(
 
 
 def origin(name: str | os.PathLike, adapter, model: PreTrainedModel, converted: bool) -> str:
-    """One line for reports: where the scored SwiftKV weights come from."""
+    """One line for reports: where the scored SwiftKV weights come from (paths as `portable_path` records them)."""
+    name = portable_path(name)
     if adapter is not None:
-        return f"distilled adapter {adapter} applied to {name}"
+        return f"distilled adapter {portable_path(adapter)} applied to {name}"
     if converted:
         config = model.config
         return (

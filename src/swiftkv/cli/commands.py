@@ -307,7 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     result = bench.run_benchmark(
-        resolve_model_path(args.model),
+        args.model,  # a name, so the result records `default` rather than one machine's cache path
         prompt_lengths=args.prompt_lengths,
         settings=args.settings,
         reps=args.reps,

@@ -16,7 +16,7 @@ from swiftkv.cli.args import add_layout_args, add_model_args, has_layout, positi
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
 from swiftkv.evaluate.text import token_samples
-from swiftkv.files import write_json
+from swiftkv.files import portable_path, write_json
 from swiftkv.loading import load, origin
 
 BUDGET_LADDER = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # KL budgets (nats/token) shown next to the recommendation
@@ -60,9 +60,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = evaluate(model, tokenizer, args.tasks, options, notes)
     except (ModuleNotFoundError, RuntimeError) as error:
         raise SystemExit(f"swiftkv eval: error: {error}") from error
-    result["model"]["name"] = str(args.model)
+    result["model"]["name"] = portable_path(args.model)
     if args.adapter:
-        result["model"]["adapter"] = str(args.adapter)
+        result["model"]["adapter"] = portable_path(args.adapter)
     print(format_table(result))
     if args.json:
         _write_json(result, args.json)
