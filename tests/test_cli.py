@@ -10,6 +10,7 @@ from conftest import tiny_base
 
 from swiftkv.adapter import CONFIG_NAME, QUALITY_NAME
 from swiftkv.cli import main
+from swiftkv.modes import swiftkv_mode
 
 
 @pytest.fixture
@@ -130,7 +131,10 @@ def test_demo_answer_agreement_is_the_quality_tables_measure(chat_dir, exact):
 
 def test_convert_calibrate_fits_the_key_values(tmp_path, capsys):
     from safetensors.torch import load_file
-    from test_distill_helpers import chat_file, tiny_model_dir
+    from test_distill_helpers import char_tokenizer, chat_file, tiny_model_dir
+
+    from swiftkv.corpora import as_text, load_examples
+    from swiftkv.loading import load
 
     base, chats = tiny_model_dir(tmp_path / "base"), chat_file(tmp_path / "chats.jsonl")
     assert main(["convert", str(base), str(tmp_path / "plain"), "-L", "3"]) == 0
@@ -140,6 +144,26 @@ def test_convert_calibrate_fits_the_key_values(tmp_path, capsys):
     plain, fit = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "fit" / "model.safetensors")
     for name in plain:  # only the leaders' K/V projections differ from the recipe's conversion
         assert torch.equal(plain[name], fit[name]) != ("k_proj_swiftkv" in name or "v_proj_swiftkv" in name), name
+    # ... and they bring the student closer to its teacher on chats it was not fitted on: KL(teacher || student) per
+    # token, every position, measured 3e-4 (recipe) vs 3e-6 (fitted) here.
+    tokenizer = char_tokenizer()
+    other_chats = load_examples(str(chat_file(tmp_path / "other.jsonl", conversations=8, seed=1)), split="all")
+    texts = [tokenizer(as_text(chat, tokenizer), return_tensors="pt").input_ids for chat in other_chats]  # [1, T]
+    kl = {name: _kl_to_teacher(load(tmp_path / name)[0], texts) for name in ("plain", "fit")}
+    assert kl["fit"] < 0.1 * kl["plain"], kl
+
+
+def _kl_to_teacher(model, texts: list[torch.Tensor]) -> float:
+    """Mean over every position of KL(base model || SwiftKV model) on the next-token distributions."""
+    total, tokens = 0.0, 0
+    for ids in texts:
+        with torch.no_grad():
+            student = model(ids).logits.log_softmax(-1)  # [1, T, V], the full SwiftKV forward
+            with swiftkv_mode(model, False):
+                teacher = model(ids).logits.log_softmax(-1)
+        total += (teacher.exp() * (teacher - student)).sum().item()
+        tokens += ids.shape[1]
+    return total / tokens
 
 
 def test_convert_calibrate_bad_input_writes_nothing(base_dir, tmp_path, capsys):
