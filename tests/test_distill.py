@@ -12,6 +12,7 @@ from conftest import FAMILIES, load_benchmark, tiny_base
 from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
+from swiftkv import cpu
 from swiftkv.conversion import convert
 from swiftkv.distill import recipe as recipe_module
 from swiftkv.distill.checkpoint import latest_checkpoint
@@ -366,12 +367,15 @@ def test_bfloat16_on_a_cpu_without_native_bf16_warns(model_dir, chats, tmp_path,
 
 
 def test_fast_bfloat16_needs_avx512_kernels(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    # The CPU's flags come from swiftkv.cpu, the one place that reads them: simulate CPUs there.
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     for capability, fast in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert recipe_module.cpu_has_fast_bfloat16() is fast
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "amx_tile"}))
+    assert recipe_module.cpu_has_fast_bfloat16() is True  # AMX without AVX512-BF16
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f"}))
     assert recipe_module.cpu_has_fast_bfloat16() is False  # AVX-512 without the bf16 instructions
 
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swiftkv import adapter as adapters
+from swiftkv import cpu
 from swiftkv.calibration import fit_key_value_projections, sample_tokens
 from swiftkv.config import DTYPES
 from swiftkv.conversion import convert, save_atomic
@@ -89,7 +90,7 @@ def cpu_capability() -> str:
 def cpu_has_fast_bfloat16() -> bool:
     """Whether bf16 matrix products run natively on this CPU (AVX512-BF16 or AMX with AVX-512 kernels). Without
     them oneDNN and ATen convert to float32 and back: slower than float32 itself (results/distill_step_bf16*.json)."""
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = cpu.has_avx512_bf16() or cpu.has_amx_tile()
     return native and cpu_capability().startswith("AVX512")
 
 
