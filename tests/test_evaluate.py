@@ -321,11 +321,39 @@ def test_harness_loglikelihood_matches_our_scoring(swift, tok):
         ]
         theirs = [logprob for logprob, _ in lm.loglikelihood(requests, disable_tqdm=True)]
         assert theirs == pytest.approx(ours[name], rel=1e-4)
-        generated = lm.generate_until(
-            [Instance("generate_until", {}, ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 3}), 0)],
-            disable_tqdm=True,
-        )
-        assert isinstance(generated[0], str)
+
+
+def test_harness_generate_until_is_the_models_greedy_answer_cut_at_the_stop(tok):
+    """generate_until returns the model's own greedy continuation in the requested mode, cut before the first
+    `until` string, or all `max_gen_toks` tokens of it when the string never comes."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from swiftkv.evaluate.harness import SwiftKVLM
+
+    model = convert(tiny_base("llama"), 2, 1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # std 1/sqrt(fan-in) instead of 0.02: the tiny model's greedy answer no longer repeats
+        for param in model.parameters():  # one character, and the two modes answer differently
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1]))
+    context = "Q: hi\nA:"
+    ids = tok(context, return_tensors="pt").input_ids  # [1, P]
+    answers = {}
+    for name in MODES:
+        with mode(model, name):
+            greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        answer = answers[name] = tok.decode(greedy[0, ids.shape[1] :])  # ids >= 100 (no character) decode to ""
+        stop = answer[len(answer) // 2]
+        cut = answer.index(stop)  # the harness stops where this character first appears
+        assert 0 < cut < len(answer)  # text on both sides of the cut
+        lm = SwiftKVLM(pretrained=model, tokenizer=tok, swiftkv=name == SWIFTKV, batch_size=2)
+        requests = [
+            Instance("generate_until", {}, (context, {"until": [until], "max_gen_toks": 12}), idx)
+            for idx, until in enumerate([stop, "never"])
+        ]
+        assert lm.generate_until(requests, disable_tqdm=True) == [answer[:cut], answer]
+    assert answers[BASE] != answers[SWIFTKV]  # so each mode's check above saw its own model
 
 
 def test_per_task_limit_overrides_limit(swift, tok, tmp_path):
