@@ -54,16 +54,33 @@ def test_reset_layer_takes_another_batch_size():
     assert torch.equal(layer.update(keys, values)[0], keys)
 
 
-@pytest.mark.parametrize("layout", [(3, 1), (3, 3)])
+@pytest.mark.parametrize("layout", [(3, 1), (3, 3), (2, 2)])
 def test_swiftkv_cache_keeps_one_buffer_per_acrosskv_group(layout):
-    model = convert(tiny_base("llama"), *layout)
-    ids, mask = left_padded_batch()
-    dynamic, preallocated = DynamicCache(config=model.config), SwiftKVCache(model.config)
+    """Distinct storages counted in the cache itself against what the layout says, from the numbers alone: each of
+    layers 0..L-1 and each group of g later layers has ONE K and ONE V buffer [B, Hkv, T, Dh] (held by the group's
+    layers, or by its first layer alone)."""
+    num_kv_layers, group = layout
+    model = convert(tiny_base("llama"), num_kv_layers, group)  # N=6, Hkv=2, Dh=32/4=8
+    ids, mask = left_padded_batch()  # [B=3, T=12]
+    cache = SwiftKVCache(model.config)  # no max_cache_len: buffers of exactly T positions
     with torch.no_grad():
-        model(ids, attention_mask=mask, cache=dynamic, use_cache=True)
-        model(ids, attention_mask=mask, cache=preallocated, use_cache=True)
-    assert measured_kv_bytes(preallocated) == measured_kv_bytes(dynamic)
-    assert preallocated.preallocated
+        model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    assert cache.preallocated
+
+    def entry(idx: int) -> int:  # the cache entry a layer reads: its own below L, its group's first layer above
+        return idx if idx < num_kv_layers else num_kv_layers + (idx - num_kv_layers) // group * group
+
+    storages = {}  # data_ptr -> (bytes, the entries of the layers holding it)
+    for idx, layer in enumerate(cache.layers):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                storage = tensor.untyped_storage()
+                storages.setdefault(storage.data_ptr(), (storage.nbytes(), set()))[1].add(entry(idx))
+    entries = [*range(num_kv_layers), *range(num_kv_layers, 6, group)]
+    assert all(len(held) == 1 for _, held in storages.values())  # no buffer shared across entries
+    assert sorted(next(iter(held)) for _, held in storages.values()) == sorted(2 * entries)  # a K and a V each
+    expected_bytes = 2 * len(entries) * 3 * 2 * 12 * 8 * 4  # K and V, B, Hkv, T, Dh, float32
+    assert sum(nbytes for nbytes, _ in storages.values()) == measured_kv_bytes(cache) == expected_bytes
 
 
 @pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
