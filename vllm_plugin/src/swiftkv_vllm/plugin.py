@@ -186,6 +186,15 @@ def _guard_prompt_logprobs(vllm_config) -> None:
     """
     if vllm_config.use_v2_model_runner:
         return
+    if vllm_config.speculative_config is not None:
+        # vLLM refuses to start with a custom logits processor under speculative decoding.
+        logger.warning(
+            "SwiftKV: with speculative decoding the offline LLM cannot refuse prompt logprobs (vLLM allows no custom "
+            "logits processor then), and they would be wrong for prompt tokens; `vllm serve` still refuses them. "
+            "To score prompt tokens, start with %s=0.",
+            FAST_PREFILL_ENV,
+        )
+        return
     from swiftkv_vllm.guard import SwiftKVPromptLogprobsGuard
 
     model_config = vllm_config.model_config
