@@ -10,7 +10,8 @@ tokenizer ("<pad>" 0, "<s>" 1, "</s>" 2, "w3".."w127"). Head dim 32 (vLLM's CPU 
 The SwiftKV parameters get noise on top of the recipe initialisation, so a vLLM model that used the base
 projections instead would produce other tokens. `expected.json`: prompts and greedy tokens of each checkpoint from
 the full forward recomputed at every step (the reference the skipping path must equal), with the smallest top-1 /
-top-2 logit gap seen, so a near tie is visible.
+top-2 logit gap seen, so a near tie is visible. `llama_kv2/*`: a llama with 2 K/V heads instead of 1, for tensor
+parallel size 2.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ REAL_TOKENS = 24
 REAL_PROMPT = "The three most useful things to know about the history of the printing press are"
 
 
-def tiny_base(family: str, seed: int) -> torch.nn.Module:
-    """A random stock model: hidden 64, 2 query heads and 1 K/V head of 32, non-trivial norms and biases."""
+def tiny_base(family: str, seed: int, kv_heads: int = 1) -> torch.nn.Module:
+    """A random stock model: hidden 64, 2 query heads and `kv_heads` K/V heads of 32, non-trivial norms and biases."""
     config_class, model_class, extra = FAMILIES[family]
     config = config_class(
         vocab_size=VOCAB,
@@ -58,7 +59,7 @@ def tiny_base(family: str, seed: int) -> torch.nn.Module:
         intermediate_size=128,
         num_hidden_layers=LAYERS,
         num_attention_heads=2,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         pad_token_id=0,
         bos_token_id=1,
@@ -121,8 +122,10 @@ def perturb_swiftkv(model, seed: int) -> None:
 
 def write_tiny(out: Path) -> dict:
     tokenizer, cases, expected = word_tokenizer(), prompts(), {}
-    for seed, family in enumerate(FAMILIES):
-        base = tiny_base(family, seed)
+    bases = [(family, tiny_base(family, seed)) for seed, family in enumerate(FAMILIES)]
+    # 2 K/V heads, which tensor-parallel size 2 splits (1 K/V head would have to be replicated per rank).
+    bases.append(("llama_kv2", tiny_base("llama", len(FAMILIES), kv_heads=2)))
+    for seed, (family, base) in enumerate(bases):
         variants = {"base": base}
         for group in GROUPS:
             swift = swiftkv.convert(base, num_key_value_layers=KV_LAYERS, key_value_group_size=group)
