@@ -33,7 +33,24 @@ BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
 DECODE_PROMPT, DECODE_OUTPUT = 64, 128
 KEYS = ("wall_s", "tokens_per_s", "ttft_s", "tpot_s")
 # The environment that decides which kernels run (threads, ISA caps): recorded with every result.
-ENV_KEYS = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+ENV_KEYS = (
+    "OMP_NUM_THREADS",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+
+
+def portable_path(path: str) -> str:
+    """swiftkv.files.portable_path (how every result records a path), loaded by file: swiftkv is not installed in
+    the vLLM environment, and that module imports only the standard library."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("swiftkv_files", Path(__file__).parents[1] / "src/swiftkv/files.py")
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    return files.portable_path(path)
 
 
 def workload(spec: str) -> tuple[int, int]:
@@ -96,9 +113,10 @@ def run(llm, prompts: list[dict], new_tokens: int) -> dict:
     }
 
 
-def alternate(engines: dict, prompts: list[dict], new_tokens: int, reps: int) -> dict:
-    """One warm-up run each, then `reps` runs of each engine, alternated (base, swiftkv, base, ...); medians."""
-    for llm in engines.values():
+def alternate(engines: dict, prompts: list[dict], new_tokens: int, reps: int, warmup: bool = True) -> dict:
+    """A warm-up run each (new shapes may compile), then `reps` runs of each engine, alternated (base, swiftkv,
+    base, ...); medians."""
+    for llm in engines.values() if warmup else ():
         run(llm, prompts, new_tokens)
     runs: dict[str, list[dict]] = {name: [] for name in engines}
     for _ in range(reps):
@@ -148,14 +166,16 @@ def machine(engines: dict) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     engines = {"base": engine(args.base, args), "swiftkv": engine(args.swiftkv, args)}
     vocab = engines["base"].llm_engine.vllm_config.model_config.get_vocab_size()
-    result = {"machine": machine(engines), "args": {k: str(v) for k, v in vars(args).items()}}
+    paths = ("base", "swiftkv", "swiftkv_g3", "json")
+    recorded = {k: portable_path(str(v)) if k in paths and v else str(v) for k, v in vars(args).items()}
+    result = {"machine": machine(engines), "args": recorded}
     result["prefill"] = alternate(engines, random_prompts(1, args.prompt_len, vocab, 0), 1, args.reps)
     result["decode"] = {
         str(n): alternate(engines, random_prompts(n, DECODE_PROMPT, vocab, 2), DECODE_OUTPUT, args.reps)
         for n in args.decode_requests
     }
     result["workloads"] = {
-        f"{r}x{p}": alternate(engines, random_prompts(r, p, vocab, 1), max(1, p // 10), args.workload_reps)
+        f"{r}x{p}": alternate(engines, random_prompts(r, p, vocab, 1), max(1, p // 10), args.workload_reps, False)
         for r, p in args.workloads
     }
     tokens = args.prompt_len + max(1, args.prompt_len // 10)

@@ -13,6 +13,17 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+# The user's switches for fast prefill, named here so the config hook (plugin.py) and the prompt-logprobs guard
+# (guard.py) share them without importing each other.
+FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
+FAST_PREFILL_OVERRIDE = "swiftkv_fast_prefill"  # hf_overrides / config.json key
+PROMPT_LOGPROBS_ERROR = (
+    "This SwiftKV model runs with fast prefill: prompt tokens skip layers >= num_key_value_layers, so their "
+    "logprobs would be wrong and prompt_logprobs is refused. To score prompt tokens, start vLLM with fast prefill "
+    f"off: environment variable {FAST_PREFILL_ENV}=0, or --hf-overrides '{{\"{FAST_PREFILL_OVERRIDE}\": false}}' "
+    f"(LLM(..., hf_overrides={{'{FAST_PREFILL_OVERRIDE}': False}}))."
+)
+
 
 @dataclass(frozen=True)
 class SwiftKVLayout:

@@ -11,7 +11,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from swiftkv_vllm.plugin import PROMPT_LOGPROBS_ERROR
+from swiftkv_vllm.configs import PROMPT_LOGPROBS_ERROR
 
 
 class SwiftKVPromptLogprobsGuard(LogitsProcessor):

@@ -22,20 +22,17 @@ from transformers import AutoConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-from swiftkv_vllm.configs import FAMILIES, SwiftKVLayout, check_parallel_layout
+from swiftkv_vllm.configs import (
+    FAMILIES,
+    FAST_PREFILL_ENV,
+    FAST_PREFILL_OVERRIDE,
+    SwiftKVLayout,
+    check_parallel_layout,
+)
 
 # Under "vllm." so vLLM's handler prints these lines with its level, time and source (it configures only the "vllm"
 # logger; a "swiftkv_vllm" logger would reach Python's last-resort handler: warnings as bare text, no INFO at all).
 logger = init_logger(f"vllm.{__name__}")
-
-FAST_PREFILL_ENV = "SWIFTKV_VLLM_FAST_PREFILL"
-FAST_PREFILL_OVERRIDE = "swiftkv_fast_prefill"  # hf_overrides / config.json key
-PROMPT_LOGPROBS_ERROR = (
-    "This SwiftKV model runs with fast prefill: prompt tokens skip layers >= num_key_value_layers, so their "
-    "logprobs would be wrong and prompt_logprobs is refused. To score prompt tokens, start vLLM with fast prefill "
-    f"off: environment variable {FAST_PREFILL_ENV}=0, or --hf-overrides '{{\"{FAST_PREFILL_OVERRIDE}\": false}}' "
-    f"(LLM(..., hf_overrides={{'{FAST_PREFILL_OVERRIDE}': False}}))."
-)
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
 # Drafters that propose from token ids alone: they never read the rows fast prefill skips. The others read the
