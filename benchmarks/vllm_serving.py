@@ -159,7 +159,7 @@ def machine(engines: dict) -> dict:
         "cpu_count": os.cpu_count(),
         "env": {k: os.environ.get(k) for k in ENV_KEYS},
         "dtype": str(config.model_config.dtype),
-        "compilation_mode": str(config.compilation_config.mode),
+        "compilation_mode": config.compilation_config.mode.name,  # NONE: eager; DYNAMO_TRACE_ONCE: compiled (CPU)
     }
 
 

@@ -402,9 +402,8 @@ class SwiftKVModel(nn.Module):
         torch.index_select(positions, 0, rows, out=kept_positions)
         torch.index_select(h_l, 0, rows, out=kept_hidden)
         out = self.suffix(kept_positions, kept_hidden)  # [K', D]
-        # The runner samples at its logits indices only: the kept rows go back into h_L's rows, every other row is
-        # NaN, so a prompt logprob that slipped past the guard (offline LLM with speculation) is visibly wrong.
-        h_l.fill_(float("nan")).index_put_((rows[:count],), out[:count])  # rows: int32
+        # The runner reads hidden states at its logits indices only: write the kept rows back into h_L's rows.
+        h_l.index_put_((rows[:count],), out[:count])  # rows: int32
         return h_l
 
     def _kept_rows(self, num_tokens: int) -> tuple[torch.Tensor, int] | None:

@@ -186,9 +186,9 @@ def _guard_prompt_logprobs(vllm_config) -> None:
     if vllm_config.speculative_config is not None:
         # vLLM refuses to start with a custom logits processor under speculative decoding.
         logger.warning(
-            "SwiftKV: with speculative decoding the offline LLM cannot refuse prompt logprobs (vLLM allows no custom "
-            "logits processor then), and they would be wrong for prompt tokens; `vllm serve` still refuses them. "
-            "To score prompt tokens, start with %s=0.",
+            "SwiftKV: with speculative decoding the offline LLM cannot refuse prompt logprobs at admission (vLLM "
+            "allows no custom logits processor then): a request for them stops the engine at vLLM's own fast-prefill "
+            "assertion; `vllm serve` still refuses them. To score prompt tokens, start with %s=0.",
             FAST_PREFILL_ENV,
         )
         return
