@@ -32,10 +32,11 @@ def compiled():
 
 @pytest.fixture(scope="module")
 def full():
-    """Fast prefill off through the environment variable (read while the engine's config is built)."""
+    """Fast prefill off through the environment variable (read while the engine's config is built); compiled, so
+    fast prefill off is covered compiled here and eager by `test_engine_argument_turns_fast_prefill_off`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAST_PREFILL_ENV, "0")
-        llm = make_llm("llama/g3")
+        llm = make_llm("llama/g3", enforce_eager=False)
     yield llm
     close_llm(llm)
 
