@@ -2,13 +2,13 @@
 
 The forward (shapes: T tokens scheduled in this step, K kept rows, D hidden, Hkv key/value heads, Dh head dim):
 
-    h = layers[0:L](embed(ids))                          # every token; caches of layers 0..L-1 written
-    x = norm_swiftkv(h)                                  # [T, D]
-    each AcrossKV leader: K, V = k/v_proj_swiftkv(x)     # [T, Hkv*Dh], k_norm (qwen3), RoPE at each position
-                          -> written ONCE into the group's cache entry (a `SwiftKVCacheWriter`)
-    h_keep = h[rows the sampler needs]                   # [K, D]: one row per request at prefill (fast prefill)
-    h_keep = layers[L:N](h_keep)                         # q_proj_swiftkv queries, K/V from the group's writer
-    return norm(h_keep) scattered back into [T, D]
+    h = layers[0:L](embed(ids))                          # compiled part 1 (`SwiftKVPrefix`), every token:
+    x = norm_swiftkv(h)                                  #   [T, D]; caches of layers 0..L-1 written
+    K|V of all G groups = kv_proj_swiftkv(x)             #   one GEMM [T, 2*G*Hkv*Dh]; k_norm (qwen3); one RoPE call
+                          -> each group's written ONCE into its cache entry (a `SwiftKVCacheWriter`)
+    h_keep = h[rows the sampler needs]                   # eager: [K, D], one row per request at prefill
+    h_keep = layers[L:N](h_keep)                         # compiled part 2 (`SwiftKVSuffix`): q_proj_swiftkv queries,
+    return norm(h_keep) scattered back into [T, D]       #   K/V from the group's writer
 
 How it maps on vLLM 0.32 (no patch of its runner): every attention of a layer >= L is an `Attention` with
 `kv_sharing_target_layer_name` = its group's writer, so the engine allocates L + (N-L)/g cache entries (AcrossKV
@@ -410,7 +410,7 @@ class SwiftKVModel(nn.Module):
         """(row indices [K'] padded, K real) of the rows the sampler needs, or None when every row must run.
 
         vLLM attaches them to the metadata of the fast-prefill layers; absent in dummy/profile/capture runs and when
-        fast prefill is off. Both are host values (a tensor already on the device, a Python int): no sync.
+        fast prefill is off. Neither needs a host sync: a tensor already on the device and a Python int.
         """
         if not self.fast_prefill:
             return None
