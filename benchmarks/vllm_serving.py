@@ -64,6 +64,11 @@ def workload(spec: str) -> tuple[int, int]:
     return requests, prompt
 
 
+def output_tokens(prompt_tokens: int) -> int:
+    """The 10:1 shape's output length for a prompt."""
+    return max(1, prompt_tokens // 10)
+
+
 def engine(path: str, args: argparse.Namespace):
     from vllm import LLM
 
@@ -72,7 +77,7 @@ def engine(path: str, args: argparse.Namespace):
         path,
         dtype=args.dtype,
         enforce_eager=args.eager,
-        max_model_len=longest + max(longest // 10, DECODE_OUTPUT) + 8,
+        max_model_len=longest + max(output_tokens(longest), DECODE_OUTPUT) + 8,
         max_num_batched_tokens=max(longest, 2048),
         max_num_seqs=max([r for r, _ in args.workloads] + args.decode_requests + [1]),
         kv_cache_memory_bytes=args.kv_cache_mib << 20,
@@ -175,10 +180,10 @@ def measure(args: argparse.Namespace) -> dict:
         for n in args.decode_requests
     }
     result["workloads"] = {
-        f"{r}x{p}": alternate(engines, random_prompts(r, p, vocab, 1), max(1, p // 10), args.workload_reps, False)
+        f"{r}x{p}": alternate(engines, random_prompts(r, p, vocab, 1), output_tokens(p), args.workload_reps, False)
         for r, p in args.workloads
     }
-    tokens = args.prompt_len + max(1, args.prompt_len // 10)
+    tokens = args.prompt_len + output_tokens(args.prompt_len)
     result["kv"] = {name: kv_capacity(llm, tokens) for name, llm in engines.items()}
     close(engines.pop("swiftkv"))
     if args.swiftkv_g3:

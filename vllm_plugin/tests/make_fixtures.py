@@ -156,20 +156,19 @@ def write_real(out: Path) -> dict:
     """SmolLM2-135M-Instruct + the bundled adapter smollm2-L15-g1 (what `swiftkv apply-adapter` writes, fp32), and
     the greedy tokens of swiftkv's own `generate` (its fast HF path) in float32 and in bfloat16, with the top-1 /
     top-2 logit gap of each step (how near a tie each token was)."""
-    path = out / "smollm2-L15-g1"
-    model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    ids = tokenizer(REAL_PROMPT, return_tensors="pt").input_ids
-    runs = {}
+    path, runs = out / "smollm2-L15-g1", {}
     for dtype in ("float32", "bfloat16"):
-        model, _ = swiftkv.load("default", adapter="smollm2-L15-g1", dtype=dtype)
+        model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1", dtype=dtype)
+        if dtype == "float32":  # the checkpoint vLLM serves (it casts to bf16 itself when asked)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        ids = tokenizer(REAL_PROMPT, return_tensors="pt").input_ids
         with torch.no_grad():
-            out_ = model.generate(
+            generated = model.generate(
                 ids, max_new_tokens=REAL_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
-        gaps = [float(step[0].double().topk(2).values.diff().neg()) for step in out_.logits]
-        runs[dtype] = {"tokens": out_.sequences[0, ids.shape[1] :].tolist(), "gaps": gaps}
+        gaps = [float(step[0].double().topk(2).values.diff().neg()) for step in generated.logits]
+        runs[dtype] = {"tokens": generated.sequences[0, ids.shape[1] :].tolist(), "gaps": gaps}
     return {"path": str(path.resolve()), "prompt_ids": ids[0].tolist(), "runs": runs}
 
 

@@ -210,9 +210,10 @@ class SwiftKVKeyValues(nn.Module):
     each [Hkv*Dh, D], split per tensor-parallel rank as vLLM stacks q/k/v into `qkv_proj`).
     """
 
-    def __init__(self, shape: AttentionShape, leaders: list[SwiftKVAttention], quant_config, prefix: str):
+    def __init__(self, leaders: list[SwiftKVAttention], quant_config, prefix: str):
         super().__init__()
-        self.shape, self.groups = shape, len(leaders)
+        shape = self.shape = leaders[0].shape  # every layer of the model has the same attention shape
+        self.groups = len(leaders)
         tp = get_tensor_model_parallel_world_size()
         self.kv_proj_swiftkv = MergedColumnParallelLinear(
             shape.hidden,
@@ -362,7 +363,7 @@ class SwiftKVModel(nn.Module):
         if self.layout.skips:
             self.norm_swiftkv = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             leaders = [self.layers[i].self_attn for i in self.layout.leaders]
-            self.key_values = SwiftKVKeyValues(AttentionShape.of(config), leaders, quant_config, prefix)
+            self.key_values = SwiftKVKeyValues(leaders, quant_config, prefix)
         from vllm.compilation.backends import set_model_tag  # as gemma3n: a compile-cache folder per part
 
         with set_model_tag("swiftkv_prefix"):
