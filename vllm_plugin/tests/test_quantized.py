@@ -19,11 +19,11 @@ from engines import FIXTURES, clear_rows, close_llm, generate_ids, make_llm, row
 
 W8A8 = "quant/llama_g3_w8a8"
 # bf16 activations against a float32 reference: a step whose reference top-1 leads its top-2 by less than this may
-# flip (bf16 rounding before the per-token int8 rounding moves some activations by one int8 step). Measured here:
-# vLLM's stock Llama quantized the same way missed 3 of 32 steps, at gaps 0.02-0.12; this model missed steps at
-# gaps up to 0.26 (docs/vllm.md). Above the tolerance every step must agree.
+# flip (bf16 rounding before the per-token int8 rounding moves some activations by one int8 step). Measured here
+# over the same 64 steps: vLLM's stock Llama (llama/base quantized the same way) missed 4, at gaps 0.02-0.12; this
+# model 9, at gaps 0.03-0.26. Above the tolerance (36 of the 64 steps) every step must agree.
 GAP_TOLERANCE = 0.3
-MIN_AGREEMENT = 0.85  # of all steps, the near ties included (measured: docs/vllm.md)
+MIN_AGREEMENT = 0.75  # of all 64 steps, near ties included (measured: 55, 0.86)
 SKIP_LENGTHS = (5, 20, 30)  # 55 tokens: one 64-token step
 
 
