@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from swiftkv_vllm.configs import LlamaSwiftKVConfig, Qwen3SwiftKVConfig, SwiftKVLayout
-from swiftkv_vllm.model import _skipped, _target
+from swiftkv_vllm.model import _check_quantized_storage, _skipped, _target
 from swiftkv_vllm.plugin import _select_cudagraph_mode, fast_prefill_requested
 
 
@@ -119,3 +120,17 @@ def test_cudagraph_mode_never_freezes_the_kept_rows(asked, runs, expected):
     config.compilation_config.cudagraph_mode = CUDAGraphMode[asked]
     _select_cudagraph_mode(config)
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode[runs]
+
+
+def test_a_float_tensor_for_quantized_storage_is_refused():
+    """E.g. a config that leaves one leader's k_proj_swiftkv unquantized: the stacked int8 K/V would round it."""
+    param = torch.zeros(4, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="model.layers.3.self_attn.k_proj_swiftkv.weight is torch.bfloat16"):
+        _check_quantized_storage(
+            "model.layers.3.self_attn.k_proj_swiftkv.weight",
+            "model.key_values.kv_proj_swiftkv.weight",
+            param,
+            torch.zeros(4, 4, dtype=torch.bfloat16),
+        )
+    _check_quantized_storage("w", "w", param, torch.zeros(4, 4, dtype=torch.int8))  # int8 into int8: loads
+    _check_quantized_storage("w", "w", torch.zeros(4), torch.zeros(4))  # unquantized parameters take floats

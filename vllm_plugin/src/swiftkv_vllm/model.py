@@ -45,8 +45,9 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.llama import LlamaMLP
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import _encode_layer_name
 from vllm.v1.attention.backends.utils import KVSharingFastPrefillMetadata
@@ -430,8 +431,17 @@ class SwiftKVModel(nn.Module):
             self.row_counts.append((rows_in, rows_after_l))
 
 
-class SwiftKVForCausalLM(nn.Module):
+class SwiftKVForCausalLM(nn.Module, SupportsQuant):
     """`*SwiftKVForCausalLM` checkpoints (swiftkv convert/distill, Snowflake's) in vLLM."""
+
+    # Fused layer -> the checkpoint's layers in it, for the quantization config (`SupportsQuant` hands it over): a
+    # fused layer is quantized when all its parts are (their targets / ignore lists), as in vLLM's Llama. The stacked
+    # SwiftKV K/V layer (`model.key_values.kv_proj_swiftkv`) holds every leader's k_proj_swiftkv and v_proj_swiftkv.
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+        "kv_proj_swiftkv": ["k_proj_swiftkv", "v_proj_swiftkv"],
+    }
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -501,13 +511,19 @@ def clear_row_counts(model: nn.Module) -> None:
         model.model.row_counts.clear()
 
 
-# HF name -> (vLLM parameter, shard): the fused projections vLLM builds for layers < L and every MLP.
-_STACKED = re.compile(r"\.(q|k|v|gate|up)_proj\.(weight|bias)$")
+# HF name -> (vLLM parameter, shard): the fused projections vLLM builds for layers < L and every MLP. Any parameter of
+# them: weight and bias, and whatever a quantization method adds (weight_scale, input_scale, weight_zero_point, ...),
+# each loaded by its parameter's own `weight_loader` with the shard, as vLLM's Llama does.
+_STACKED = re.compile(r"\.(q|k|v|gate|up)_proj\.(\w+)$")
 _SHARD = {"q": ("qkv_proj", "q"), "k": ("qkv_proj", "k"), "v": ("qkv_proj", "v"), "gate": ("gate_up_proj", 0)}
 _SHARD["up"] = ("gate_up_proj", 1)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # A leader's SwiftKV K/V projection -> its shard of the stacked `model.key_values.kv_proj_swiftkv` (SwiftKVKeyValues).
-_SWIFTKV_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj_swiftkv\.(weight|bias)$")
+_SWIFTKV_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj_swiftkv\.(\w+)$")
+# An attention's own parameter (KV-cache scales), named as vLLM's cache-scale mapping writes it.
+_ATTN_PARAM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn\.(\w+)$")
+# Storage dtypes of pre-quantized weights: a wider float tensor loaded into one would be silently rounded.
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _target(name: str, layout: SwiftKVLayout) -> tuple[str, str | int | None]:
@@ -524,16 +540,33 @@ def _target(name: str, layout: SwiftKVLayout) -> tuple[str, str | int | None]:
     return name[: stacked.start()] + f".{fused}.{stacked.group(2)}", shard
 
 
+def _targets(name: str, layout: SwiftKVLayout) -> list[tuple[str, str | int | None]]:
+    """Every (vLLM parameter, shard) that checkpoint tensor `name` loads into: one, but a leader's KV-cache scale.
+
+    A layer >= L has no cache entry of its own: its group's entry is the leader's writer, which stores K/V with the
+    leader's scale, so the writer and every layer of the group (which reads the entry) take that scale.
+    """
+    attn = _ATTN_PARAM.match(name)
+    if attn is None or int(attn.group(1)) < layout.num_key_value_layers:
+        return [_target(name, layout)]
+    leader, param = int(attn.group(1)), attn.group(2)
+    readers = [f"model.layers.{i}.self_attn.attn.{param}" for i in range(leader, leader + layout.group_size)]
+    return [(f"model.layers.{leader}.self_attn.swiftkv_attn.{param}", None)] + [(r, None) for r in readers]
+
+
 def _skipped(name: str, layout: SwiftKVLayout, tied: bool) -> bool:
     """Checkpoint tensors this layout does not use (the teacher's projections of layers >= L, RoPE buffers...)."""
     if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
         return True
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= layout.num_key_value_layers:
+        layer_idx = int(layer.group(1))
         if re.search(r"\.self_attn\.[qkv]_proj\.", name):
-            return True  # the teacher's projections
-        # qwen3: a non-leader's k_norm only normalised its own (teacher) keys; SwiftKV keys use the leader's
-        return ".self_attn.k_norm." in name and layout.leader_of(int(layer.group(1))) != int(layer.group(1))
+            return True  # the teacher's projections, with their quantization scales
+        # qwen3: a non-leader's k_norm only normalised its own (teacher) keys; SwiftKV keys use the leader's. A
+        # non-leader's KV-cache scale: the group's one cache entry takes the leader's (`_targets`).
+        own = ".self_attn.k_norm." in name or _ATTN_PARAM.match(name) is not None
+        return own and layout.leader_of(layer_idx) != layer_idx
     if not layout.skips:  # base mode (swiftkv false): the student's parameters are not built
         return "_swiftkv" in name
     return False
@@ -545,33 +578,65 @@ def _shard_count(target: str, layout: SwiftKVLayout) -> int:
     return 3 if ".qkv_proj." in target else 2 if ".gate_up_proj." in target else 1
 
 
+def _quant_name_mapping(quant_config) -> tuple[WeightsMapper, tuple[str, ...]]:
+    """What vLLM's own loader (`AutoWeightsLoader`) applies for a quantized checkpoint: the quantization method's
+    renames (KV-cache scales `...self_attn.k_proj.k_scale`, `...self_attn.kv_scale`, ... -> `...self_attn.attn.k_scale`;
+    dropped `.g_idx`), and the suffixes of tensors to ignore when the model has no such parameter (KV-cache scales when
+    the engine does not quantize its cache)."""
+    if quant_config is None:
+        return WeightsMapper(), ()
+    mapper = quant_config.get_cache_scale_mapper() | quant_config.get_checkpoint_weight_mapper()
+    return mapper, tuple(quant_config._ignore_unexpected_suffixes)
+
+
+def _check_quantized_storage(name: str, target: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Refuse a full-precision tensor for a pre-quantized weight (the copy would round it to int8 / fp8 silently).
+
+    This happens when the quantization config leaves some of a stacked layer's parts unquantized (e.g. it ignores one
+    leader's `k_proj_swiftkv` by name): vLLM quantizes a stacked layer as a whole.
+    """
+    if param.dtype in _QUANTIZED_DTYPES and tensor.is_floating_point() and tensor.element_size() > 1:
+        raise ValueError(
+            f"Checkpoint tensor {name} is {tensor.dtype}, but {target} is quantized ({param.dtype}): the quantization "
+            "config must quantize every part of a stacked layer alike (q/k/v_proj, gate/up_proj, and every leader's "
+            "k_proj_swiftkv and v_proj_swiftkv, which vLLM stacks into one layer)."
+        )
+
+
 def load_swiftkv_weights(model: SwiftKVForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Load a HF-format SwiftKV checkpoint; a missing or unexpected SwiftKV tensor is an error that names it."""
+    """Load a HF-format SwiftKV checkpoint, plain or pre-quantized; a missing or unexpected tensor is an error that
+    names it."""
     layout, tied = model.model.layout, bool(model.config.tie_word_embeddings)
+    mapper, ignorable = _quant_name_mapping(model.quant_config)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     shards: dict[str, set] = {}
     unexpected: list[str] = []
-    for name, tensor in weights:
-        if _skipped(name, layout, tied):
+    for checkpoint_name, tensor in weights:
+        name = mapper.map_name(checkpoint_name)
+        if name is None or _skipped(name, layout, tied):
             continue
         try:
-            target, shard = _target(name, layout)
+            targets = _targets(name, layout)
         except ValueError:  # K/V SwiftKV projection of a layer that leads no group
-            target, shard = name, None
-        param = params.get(target)
-        if param is None:
-            unexpected.append(name)
-            continue
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        loader(param, tensor) if shard is None else loader(param, tensor, shard)
-        loaded.add(target)
-        shards.setdefault(target, set()).add(shard)
+            targets = [(name, None)]
+        for target, shard in targets:
+            param = params.get(target)
+            if param is None:
+                if not name.endswith(ignorable):
+                    unexpected.append(checkpoint_name)
+                continue
+            _check_quantized_storage(checkpoint_name, target, param, tensor)
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor) if shard is None else loader(param, tensor, shard)
+            loaded.add(target)
+            shards.setdefault(target, set()).add(shard)
     # A stacked parameter counts as loaded only with all its shards: else a missing leader would go unnoticed.
     for target, got in shards.items():
         if len(got) < _shard_count(target, layout):
             loaded.discard(target)
-    missing = sorted(n for n in params if n not in loaded and not n.endswith("_scale"))
+    # An attention's KV-cache scales are optional: without them vLLM's cache quantization uses its default scale.
+    missing = sorted(n for n in params if n not in loaded and not re.search(r"\.(swiftkv_)?attn\.\w+$", n))
     if missing or unexpected:
         problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected]
         raise ValueError(
