@@ -80,7 +80,12 @@ native_decode = Switch(True)
 
 def enabled() -> bool:
     """False inside `native_decode(False)` or when SWIFTKV_NATIVE=0/false/off/no."""
-    return native_decode.on and os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return native_decode.on and allowed()
+
+
+def allowed() -> bool:
+    """The extension may run at all (SWIFTKV_NATIVE is not 0/false/off/no): its products serve the Python step too."""
+    return os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _cpu_tag() -> str:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftkv import cpu
-from swiftkv.modeling.kernels import move_to_huge_pages, use_fast_linears
 
 FORMATS = ("float32", "bf16", "int8", "int4")
 BLOCK = 32  # inputs per scale: GGUF's Q8_0 / Q4_0 / Q4_1 block
@@ -105,22 +104,31 @@ class BlockLinear(nn.Module):
         return w.view(out, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]. A few float32 rows on CPU (the LM head after prefill, a decode step): the native
-        extension's product, which reads the blocks as they are; otherwise the dequantized weight times x in
+        """x [..., in] -> [..., out]: `native_product` for a few rows, else the dequantized weight times x in
         `product_dtype`, the bias added in x's dtype."""
-        from swiftkv.modeling import native  # native's step reads this module's formats
-
-        rows = x.numel() // self.in_features
-        if rows <= NATIVE_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" and native.enabled():
-            if (extension := native.extension()) is not None:
-                y = extension.linear(x.reshape(rows, -1), (self.qweight, self.scales, self.mins), self.bias)
-                return y.view(*x.shape[:-1], -1)
+        if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
+            return y
         dtype = product_dtype(x)
         y = F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., in] @ W^T (+ bias) by the native extension, which reads `weight` ((data, scales, mins), any format) as
+    it is stored: for at most NATIVE_ROWS float32 rows on CPU without autograd (the LM head after prefill, a decode
+    step), where dequantizing or rounding x to bf16 for a whole-matrix product would cost more than the product.
+    None where it does not apply (then the caller's product runs)."""
+    from swiftkv.modeling import native  # native's step reads this module's formats
+
+    rows = x.numel() // x.shape[-1]
+    if rows > NATIVE_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not native.allowed():
+        return None
+    if (torch.is_grad_enabled() and x.requires_grad) or (extension := native.extension()) is None:
+        return None
+    return extension.linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +180,8 @@ def apply_format(model: nn.Module, fmt: str) -> nn.Module:
     Runs after adapters and conversion, on inference models: quantized layers keep no float weight to train. A tied
     LM head is untied (the embedding keeps its float32 rows; a token's lookup reads one row, so it costs no speed).
     """
+    from swiftkv.modeling.kernels import move_to_huge_pages, use_fast_linears  # kernels dispatches on BlockLinear
+
     if fmt == "float32":
         return model
     use_fast_linears(model)  # stock nn.Linear -> FastLinear, whose product handles bf16 weights
