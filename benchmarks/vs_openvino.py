@@ -17,7 +17,7 @@ Engines, all greedy, exactly --new-tokens tokens per call (EOS ignored), --threa
 - openvino/int8: LLMPipeline on the int8-weight export (optimum-intel's int8_asym per channel), defaults otherwise;
 - swiftkv-off/W: the SwiftKV model with SwiftKV off (the exact base model) through swiftkv's prefill and decode step;
 - swiftkv-L15/W, swiftkv-L22/W: the bundled adapters smollm2-L15-g1 / smollm2-L22-g1 (prompt tokens skip layers
-  >= L), for each weight format W of --weights (float32 only while swiftkv.load takes no `weights=`).
+  >= L), for each weight format W of --weights (swiftkv.modeling.weights).
 Token ids go in directly (no tokenizer in the timed path); every call gets a FRESH prompt of --prompt-length tokens
 (natural text rotated by the call's index), so OpenVINO's prefix cache never holds any of it. TTFT: call start to
 the first token; decode tokens/s: the other new-tokens - 1 tokens over the rest of the call. Every repetition runs
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import swiftkv
 from swiftkv.bench import PROMPT_TEXT, Run, greedy_decode, machine_info, num_threads, prefill, rotated, timed
 from swiftkv.files import portable_path, save_figure, write_json
 from swiftkv.loading import load_model_config, load_tokenizer, resolve_model_path
+from swiftkv.modeling.weights import FORMATS, default_format
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,35 +159,12 @@ def swiftkv_generator(model, swift: bool, threads: int, new_tokens: int) -> Call
     return generate
 
 
-def load_accepts_weights() -> bool:
-    """swiftkv.load takes `weights=` (swiftkv.modeling.weights); before it, every model was float32."""
-    return "weights" in inspect.signature(swiftkv.load).parameters
-
-
-def supported_weights() -> tuple[str, ...]:
-    if not load_accepts_weights():
-        return ("float32",)
-    from swiftkv.modeling.weights import FORMATS  # noqa: PLC0415  (only where load takes weights=)
-
-    return FORMATS
-
-
-def default_weights() -> str:
-    """The format swiftkv.load picks when given none (the precision a user gets on this CPU)."""
-    if not load_accepts_weights():
-        return "float32"
-    from swiftkv.modeling.weights import default_format  # noqa: PLC0415
-
-    return default_format()
-
-
 def swiftkv_engines(weights: list[str], threads: int, new_tokens: int) -> dict[str, Callable[[list[int]], Call]]:
     """swiftkv-off / swiftkv-L15 / swiftkv-L22 per weight format (SwiftKV off runs on the L15 model's weights)."""
     engines = {}
     for fmt in weights:
-        extra = {"weights": fmt} if load_accepts_weights() else {}
         for short, adapter in ADAPTERS.items():
-            model, _ = swiftkv.load("default", adapter=adapter, **extra)
+            model, _ = swiftkv.load("default", adapter=adapter, weights=fmt)
             if short == "L15":
                 engines[f"swiftkv-off/{fmt}"] = swiftkv_generator(model, False, threads, new_tokens)
             engines[f"swiftkv-{short}/{fmt}"] = swiftkv_generator(model, True, threads, new_tokens)
@@ -265,7 +242,7 @@ def comparisons(results: dict, weights: list[str]) -> dict:
 
 def targets(results: dict, ratios: dict, weights: list[str]) -> list[dict]:
     """Issue 33's targets, each with the engines it compares; a target whose engine did not run says so."""
-    default = default_weights()
+    default = default_format()
     wanted = [
         ("ttft", f"swiftkv-L15/{default}", "openvino/default", "<=", 0.5),
         ("ttft", f"swiftkv-L22/{default}", "openvino/default", "<=", 0.75),
@@ -360,11 +337,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--weights",
-        nargs="+",
-        help="swiftkv weight formats (default: every format swiftkv.load takes)",
-    )
+    parser.add_argument("--weights", nargs="+", choices=FORMATS, default=list(FORMATS), help="swiftkv's formats")
     parser.add_argument("--exports", type=Path, default=EXPORTS, help="where the OpenVINO exports are")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "vs_openvino.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "results" / "vs_openvino.png")
@@ -380,10 +353,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for fmt in dict.fromkeys(fmt for fmt, _ in OPENVINO_ENGINES.values()):  # in order, once each
         if not (export_dir(args.exports, fmt) / "openvino_model.xml").is_file():
             parser.error(f"the OpenVINO export {export_dir(args.exports, fmt)} is missing: run `{SETUP}`")
-    supported = supported_weights()
-    args.weights = args.weights or list(supported)
-    if unsupported := [w for w in args.weights if w not in supported]:
-        parser.error(f"--weights {' '.join(unsupported)}: this swiftkv.load takes {', '.join(supported)}")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the first token ends the TTFT; decode speed needs the rest)")
     longest = load_model_config("default").max_position_embeddings - args.new_tokens
@@ -407,7 +376,7 @@ def main() -> None:
         "warmup": WARMUP,
         "prompts": "PROMPT_TEXT's tokens repeated, rotated by the call's index: fresh per call, same length",
         "swiftkv_weights": args.weights,
-        "swiftkv_default_weights": default_weights(),
+        "swiftkv_default_weights": default_format(),
         "machine": machine_info(args.threads),
         "openvino": openvino_info(args.exports),
         **measure(args, text_ids()),
