@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from swiftkv import embedded
+from swiftkv import embedded, gguf_blocks
 from swiftkv.config import DTYPES
 from swiftkv.files import check_safetensors, portable_path, read_json_file
 from swiftkv.modeling import native
@@ -74,13 +74,14 @@ def load(
     if adapter is not None and layout:
         raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
     fmt = resolve_format(weights)  # before any weight is read: a bad value fails fast
+    source = gguf_blocks.source(name_or_path, fmt)  # int8/int4 of a GGUF: its blocks as they are; refuses types now
     model, tokenizer = load_model(name_or_path, dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     elif layout:
         layers = resolve_num_key_value_layers(model.config.num_hidden_layers, num_key_value_layers, skip)
         model = convert(model, layers, key_value_group_size)
-    apply_format(model, fmt)
+    apply_format(model, fmt, None if source is None else gguf_blocks.blocks_for(source, model))
     if weights is None:
         print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
     if is_swiftkv(model) or fmt in ("int8", "int4"):

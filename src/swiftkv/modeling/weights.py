@@ -18,6 +18,7 @@ decode.cpp) reads the blocks themselves, which is where the bytes saved pay: dec
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -174,11 +175,13 @@ def block_linear(linear: nn.Module, fmt: str) -> BlockLinear:
     return BlockLinear(fmt, *quantize_int4(weight), bias)
 
 
-def apply_format(model: nn.Module, fmt: str) -> nn.Module:
+def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] | None = None) -> nn.Module:
     """Put every Linear layer of `model` (SwiftKV projections and LM head included) in format `fmt`, in place.
 
     Runs after adapters and conversion, on inference models: quantized layers keep no float weight to train. A tied
     LM head is untied (the embedding keeps its float32 rows; a token's lookup reads one row, so it costs no speed).
+    `blocks`: layers already in blocks, by weight name (a GGUF file's: gguf_blocks.blocks_for); a layer takes its
+    own as they are where they are in the format it gets, instead of quantizing its float weight.
     """
     from swiftkv.modeling.kernels import move_to_huge_pages, use_fast_linears  # kernels dispatches on BlockLinear
 
@@ -187,7 +190,7 @@ def apply_format(model: nn.Module, fmt: str) -> nn.Module:
     use_fast_linears(model)  # stock nn.Linear -> FastLinear, whose product handles bf16 weights
     lm_head = model.get_output_embeddings()
     new: list[torch.Tensor] = []
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
@@ -195,7 +198,9 @@ def apply_format(model: nn.Module, fmt: str) -> nn.Module:
                 child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
                 new.append(child.weight)
             else:
-                quantized = block_linear(child, "int8" if child is lm_head else fmt)
+                target = "int8" if child is lm_head else fmt
+                given = (blocks or {}).get(f"{prefix}.{name}.weight".lstrip("."))
+                quantized = given if given is not None and given.format == target else block_linear(child, target)
                 setattr(parent, name, quantized)
                 new += [t for t in (quantized.qweight, quantized.scales, quantized.mins) if t is not None]
     move_to_huge_pages(new)  # streamed per decoded token, like float weights (kernels.copy_weights_to_process_memory)
