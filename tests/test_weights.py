@@ -141,6 +141,15 @@ def test_bf16_on_a_cpu_without_bf16_hardware_runs_float32(monkeypatch):
         assert resolve_format("bf16") == "float32"
 
 
+def test_onednn_capped_below_bf16_counts_as_no_bf16_hardware(monkeypatch):
+    """CI's AVX2 pass (ONEDNN_MAX_CPU_ISA=AVX2) stands for an AVX2-only CPU: it gets that CPU's default."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_tile"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not weights.native_bf16() and weights.default_format() == "float32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert weights.native_bf16() and weights.default_format() == "bf16"
+
+
 def test_cli_rejects_a_bad_width_before_running(tmp_path, capsys):
     """A model whose Linear inputs are 48 wide cannot be int4: exit 2, one line naming the width."""
     tiny_base("llama", hidden=48).save_pretrained(tmp_path / "m")

@@ -17,6 +17,7 @@ decode.cpp) reads the blocks themselves, which is where the bytes saved pay: dec
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -31,9 +32,15 @@ BLOCK = 32  # inputs per scale: GGUF's Q8_0 / Q4_0 / Q4_1 block
 NATIVE_ROWS = 8  # up to this many rows, a quantized product reads the blocks natively instead of dequantizing
 
 
+# ONEDNN_MAX_CPU_ISA values that stop oneDNN below its bf16 instructions (AVX512_CORE_BF16 is the first with them).
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def native_bf16() -> bool:
-    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than float32."""
-    return cpu.has_avx512_bf16() or cpu.has_amx_tile()
+    """oneDNN multiplies bf16 in hardware here: the CPU has AVX512-BF16 or AMX and ONEDNN_MAX_CPU_ISA (as CI's AVX2
+    pass sets it) does not cap oneDNN below them. Elsewhere oneDNN emulates bf16, slower than float32."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ONEDNN_CAPS_WITHOUT_BF16
+    return (cpu.has_avx512_bf16() or cpu.has_amx_tile()) and not capped
 
 
 def default_format() -> str:
