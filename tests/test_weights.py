@@ -95,16 +95,17 @@ def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
 
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
 def test_every_linear_takes_the_format(fmt):
-    """The SwiftKV projections and the LM head too (int4 keeps the LM head at int8); the embedding stays float32."""
+    """The SwiftKV projections and the LM head too (int4 keeps both at int8); the embedding stays float32."""
     model = apply_format(convert(tiny_base("llama", hidden=64), 3, 1), fmt)
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, BlockLinear))]
-    assert any("swiftkv" in name for name, m in model.named_modules() if m in linears)
+    swiftkv = [m for name, m in model.named_modules() if name.endswith("proj_swiftkv")]
+    assert swiftkv and all(m in linears for m in swiftkv)
     for module in linears:
         if fmt == "bf16":
             assert module.weight.dtype == torch.bfloat16
         else:
             assert isinstance(module, BlockLinear)
-            assert module.format == ("int8" if module is model.lm_head else fmt)
+            assert module.format == ("int8" if module is model.lm_head or module in swiftkv else fmt)
     assert model.get_input_embeddings().weight.dtype == torch.float32
 
 

@@ -7,7 +7,9 @@
   [-127, 127] (symmetric, round to nearest, as llama.cpp quantizes).
 - `int4`: GGUF Q4_1's blocks. Each run of 32 inputs has a float16 scale d and minimum m: w = d * q + m, q in [0, 15]
   (Q4_0's w = d * (q - 8) is m = -8 d, exactly). The LM head stays int8, as llama.cpp keeps its output matrix at
-  higher precision: it is ~20% of a small model's weights and the logits are what every token is read from.
+  higher precision: it is ~20% of a small model's weights and the logits are what every token is read from. So do
+  the SwiftKV projections (q/k/v_proj_swiftkv, ~8% of the default model's weights at L=15): distilled in float on
+  the float base, at 4 bits they moved SwiftKV's perplexity by +5% (docs/cpu.md), at 8 bits by +0.1%.
 
 Quantized layers keep only the blocks (`BlockLinear`: ~1.06 bytes per int8 weight, 0.63 per int4 weight). Prefill
 dequantizes each layer's blocks to the product dtype on the fly ([out, in], a few hundred KB per layer, small next to
@@ -205,7 +207,7 @@ def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] |
                 child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
                 new.append(child.weight)
             else:
-                target = "int8" if child is lm_head else fmt
+                target = "int8" if child is lm_head or name.endswith("_swiftkv") else fmt
                 given = (blocks or {}).get(f"{prefix}.{name}.weight".lstrip("."))
                 quantized = given if given is not None and given.format == target else block_linear(child, target)
                 setattr(parent, name, quantized)
