@@ -62,21 +62,24 @@ def test_fast_prefill_switches(monkeypatch):
 
 def test_checkpoint_names_map_onto_the_stacked_swiftkv_key_values():
     """Each leader's k/v_proj_swiftkv is a shard of one stacked GEMM: keys of groups 0..G-1, then their values."""
-    layout = SwiftKVLayout(num_layers=6, num_key_value_layers=3, group_size=1)  # leaders 3, 4, 5: G = 3
+    leaders = SwiftKVLayout(num_layers=6, num_key_value_layers=3, group_size=1).leaders  # 3, 4, 5: G = 3
     stacked = "model.key_values.kv_proj_swiftkv"
-    assert _target("model.layers.3.self_attn.k_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 0)
-    assert _target("model.layers.5.self_attn.k_proj_swiftkv.bias", layout) == (f"{stacked}.bias", 2)
-    assert _target("model.layers.4.self_attn.v_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 4)
-    assert _target("model.layers.4.self_attn.q_proj_swiftkv.weight", layout) == (
+    assert _target("model.layers.3.self_attn.k_proj_swiftkv.weight", leaders) == (f"{stacked}.weight", 0)
+    assert _target("model.layers.5.self_attn.k_proj_swiftkv.bias", leaders) == (f"{stacked}.bias", 2)
+    assert _target("model.layers.4.self_attn.v_proj_swiftkv.weight", leaders) == (f"{stacked}.weight", 4)
+    # a pipeline stage of layers 4 and 5 stacks only its own groups: layer 4 is its group 0
+    assert _target("model.layers.4.self_attn.k_proj_swiftkv.weight", [4, 5]) == (f"{stacked}.weight", 0)
+    assert _target("model.layers.5.self_attn.v_proj_swiftkv.weight", [4, 5]) == (f"{stacked}.weight", 3)
+    assert _target("model.layers.4.self_attn.q_proj_swiftkv.weight", leaders) == (
         "model.layers.4.self_attn.q_proj_swiftkv.weight",
         None,
     )
-    assert _target("model.layers.1.self_attn.k_proj.weight", layout) == (
+    assert _target("model.layers.1.self_attn.k_proj.weight", leaders) == (
         "model.layers.1.self_attn.qkv_proj.weight",
         "k",
     )
     with pytest.raises(ValueError):  # not a leader under g=3: the loader reports it as unexpected
-        _target("model.layers.4.self_attn.k_proj_swiftkv.weight", SwiftKVLayout(6, 3, 3))
+        _target("model.layers.4.self_attn.k_proj_swiftkv.weight", SwiftKVLayout(6, 3, 3).leaders)
 
 
 def engine_config(name: str, **overrides):

