@@ -16,6 +16,9 @@ memory is real). The writers are built before layers L..N-1, so those layers are
 layers that `cache_config.kv_sharing_fast_prefill` serves with metadata for the kept rows only (any backend), and
 the model reads the kept rows from that metadata, as vLLM's Gemma3n does. With fast prefill off every row runs
 every layer (the full SwiftKV forward: same tokens, no saving).
+
+Tensor parallel splits or replicates K/V heads as vLLM's `QKVParallelLinear` (`SwiftKVKeyValues`); pipeline parallel
+gives each stage its layers and its groups' K/V, x travelling from the stage holding L to later ones (`SwiftKVModel`).
 """
 
 from __future__ import annotations
