@@ -5,7 +5,8 @@
 Variants, interleaved on one model object: "dynamic" (transformers' forward + DynamicCache, MKL: the stock path),
 "cache" (same forward, SwiftKVCache written in place), "step" (+ swiftkv's decode step, still MKL),
 "onednn" (+ oneDNN products: the Python step), "native" (the whole step in C++, csrc/decode.cpp: what `generate`
-runs). Writes --json.
+runs), then "native-FORMAT" for each other weight format of --formats (modeling/weights.py: the native step reading
+bf16 weights or int8 / int4 blocks). Writes --json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from swiftkv.modeling import decode
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.kernels import onednn_linears
 from swiftkv.modeling.native import native_decode
+from swiftkv.modeling.weights import FORMATS, apply_format
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +54,32 @@ def decode_step(enabled: bool):
         decode.applies = applies
 
 
+def _native_run(fmt: str, ids: torch.Tensor, new_tokens: int):
+    """The native step on its own copy of the model in weight format `fmt` (SwiftKV off), prefilled on `ids`."""
+    model = apply_format(convert(load_model("default")[0], 15, 1), fmt)
+    with swiftkv_mode(model, False):
+        cache = SwiftKVCache(config=model.config)
+        first = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+    def run():
+        with swiftkv_mode(model, False):
+            timing = timed(lambda: greedy_decode(model, cache, first, new_tokens))
+        cache.crop(-new_tokens)
+        return timing
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", nargs="*", choices=FORMATS[1:], default=list(FORMATS[1:]))
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "decode_ablation.json")
     args = parser.parse_args()
-    base, _ = load_model("default")
-    model = convert(base, 15, 1)
+    model = convert(load_model("default")[0], 15, 1)
     ids = torch.randint(100, 20000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     runs = {}
     with num_threads(args.threads), torch.inference_mode(), swiftkv_mode(model, False):
@@ -77,6 +95,8 @@ def main() -> None:
                 return timing
 
             runs[name] = run
+        for fmt in args.formats:
+            runs[f"native-{fmt}"] = _native_run(fmt, ids, args.new_tokens)
         times = rotated(runs, args.reps)
     result = {
         "machine": machine_info(args.threads),
@@ -86,7 +106,7 @@ def main() -> None:
     for name, timings in times.items():
         per_token = [1e3 * t.wall_s / args.new_tokens for t in timings]
         result["ms_per_token"][name] = {"median": statistics.median(per_token), "runs": per_token}
-        print(f"{name:8s} {statistics.median(per_token):6.1f} ms/token")
+        print(f"{name:12s} {statistics.median(per_token):6.1f} ms/token")
     write_json(result, args.json)
 
 

@@ -1,16 +1,19 @@
-"""Decode and prefill speed on CPU: stock transformers vs swiftkv vs llama.cpp, in one interleaved run.
+"""Decode and prefill speed on CPU: stock transformers vs swiftkv vs llama.cpp at matching precisions, in one
+interleaved run.
 
     pip install llama-cpp-python sentencepiece      # benchmark only (builds llama.cpp from source, ~10 min)
     python SDIST/vendor/llama.cpp/convert_hf_to_gguf.py SMOLLM2_DIR \\
-        --outtype f32 --outfile out/SmolLM2-135M-Instruct-F32.gguf   # SDIST: the unpacked sdist
-    python benchmarks/vs_llamacpp.py --gguf out/SmolLM2-135M-Instruct-F32.gguf
-    # SMOLLM2_DIR: the default model's converted checkpoint, swiftkv.embedded.default_model_dir()
+        --outtype f32 --outfile out/SmolLM2-135M-Instruct-F32.gguf   # SDIST: the unpacked sdist (also --outtype q8_0)
+    python benchmarks/vs_llamacpp.py --gguf F32=out/SmolLM2-135M-Instruct-F32.gguf Q8_0=... Q4_1=SHIPPED_Q4_1
+    # SMOLLM2_DIR: the default model's converted checkpoint, swiftkv.embedded.default_model_dir(); SHIPPED_Q4_1:
+    # the GGUF the default model ships as, swiftkv.embedded.smollm2_gguf() (swiftkv's int4 holds its very blocks)
 
-Engines (same weights, float32, the same number of threads):
-- transformers: the stock model class, `DynamicCache`, one forward per token (what `generate` runs);
-- swiftkv-off: the SwiftKV model with SwiftKV off (the exact base model) through swiftkv's decode step;
-- swiftkv: the SwiftKV model (--adapter, L and g from it): fast prefill + swiftkv's decode step;
-- llama.cpp: llama-cpp-python on the F32 GGUF of the same checkpoint, flash attention on.
+Engines, the same number of threads; each --gguf TYPE=PATH pairs llama.cpp on that file with swiftkv at the matching
+weight format (F32: float32, BF16: bf16, Q8_0: int8, Q4_0/Q4_1: int4; modeling/weights.py):
+- transformers: the stock model class, float32, `DynamicCache`, one forward per token (what `generate` runs);
+- swiftkv-off/W: the SwiftKV model in format W with SwiftKV off (the base model) through swiftkv's decode step;
+- swiftkv/W: the SwiftKV model (--adapter, L and g from it) in format W: fast prefill + swiftkv's decode step;
+- llama.cpp/TYPE: llama-cpp-python on the GGUF, flash attention on.
 Decode: greedy tokens/s for --new-tokens steps after a --decode-prompt prompt (each engine prefilled once,
 every repetition rewinds to the prompt). Prefill: tokens/s for a --prefill-prompt prompt from an empty cache.
 Every repetition runs every engine once, rotating the order; medians and min-max over --reps.
@@ -19,6 +22,7 @@ Every repetition runs every engine once, rotating the order; medians and min-max
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swiftkv.adapter import apply_adapter
+import swiftkv
 from swiftkv.bench import (
     greedy_decode,
     machine_info,
@@ -36,7 +40,7 @@ from swiftkv.bench import (
     timed,
 )
 from swiftkv.files import portable_path, save_figure, write_json
-from swiftkv.loading import load_model
+from swiftkv.loading import load_model, load_model_config
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,60 +81,74 @@ class LlamaCpp:
         return out
 
 
-def torch_decoders(stock, swift, ids: torch.Tensor, steps: int) -> dict:
-    """name -> (run(), tokens()) for the three torch engines, each prefilled once with `ids` [1, P]."""
-    engines = {}
-    for name, model, mode in (("transformers", stock, False), ("swiftkv-off", swift, False), ("swiftkv", swift, True)):
-        with swiftkv_mode(swift, mode):
-            out = prefill(model, ids, steps)
-        engines[name] = (model, mode, out.cache, out.logits[:, -1:].argmax(-1))
+# GGUF type -> swiftkv's weight format holding the same kind of weights
+FORMAT_OF = {"F32": "float32", "BF16": "bf16", "Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
 
-    def runner(name):
-        model, mode, cache, first = engines[name]
 
-        def run():
-            with swiftkv_mode(swift, mode):
-                tokens = greedy_decode(model, cache, first, steps)
-            cache.crop(-steps)
-            return tokens[0].tolist()
+def gguf_arg(text: str) -> tuple[str, Path]:
+    """argparse type: 'TYPE=PATH' with TYPE a key of FORMAT_OF and an existing file."""
+    kind, _, path = text.partition("=")
+    if kind not in FORMAT_OF or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: write TYPE=PATH with TYPE one of {', '.join(FORMAT_OF)}")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{path} does not exist")
+    return kind, Path(path)
 
-        return run
 
-    return {name: runner(name) for name in engines}
+def torch_engine(model, mode: bool, ids: torch.Tensor, steps: int):
+    """(decode run, prefill run) of one torch model in one mode; decode prefilled once with `ids` [1, P]."""
+    with swiftkv_mode(model, mode):
+        out = prefill(model, ids, steps)
+    cache, first = out.cache, out.logits[:, -1:].argmax(-1)
+
+    def decode():
+        with swiftkv_mode(model, mode):
+            tokens = greedy_decode(model, cache, first, steps)
+        cache.crop(-steps)
+        return tokens[0].tolist()
+
+    return decode, lambda prompt: _prefill_in_mode(model, mode, prompt)
+
+
+def _prefill_in_mode(model, mode: bool, prompt: torch.Tensor) -> None:
+    with swiftkv_mode(model, mode):
+        prefill(model, prompt)
+
+
+def engines(args, decode_ids: torch.Tensor) -> dict:
+    """name -> (decode run, prefill run(prompt)) for every engine of the comparison."""
+    stock, _ = load_model("default")
+    out = {"transformers": torch_engine(stock, False, decode_ids, args.new_tokens)}
+    for kind, path in args.gguf:
+        fmt = FORMAT_OF[kind]
+        if f"swiftkv/{fmt}" not in out:  # Q4_0 and Q4_1 both pair with int4: one swiftkv model for both
+            swift, _ = swiftkv.load("default", adapter=args.adapter, weights=fmt)
+            out[f"swiftkv-off/{fmt}"] = torch_engine(swift, False, decode_ids, args.new_tokens)
+            out[f"swiftkv/{fmt}"] = torch_engine(swift, True, decode_ids, args.new_tokens)
+        cpp = LlamaCpp(path, args.threads, args.prefill_prompt + args.new_tokens + 8)
+        cpp_first = cpp.prefill(decode_ids[0].tolist())
+        out[f"llama.cpp/{kind}"] = (
+            functools.partial(cpp.decode, args.decode_prompt, cpp_first, args.new_tokens),
+            lambda prompt, cpp=cpp: cpp.prefill(prompt[0].tolist()),
+        )
+    return out
 
 
 def measure(args) -> dict:
-    stock, _ = load_model("default")
-    swift = apply_adapter(stock, args.adapter).eval()  # shares the stock model's weight tensors
-    cpp = LlamaCpp(args.gguf, args.threads, args.prefill_prompt + args.new_tokens + 8)
     gen = torch.Generator().manual_seed(0)
-    vocab = swift.config.vocab_size
+    vocab = load_model_config("default").vocab_size
     decode_ids = torch.randint(100, vocab - 100, (1, args.decode_prompt), generator=gen)
     prefill_ids = torch.randint(100, vocab - 100, (1, args.prefill_prompt), generator=gen)
     tokens: dict[str, list[int]] = {}
     with num_threads(args.threads), torch.inference_mode():
-        decoders = torch_decoders(stock, swift, decode_ids, args.new_tokens)
-        cpp_first = cpp.prefill(decode_ids[0].tolist())
-        decoders["llama.cpp"] = lambda: cpp.decode(args.decode_prompt, cpp_first, args.new_tokens)
+        runs = engines(args, decode_ids)
 
         def keep(name, fn):
             return lambda: timed(lambda: tokens.__setitem__(name, fn()))
 
-        decode = rotated({n: keep(n, fn) for n, fn in decoders.items()}, args.reps, warmup=1)
-
-        def torch_prefill(model, mode):
-            def run():
-                with swiftkv_mode(swift, mode):
-                    prefill(model, prefill_ids)
-
-            return run
-
-        prefills = {
-            "transformers": torch_prefill(stock, False),
-            "swiftkv": torch_prefill(swift, True),
-            "llama.cpp": lambda: cpp.prefill(prefill_ids[0].tolist()),
-        }
-        pre = rotated({n: (lambda fn=fn: timed(fn)) for n, fn in prefills.items()}, args.reps, warmup=1)
+        decode = rotated({n: keep(n, fns[0]) for n, fns in runs.items()}, args.reps, warmup=1)
+        prefills = {n: functools.partial(timed, functools.partial(fns[1], prefill_ids)) for n, fns in runs.items()}
+        pre = rotated(prefills, args.reps, warmup=1)
     return {
         "decode": _rates(decode, args.new_tokens),
         "prefill": _rates(pre, args.prefill_prompt),
@@ -155,7 +173,7 @@ def _rates(times: dict, tokens: int) -> dict:
 def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for ax, key, title in (
         (axes[0], "decode", f"decode after {result['decode_prompt']} tokens (batch 1)"),
         (axes[1], "prefill", f"prefill of {result['prefill_prompt']} tokens"),
@@ -165,15 +183,18 @@ def plot(result: dict, path: Path) -> Path:
         lows = [r - result[key][n]["min_tokens_per_s"] for n, r in zip(names, rates, strict=True)]
         highs = [result[key][n]["max_tokens_per_s"] - r for n, r in zip(names, rates, strict=True)]
         ax.bar(names, rates, yerr=[lows, highs], color="tab:blue", capsize=4)
+        ax.tick_params(axis="x", labelrotation=60)
         ax.set_title(title)
         ax.set_ylabel("tokens/s (median, min-max)")
-    fig.suptitle(f"{result['model']} fp32, {result['machine']['threads']} threads")
+    fig.suptitle(f"{result['model']}, {result['machine']['threads']} threads")
     return save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, required=True, help="F32 GGUF of SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--gguf", type=gguf_arg, nargs="+", required=True, help="TYPE=PATH GGUFs of SmolLM2-135M-Instruct (F32, Q8_0..)"
+    )
     parser.add_argument("--adapter", default="smollm2-L15-g1", help="adapter dir or bundled name")
     parser.add_argument("--decode-prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -187,7 +208,7 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct",
         "adapter": portable_path(args.adapter),
-        "gguf": portable_path(args.gguf),
+        "gguf": {kind: portable_path(path) for kind, path in args.gguf},
         "decode_prompt": args.decode_prompt,
         "new_tokens": args.new_tokens,
         "prefill_prompt": args.prefill_prompt,
@@ -201,7 +222,7 @@ def main() -> None:
     for key in ("decode", "prefill"):
         for name, row in result[key].items():
             print(
-                f"{key:8s} {name:13s} {row['tokens_per_s']:8.1f} tok/s  [{row['min_tokens_per_s']:.1f}-"
+                f"{key:8s} {name:18s} {row['tokens_per_s']:8.1f} tok/s  [{row['min_tokens_per_s']:.1f}-"
                 f"{row['max_tokens_per_s']:.1f}]"
             )
 

@@ -33,6 +33,42 @@ PY
   .venv-vllm/bin/python -m pip install --quiet -e vllm_plugin "pytest>=8,<10"
   exit 0
 fi
+if [[ "${1:-}" == "--openvino" ]]; then
+  # OpenVINO GenAI, the engine benchmarks/vs_openvino.py measures swiftkv against, in two parts:
+  # - the runtime (openvino, openvino-genai, openvino-tokenizers) goes into .venv as a benchmark-only tool (not a
+  #   dependency of swiftkv, which never imports it): it needs no transformers and adds packages without changing any;
+  # - the exporter, optimum-intel + nncf, gets its own .venv-openvino: optimum-intel 2.2 pins transformers<5.6 and
+  #   swiftkv needs >=5.24. Both sides are the same OpenVINO release, so the runtime reads the IR and tokenizer
+  #   models the exporter writes.
+  [[ -x .venv/bin/python ]] || bash scripts/setup.sh  # the default model's checkpoint is converted by swiftkv
+  OV_PINS=(openvino==2026.4.1 openvino-tokenizers==2026.4.1.0)
+  .venv/bin/python -m pip install --quiet "${OV_PINS[@]}" openvino-genai==2026.4.1.0
+  python3 -m venv .venv-openvino
+  .venv-openvino/bin/python -m pip install --quiet --upgrade pip
+  .venv-openvino/bin/python -m pip install --quiet torch==2.13.0  # the CPU build, as above
+  .venv-openvino/bin/python -m pip install --quiet "${OV_PINS[@]}" torch==2.13.0 \
+    "optimum-intel[openvino]==2.2.0" optimum==2.3.0 nncf==3.4.0 transformers==5.5.4
+  # optimum-intel requires torchvision, whose wheel does not match the CPU torch (transformers' imports then fail:
+  # "operator torchvision::nms does not exist"); exporting a text model needs none of it.
+  .venv-openvino/bin/python -m pip uninstall --quiet -y torchvision
+  model="$(.venv/bin/python -c 'from swiftkv.embedded import default_model_dir; print(default_model_dir())')"
+  # Weight formats, written explicitly: with none, optimum-intel compresses weights to int8 only for models of 1e9
+  # parameters or more (_MAX_UNCOMPRESSED_SIZE), so for this 135M model its default export is the fp32 one.
+  for format in fp32 int8; do
+    out="out/openvino/$(basename "$model")-$format"
+    [[ -f "$out/openvino_model.xml" ]] && continue
+    rm -rf "$out.partial" && mkdir -p out/openvino
+    echo "setup: exporting $out (optimum-cli export openvino --weight-format $format, ~1 min)"
+    # Into a staging directory first: an interrupted export never leaves a directory that looks complete.
+    if ! HF_HUB_OFFLINE=1 .venv-openvino/bin/optimum-cli export openvino --model "$model" \
+      --task text-generation-with-past --weight-format "$format" "$out.partial" >"$out.log" 2>&1; then
+      tail -20 "$out.log" >&2
+      exit 1
+    fi
+    mv "$out.partial" "$out"
+  done
+  exit 0
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

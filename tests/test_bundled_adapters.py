@@ -18,7 +18,7 @@ from swiftkv.evaluate.text import MAX_PPL_INCREASE, quality_shortfalls, run_doma
 @pytest.mark.parametrize("name", swiftkv.bundled_adapters())
 def test_bundled_adapter_reproduces_its_reference_logits(name, default_model_dir):
     recorded = json.loads((resolve_adapter(name) / REFERENCE_NAME).read_text())
-    model, tokenizer = swiftkv.load("default", adapter=name)
+    model, tokenizer = swiftkv.load("default", adapter=name, weights="float32")  # references are float32 logits
     found = reference_logits(model, tokenizer, positions=len(recorded["top_ids"]), top=len(recorded["top_ids"][0]))
     assert [row[0] for row in found["top_ids"]] == [row[0] for row in recorded["top_ids"]]  # the argmax
     # float32 on another CPU (AVX2 vs AVX-512 kernels) moves logits by ~1e-5 relative; a wrong weight by far more
@@ -52,7 +52,7 @@ def test_the_demo_adapter_quality_recomputes(default_model_dir):
         pytest.skip("wikipedia's data package (evals) is not installed (scripts/setup.sh installs it)")
     name = demo_adapter()
     recorded = json.loads((resolve_adapter(name) / QUALITY_NAME).read_text())["sources"]["wikipedia"]
-    model, tokenizer = swiftkv.load("default", adapter=name)
+    model, tokenizer = swiftkv.load("default", adapter=name, weights="float32")  # quality.json was scored in float32
     table = run_domains(model, tokenizer, MODES, limit=8, max_tokens=1024, sources=["wikipedia"])
     found, counts = table["sources"]["wikipedia"], ("examples", "tokens", "split")
     assert [found[key] for key in counts] == [recorded[key] for key in counts]

@@ -28,6 +28,7 @@ from swiftkv.config import validate_swiftkv_layout
 from swiftkv.files import portable_path, save_figure, write_json
 from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 from swiftkv.modeling.kernels import onednn_linears
+from swiftkv.modeling.weights import apply_format
 from swiftkv.modes import is_swiftkv, swiftkv_mode
 from swiftkv.theory import kv_bytes_ratio, theoretical_prefill_flops_ratio
 
@@ -415,13 +416,15 @@ def run_benchmark(
     tokenizer=None,
     device: str = "cpu",
     batch_size: int = 1,
+    weights: str = "float32",
 ) -> dict:
     """Convert the base model for each (L, g) and measure prefill, decode and KV bytes against the theory.
 
     `decode_prompt_len` defaults to the longest prompt length; `decode_tokens=0` skips decode. `tokenizer` (for a
     model object; a dir brings its own) makes prompts of real text, else seeded random ids. `batch_size` copies of
     each prompt run together ([B, T]) on `device`. Returns the result dict that is also written to `json_path` (and
-    drawn to `plot_path`). Medians are over the timed `reps`.
+    drawn to `plot_path`). Medians are over the timed `reps`. `weights`: the converted models' Linear format
+    (weights.py), applied after each conversion.
     """
     from swiftkv.conversion import convert
 
@@ -441,7 +444,7 @@ def run_benchmark(
     }
     result = {
         "machine": machine_info(threads, device),
-        "model": _model_info(model, name, dtype),
+        "model": {**_model_info(model, name, dtype), "weights": weights},
         "benchmark": {
             "prompt_lengths": list(prompt_lengths),
             "batch_size": batch_size,
@@ -459,7 +462,7 @@ def run_benchmark(
     steps = len(todo) * (len(prompt_lengths) + 1 + bool(decode_tokens))
     with tqdm(total=steps, desc="swiftkv bench", unit="step") as bar:
         for n_kv, group in todo:
-            swift = convert(model, n_kv, group)  # shares the base weight tensors: no copy
+            swift = apply_format(convert(model, n_kv, group), weights)  # convert shares the base weights: no copy
             result["settings"].append(
                 _run_setting(swift, prompts, prompt_lengths, decode_len, decode_tokens, reps, warmup, threads, bar)
             )

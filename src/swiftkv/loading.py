@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from transformers import (
@@ -15,11 +16,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from swiftkv import embedded
+from swiftkv import embedded, gguf_blocks
 from swiftkv.config import DTYPES
 from swiftkv.files import check_safetensors, portable_path, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.kernels import copy_weights_to_process_memory
+from swiftkv.modeling.weights import apply_format, format_reason, resolve_format
 from swiftkv.modes import is_swiftkv
 
 # The *_swiftkv types the Auto classes below read are registered by swiftkv/__init__.py, which Python runs before
@@ -53,6 +55,7 @@ def load(
     skip: float | None = None,
     key_value_group_size: int = 1,
     dtype: str = "float32",
+    weights: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model in eval mode, tokenizer): the one loader every command uses.
 
@@ -61,6 +64,8 @@ def load(
     weights. `num_key_value_layers` or `skip` (fraction of layers prompt tokens skip): convert the base weights
     on the fly with the recipe's initialisation, i.e. an UNDISTILLED SwiftKV model. None of them: the checkpoint
     as it is (a SwiftKV checkpoint stays SwiftKV, a base model stays a base model).
+    `weights`: the Linear layers' format, "float32", "bf16", "int8" or "int4" (modeling/weights.py); None picks the
+    fastest format whose quality holds on this CPU (`weights.default_format`), said in one line on stderr.
     """
     from swiftkv.adapter import apply_adapter
     from swiftkv.conversion import convert, resolve_num_key_value_layers
@@ -68,14 +73,19 @@ def load(
     layout = num_key_value_layers is not None or skip is not None
     if adapter is not None and layout:
         raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
+    fmt = resolve_format(weights)  # before any weight is read: a bad value fails fast
+    source = gguf_blocks.source(name_or_path, fmt)  # int8/int4 of a GGUF: its blocks as they are; refuses types now
     model, tokenizer = load_model(name_or_path, dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     elif layout:
         layers = resolve_num_key_value_layers(model.config.num_hidden_layers, num_key_value_layers, skip)
         model = convert(model, layers, key_value_group_size)
-    if is_swiftkv(model):
-        native.prepare(model)  # compile the decode step now, not inside the first generation
+    apply_format(model, fmt, None if source is None else gguf_blocks.blocks_for(source, model))
+    if weights is None:
+        print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
+    if is_swiftkv(model) or fmt in ("int8", "int4"):
+        native.prepare(model)  # compile the decode step (and quantized products) now, not inside the first generation
     return model.eval(), tokenizer
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from swiftkv_vllm.configs import LlamaSwiftKVConfig, Qwen3SwiftKVConfig, SwiftKVLayout
-from swiftkv_vllm.model import _skipped, _target
+from swiftkv_vllm.model import SwiftKVKeyValues, _check_quantized_storage, _skipped, _target
 from swiftkv_vllm.plugin import _select_cudagraph_mode, fast_prefill_requested
 
 
@@ -122,3 +125,36 @@ def test_cudagraph_mode_never_freezes_the_kept_rows(asked, runs, expected):
     config.compilation_config.cudagraph_mode = CUDAGraphMode[asked]
     _select_cudagraph_mode(config)
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode[runs]
+
+
+def test_a_float_tensor_for_quantized_storage_is_refused():
+    """E.g. a config that leaves one leader's k_proj_swiftkv unquantized: the stacked int8 K/V would round it."""
+    param = torch.zeros(4, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="model.layers.3.self_attn.k_proj_swiftkv.weight is torch.bfloat16"):
+        _check_quantized_storage(
+            "model.layers.3.self_attn.k_proj_swiftkv.weight",
+            "model.key_values.kv_proj_swiftkv.weight",
+            param,
+            torch.zeros(4, 4, dtype=torch.bfloat16),
+        )
+    _check_quantized_storage("w", "w", param, torch.zeros(4, 4, dtype=torch.int8))  # int8 into int8: loads
+    _check_quantized_storage("w", "w", torch.zeros(4), torch.zeros(4))  # unquantized parameters take floats
+
+
+def test_replicated_kv_heads_repeat_every_per_row_tensor():
+    """TP = 2 x Hkv: each K/V head's rows repeat along the parameter's output dim (weight, bias, per-channel scales,
+    packed columns), so rank r's slice is head r // 2; per-tensor scales stay as they are; a tensor whose rows do not
+    split into heads (a block scale wider than a head) is refused, naming it."""
+    key_values = SimpleNamespace(shape=SimpleNamespace(kv_head_replicas=2, total_kv_heads=2))
+
+    def replicate(tensor, param, name="t"):
+        return SwiftKVKeyValues.replicate_kv_heads(key_values, name, tensor, param)
+
+    rows, by_head = torch.arange(4.0), [0, 1, 0, 1, 2, 3, 2, 3]  # 2 heads of 2 rows
+    assert replicate(rows[:, None].expand(4, 3), SimpleNamespace(output_dim=0))[:, 0].tolist() == by_head
+    assert replicate(rows[None, :], SimpleNamespace(output_dim=1))[0].tolist() == by_head
+    per_tensor = torch.tensor(0.5)
+    assert replicate(per_tensor, SimpleNamespace()) is per_tensor  # no output dim: one value per shard
+    name = "model.layers.3.self_attn.k_proj_swiftkv.weight_scale"
+    with pytest.raises(ValueError, match=rf"{name} \(1, 2\)"):
+        replicate(torch.ones(1, 2), SimpleNamespace(output_dim=0), name)

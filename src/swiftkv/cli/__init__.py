@@ -38,9 +38,9 @@ USER_ERRORS = (
 IO_FAILURE = os.EX_IOERR
 
 
-def _add(sub, name: str, func, help_text: str, model_arg: bool = True) -> argparse.ArgumentParser:
+def _add(sub, name: str, func, help_text: str, model_arg: bool = True, weights: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    add_model_args(p, positional=model_arg)
+    add_model_args(p, positional=model_arg, weights=weights)
     p.set_defaults(func=func)
     return p
 
@@ -49,14 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swiftkv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _add(sub, "convert", commands.cmd_convert, "convert a base checkpoint (dir or .gguf) to SwiftKV", False)
+    p = _add(sub, "convert", commands.cmd_convert, "convert a base checkpoint (dir or .gguf) to SwiftKV", False, False)
     p.add_argument("src", help="base checkpoint directory, .gguf file, or 'default'")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     add_calibration_arguments(p)
     add_layout_args(p)
 
-    p = _add(sub, "info", commands.cmd_info, "layers, L, g, parameter counts and prefill-FLOPs / KV-bytes ratios")
+    info = "layers, L, g, parameter counts and prefill-FLOPs / KV-bytes ratios"
+    p = _add(sub, "info", commands.cmd_info, info, weights=False)
     p.add_argument("--prompt-length", type=positive_int, default=2048)
     add_layout_args(p, "for a base checkpoint: the conversion")
 

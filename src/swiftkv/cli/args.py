@@ -1,4 +1,4 @@
-"""Arguments every command spells the same way: the model, its dtype, the SwiftKV layout, positive counts.
+"""Arguments every command spells the same way: the model, its dtype and weights, the SwiftKV layout, counts.
 
 A layout is `-L/--num-key-value-layers L` or `--skip FRACTION`, plus `-g/--key-value-group-size g`; a list of
 layouts (bench) is `L:g` items. Where a command needs a layout and none is given, L = N // 2 (DEFAULT_SKIP).
@@ -10,6 +10,7 @@ import argparse
 
 from swiftkv.config import DTYPES, parse_layout
 from swiftkv.loading import DEFAULT_MODEL, EMBEDDED_MODELS
+from swiftkv.modeling.weights import FORMATS, default_format
 
 DEFAULT_SKIP = 0.5  # the paper's headline layout: prompt tokens skip the later half of the layers
 
@@ -33,13 +34,20 @@ def layout_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser, positional: bool = True, weights: bool = True) -> None:
+    """The model (positional unless `positional=False`), --dtype, and --weights for commands that run the model."""
     if positional:
         names = ", ".join(EMBEDDED_MODELS)
         parser.add_argument(
             "model", nargs="?", default=DEFAULT_MODEL, help=f"checkpoint dir, .gguf, or an embedded name ({names})"
         )
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    if weights:
+        parser.add_argument(
+            "--weights",
+            choices=FORMATS,
+            help=f"Linear weights' format (default here: {default_format()}, the fastest keeping quality here)",
+        )
 
 
 def add_layout_args(parser: argparse.ArgumentParser, what: str = "convert the model") -> None:

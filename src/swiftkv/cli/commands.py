@@ -23,6 +23,7 @@ from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, format_interv
 from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
 from swiftkv.modeling import native
+from swiftkv.modeling.weights import resolve_format
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
@@ -136,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: give the text to continue (or --input PROMPTS.jsonl for a batch).")
     prompts = batch.read_prompts(args.input, args.skip_bad_lines) if args.input is not None else None
     torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
     if is_swiftkv(model):
         set_swiftkv(model, not args.no_swiftkv)
     elif not args.no_swiftkv:
@@ -197,9 +198,9 @@ def _demo_model(args: argparse.Namespace):
     elif adapter is None and args.model == DEFAULT_MODEL:
         adapter = demo_adapter(args.key_value_group_size)
     if adapter not in (None, "none"):
-        model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype)
+        model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype, weights=args.weights)
         return model, tokenizer, resolve_adapter(adapter), f"distilled adapter {adapter}"
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
     if is_swiftkv(model):
         return model, tokenizer, None, "SwiftKV checkpoint"
     model = convert(model, layers, args.key_value_group_size)
@@ -315,5 +316,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         json_path=args.json,
         plot_path=args.plot,
         threads=args.threads,
+        weights=resolve_format(args.weights),
     )
     print("\n".join(bench.summary_lines(result)))

@@ -60,6 +60,6 @@ def register(sub) -> None:
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter.safetensors) or bundled name")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    add_model_args(p, positional=False)
+    add_model_args(p, positional=False, weights=False)  # writes float weights
     p.add_argument("--no-check-base", action="store_true", help="skip the base-weights fingerprint check")
     p.set_defaults(func=cmd_apply_adapter)

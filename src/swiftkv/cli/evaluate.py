@@ -42,6 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         skip=args.skip,
         key_value_group_size=args.key_value_group_size,
         dtype=args.dtype,
+        weights=args.weights,
     )
     notes = [origin(args.model, args.adapter, model, has_layout(args))]
     if args.calibrate:
@@ -70,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
     samples = token_samples(tokenizer, args.text, args.samples, args.max_tokens)
     result = layer_analysis.analyze(model, samples, args.candidates, args.key_value_group_size, args.prompt_length)
     chosen = layer_analysis.recommend(result["candidates"], args.max_kl, args.min_agreement)

@@ -8,11 +8,17 @@
 // and order as the stock layers; sums are reordered (and attention's exp is a vector polynomial, ~1 ulp), so results
 // agree with the Python step to float32 rounding (tests/test_native.py).
 //
+// Weights come in four formats (swiftkv/modeling/weights.py): float32, bf16, and GGUF-style blocks of 32 inputs
+// with a float16 scale (int8: w = d q; int4: w = d q + m). Products read them as they are stored and multiply in
+// float32: a quantized format changes the weights' values, never the arithmetic around them.
+//
 // Shapes: B sequences, one new token each; D hidden, H query heads, Hkv key/value heads, Dh head dim, S = past + 1
 // attended positions. Cache buffers are [B, Hkv, capacity, Dh]; this step writes position `past`.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <algorithm>
@@ -119,10 +125,143 @@ inline void axpy(float p, const float* v, float* o, int64_t n) {
   for (; i < n; ++i) o[i] += p * v[i];
 }
 
+constexpr int64_t BLOCK = 32;  // inputs per scale of the int8 / int4 formats
+
+// A weight [out, in] in one of the formats of weights.py, told apart by the data's dtype: float32, bfloat16, int8
+// (blocks: int8 [out, in] + float16 scales [out, in / 32]) or uint8 (int4 blocks: [out, in / 2], per block byte j
+// holds input j in its low nibble and input j + 16 in its high one, + float16 scales and minimums [out, in / 32]).
+struct Matrix {
+  enum Kind { F32, BF16, Q8, Q4 } kind = F32;
+  Tensor data, scales, mins;
+  int64_t rows = 0, cols = 0;
+  bool defined() const { return data.defined(); }
+};
+
+Matrix make_matrix(Tensor data, OptTensor scales, OptTensor mins) {
+  Matrix m{Matrix::F32, data, scales.value_or(Tensor()), mins.value_or(Tensor()), data.size(0), data.size(1)};
+  if (data.scalar_type() == at::kBFloat16) m.kind = Matrix::BF16;
+  if (data.scalar_type() == at::kChar) m.kind = Matrix::Q8;
+  if (data.scalar_type() == at::kByte) m.kind = Matrix::Q4;
+  TORCH_CHECK(m.kind == Matrix::F32 ? data.scalar_type() == at::kFloat : true, "weights: float32, bf16, int8, uint8");
+  if (m.kind == Matrix::Q8 || m.kind == Matrix::Q4) {
+    TORCH_CHECK(m.scales.defined() && m.scales.scalar_type() == at::kHalf, "quantized weights need float16 scales");
+    TORCH_CHECK(m.kind == Matrix::Q8 || (m.mins.defined() && m.mins.scalar_type() == at::kHalf), "int4: float16 mins");
+    m.cols = m.scales.size(1) * BLOCK;
+  }
+  return m;
+}
+
+using MatrixArgs = std::tuple<Tensor, OptTensor, OptTensor>;  // (data, scales, mins) as Python passes them
+
+Matrix make_matrix(const MatrixArgs& args) { return make_matrix(std::get<0>(args), std::get<1>(args), std::get<2>(args)); }
+
+typedef int8_t vb __attribute__((vector_size(W)));
+typedef uint8_t vub __attribute__((vector_size(W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+
+inline vf to_float(vi v) { return __builtin_convertvector(v, vf); }
+
+inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline vf load_i8(const int8_t* p) {
+  vb b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  return to_float(__builtin_convertvector(b, vi));
+}
+
+inline float half(const at::Half* p) { return static_cast<float>(*p); }
+
+inline float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
+  vf s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 += load_bf16(a + i) * loadv(b + i);
+    s1 += load_bf16(a + i + W) * loadv(b + i + W);
+  }
+  for (; i + W <= n; i += W) s0 += load_bf16(a + i) * loadv(b + i);
+  float r = hsum(s0 + s1);
+  for (uint32_t bits; i < n; ++i) {
+    bits = static_cast<uint32_t>(a[i]) << 16;
+    float w;
+    __builtin_memcpy(&w, &bits, sizeof(w));
+    r += w * b[i];
+  }
+  return r;
+}
+
+// sum over blocks of d_b * (q_b . x_b): two accumulators so consecutive blocks' scaling FMAs do not wait on each other.
+inline float dot_q8(const int8_t* q, const at::Half* d, const float* x, int64_t n) {
+  vf acc0 = {}, acc1 = {};
+  for (int64_t b = 0; b < n / BLOCK; ++b) {
+    const int8_t* qb = q + b * BLOCK;
+    const float* xb = x + b * BLOCK;
+    vf s = {};
+    for (int j = 0; j < BLOCK; j += W) s += load_i8(qb + j) * loadv(xb + j);
+    (b & 1 ? acc1 : acc0) += s * half(d + b);
+  }
+  return hsum(acc0 + acc1);
+}
+
+// sum over blocks of d_b * (q_b . x_b) + m_b * sum(x_b); xsum [n / 32] holds the block sums of x.
+inline float dot_q4(const uint8_t* q, const at::Half* d, const at::Half* m, const float* x, const float* xsum,
+                    int64_t n) {
+  vf acc0 = {}, acc1 = {};
+  float offset = 0.f;
+  for (int64_t b = 0; b < n / BLOCK; ++b) {
+    const uint8_t* qb = q + b * BLOCK / 2;
+    const float* xb = x + b * BLOCK;
+    vf s = {};
+    for (int j = 0; j < BLOCK / 2; j += W) {  // W bytes: inputs j.. (low nibbles) and j + 16.. (high nibbles)
+      vub bytes;
+      __builtin_memcpy(&bytes, qb + j, sizeof(bytes));
+      const vi lo = __builtin_convertvector(bytes & 15, vi), hi = __builtin_convertvector(bytes >> 4, vi);
+      s += to_float(lo) * loadv(xb + j) + to_float(hi) * loadv(xb + j + BLOCK / 2);
+    }
+    (b & 1 ? acc1 : acc0) += s * half(d + b);
+    offset += half(m + b) * xsum[b];
+  }
+  return hsum(acc0 + acc1) + offset;
+}
+
+// x [rows, n] -> xsum [rows, n / 32], the block sums int4 products need (empty for other formats).
+std::vector<float> block_sums(const Matrix& w, const float* x, int64_t rows) {
+  if (w.kind != Matrix::Q4) return {};
+  const int64_t n = w.cols, blocks = n / BLOCK;
+  std::vector<float> sums(rows * blocks, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) sums[r * blocks + i / BLOCK] += x[r * n + i];
+  return sums;
+}
+
+// Row o of w times x [in]; xsum: x's block sums for int4 (block_sums).
+inline float row_dot(const Matrix& w, int64_t o, const float* x, const float* xsum) {
+  const int64_t n = w.cols, blocks = n / BLOCK;
+  switch (w.kind) {
+    case Matrix::F32:
+      return dot(w.data.data_ptr<float>() + o * n, x, n);
+    case Matrix::BF16:
+      return dot_bf16(reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()) + o * n, x, n);
+    case Matrix::Q8:
+      return dot_q8(w.data.data_ptr<int8_t>() + o * n, w.scales.data_ptr<at::Half>() + o * blocks, x, n);
+    case Matrix::Q4:
+      return dot_q4(w.data.data_ptr<uint8_t>() + o * n / 2, w.scales.data_ptr<at::Half>() + o * blocks,
+                    w.mins.data_ptr<at::Half>() + o * blocks, x, xsum, n);
+  }
+  return 0.f;
+}
+
 // One product y [B, out] = x [B, in] @ W^T (+ bias) of a batch that gemv_many runs together.
 struct Product {
   const float* x;
-  const Tensor* weight;
+  const Matrix* weight;
   const OptTensor* bias;
   float* y;
 };
@@ -131,20 +270,24 @@ struct Product {
 // products alone are too small to keep two threads streaming at full bandwidth). Each row is read once for the batch.
 void gemv_many(const std::vector<Product>& products, int64_t B) {
   std::vector<int64_t> starts{0};
-  for (const Product& p : products) starts.push_back(starts.back() + p.weight->size(0));
+  std::vector<std::vector<float>> sums;
+  for (const Product& p : products) {
+    starts.push_back(starts.back() + p.weight->rows);
+    sums.push_back(block_sums(*p.weight, p.x, B));
+  }
   at::parallel_for(0, starts.back(), 16, [&](int64_t lo, int64_t hi) {
     for (size_t i = 0; i < products.size(); ++i) {
       const Product& p = products[i];
-      const int64_t out = p.weight->size(0), in = p.weight->size(1);
-      const float* w = p.weight->data_ptr<float>();
+      const int64_t out = p.weight->rows, in = p.weight->cols, blocks = in / BLOCK;
       const float* b = *p.bias ? (*p.bias)->data_ptr<float>() : nullptr;
       for (int64_t o = std::max(lo, starts[i]) - starts[i]; o < std::min(hi, starts[i + 1]) - starts[i]; ++o)
-        for (int64_t r = 0; r < B; ++r) p.y[r * out + o] = dot(w + o * in, p.x + r * in, in) + (b ? b[o] : 0.f);
+        for (int64_t r = 0; r < B; ++r)
+          p.y[r * out + o] = row_dot(*p.weight, o, p.x + r * in, sums[i].data() + r * blocks) + (b ? b[o] : 0.f);
     }
   });
 }
 
-void gemv(const float* x, int64_t B, const Tensor& weight, const OptTensor& bias, float* y) {
+void gemv(const float* x, int64_t B, const Matrix& weight, const OptTensor& bias, float* y) {
   gemv_many({{x, &weight, &bias, y}}, B);
 }
 
@@ -176,7 +319,8 @@ void rope(float* x, int64_t B, int64_t heads, int64_t dh, const float* cos, cons
 }
 
 struct Layer {
-  Tensor input_norm, post_norm, q, k, v, o, gate, up, down;  // k/v empty when the layer reads its leader's K/V
+  Tensor input_norm, post_norm;
+  Matrix q, k, v, o, gate, up, down;  // k/v empty when the layer reads its leader's K/V
   OptTensor q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
   double eps, scaling;
   bool swiftkv;  // K/V (if computed here) come from norm_swiftkv(h_L) instead of this layer's input
@@ -184,14 +328,14 @@ struct Layer {
 
 class Runtime {
  public:
-  Runtime(int64_t heads, int64_t kv_heads, int64_t head_dim, Tensor final_norm, double final_eps, Tensor lm_head,
-          OptTensor lm_head_bias)
+  Runtime(int64_t heads, int64_t kv_heads, int64_t head_dim, Tensor final_norm, double final_eps,
+          const MatrixArgs& lm_head, OptTensor lm_head_bias)
       : heads_(heads),
         kv_heads_(kv_heads),
         head_dim_(head_dim),
         final_norm_(final_norm),
         final_eps_(final_eps),
-        lm_head_(lm_head),
+        lm_head_(make_matrix(lm_head)),
         lm_head_bias_(lm_head_bias) {}
 
   void set_swiftkv_norm(Tensor weight, double eps) {
@@ -199,12 +343,15 @@ class Runtime {
     swiftkv_eps_ = eps;
   }
 
-  void add_layer(std::vector<Tensor> weights, OptTensor k, OptTensor v, OptTensor q_bias, OptTensor k_bias,
-                 OptTensor v_bias, OptTensor o_bias, OptTensor q_norm, OptTensor k_norm, double eps, double scaling,
-                 bool swiftkv) {
-    TORCH_CHECK(weights.size() == 7, "add_layer: weights = [input_norm, post_norm, q, o, gate, up, down]");
-    Layer l{weights[0], weights[1], weights[2], k.value_or(Tensor()), v.value_or(Tensor()), weights[3], weights[4],
-            weights[5], weights[6], q_bias, k_bias, v_bias, o_bias, q_norm, k_norm, eps, scaling, swiftkv};
+  // products: [q, o, gate, up, down], each (data, scales, mins) as make_matrix takes them.
+  void add_layer(Tensor input_norm, Tensor post_norm, std::vector<MatrixArgs> products, std::optional<MatrixArgs> k,
+                 std::optional<MatrixArgs> v, OptTensor q_bias, OptTensor k_bias, OptTensor v_bias, OptTensor o_bias,
+                 OptTensor q_norm, OptTensor k_norm, double eps, double scaling, bool swiftkv) {
+    TORCH_CHECK(products.size() == 5, "add_layer: products = [q, o, gate, up, down]");
+    std::vector<Matrix> m;
+    for (const MatrixArgs& args : products) m.push_back(make_matrix(args));
+    Layer l{input_norm, post_norm, m[0], k ? make_matrix(*k) : Matrix(), v ? make_matrix(*v) : Matrix(), m[1], m[2],
+            m[3], m[4], q_bias, k_bias, v_bias, o_bias, q_norm, k_norm, eps, scaling, swiftkv};
     layers_.push_back(std::move(l));
   }
 
@@ -219,7 +366,7 @@ class Runtime {
     auto opts = hidden.options();
     Tensor x = at::empty({B, D}, opts), swift = at::empty({B, D}, opts), q = at::empty({B, q_dim}, opts);
     Tensor k = at::empty({B, kv_dim}, opts), v = at::empty({B, kv_dim}, opts), att = at::empty({B, q_dim}, opts);
-    const int64_t inter = layers_.empty() ? 0 : layers_[0].gate.size(0);
+    const int64_t inter = layers_.empty() ? 0 : layers_[0].gate.rows;
     Tensor act = at::empty({B, inter}, opts), tmp = at::empty({B, D}, opts);
     float* h = hidden.data_ptr<float>();
     bool have_swift = false;
@@ -247,7 +394,7 @@ class Runtime {
       mlp(l, xp, B, act.data_ptr<float>(), tmp.data_ptr<float>(), h);
     }
     rms_norm(h, B, D, final_norm_, final_eps_, x.data_ptr<float>());
-    Tensor logits = at::empty({B, lm_head_.size(0)}, opts);  // our product streams the head ~15% faster than oneDNN
+    Tensor logits = at::empty({B, lm_head_.rows}, opts);  // our product streams the head ~15% faster than oneDNN
     gemv(x.data_ptr<float>(), B, lm_head_, lm_head_bias_, logits.data_ptr<float>());
     return logits;
   }
@@ -305,23 +452,24 @@ class Runtime {
   }
 
   // h += x @ W^T (+ bias), through `tmp` [B, out].
-  static void add_projection(const float* x, int64_t B, const Tensor& w, const OptTensor& bias, float* tmp,
+  static void add_projection(const float* x, int64_t B, const Matrix& w, const OptTensor& bias, float* tmp,
                              float* h) {
     gemv(x, B, w, bias, tmp);
-    const int64_t n = B * w.size(0);
+    const int64_t n = B * w.rows;
     for (int64_t i = 0; i < n; ++i) h[i] += tmp[i];
   }
 
   // h += down(silu(gate(x)) * up(x)); gate and up rows share one parallel region and the activation is applied
   // as each pair of rows is done (act [B, inter]).
   static void mlp(const Layer& l, const float* x, int64_t B, float* act, float* tmp, float* h) {
-    const int64_t inter = l.gate.size(0), in = l.gate.size(1);
-    const float* gw = l.gate.data_ptr<float>();
-    const float* uw = l.up.data_ptr<float>();
+    const int64_t inter = l.gate.rows, in = l.gate.cols, blocks = in / BLOCK;
+    const std::vector<float> sums = block_sums(l.gate, x, B);  // gate and up share x and their format
     at::parallel_for(0, inter, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o)
         for (int64_t r = 0; r < B; ++r) {
-          const float g = dot(gw + o * in, x + r * in, in), u = dot(uw + o * in, x + r * in, in);
+          const float* xr = x + r * in;
+          const float* sr = sums.data() + r * blocks;
+          const float g = row_dot(l.gate, o, xr, sr), u = row_dot(l.up, o, xr, sr);
           act[r * inter + o] = g / (1.f + std::exp(-g)) * u;
         }
     });
@@ -331,7 +479,7 @@ class Runtime {
   int64_t heads_, kv_heads_, head_dim_;
   Tensor final_norm_, swiftkv_norm_;
   double final_eps_, swiftkv_eps_ = 0.0;
-  Tensor lm_head_;
+  Matrix lm_head_;
   OptTensor lm_head_bias_;
   std::vector<Layer> layers_;
 };
@@ -348,13 +496,27 @@ int64_t parallel_threads() {
   return threads.load();
 }
 
+// y [rows, out] = x [rows, in] @ W^T (+ bias) for a weight in any format: the product of a quantized layer on a few
+// rows (the LM head after prefill, the Python decode step), where dequantizing the whole weight would cost more.
+Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
+  const Matrix w = make_matrix(weight);
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == w.cols, "linear: float32 x [rows, ", w.cols, "]");
+  const int64_t rows = x.numel() / w.cols;
+  Tensor y = at::empty({rows, w.rows}, x.options());
+  OptTensor b = bias ? OptTensor(bias->contiguous()) : std::nullopt;
+  gemv(x.data_ptr<float>(), rows, w, b, y.data_ptr<float>());
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Runtime>(m, "Runtime", pybind11::dynamic_attr())  // dynamic_attr: Python keeps `storage` on it
-      .def(pybind11::init<int64_t, int64_t, int64_t, Tensor, double, Tensor, OptTensor>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, Tensor, double, const MatrixArgs&, OptTensor>())
       .def("set_swiftkv_norm", &Runtime::set_swiftkv_norm)
       .def("add_layer", &Runtime::add_layer)
       .def("step", &Runtime::step);
   m.def("parallel_threads", &parallel_threads);
+  m.def("linear", &linear);
 }

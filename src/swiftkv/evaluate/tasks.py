@@ -27,6 +27,7 @@ from swiftkv.evaluate.choice import bigbench_items, mmlu_items, run_choice_task
 from swiftkv.evaluate.generation import run_gsm8k
 from swiftkv.evaluate.scoring import BASE, MODES, SWIFTKV, available_modes
 from swiftkv.evaluate.text import format_domains, run_domains, run_text_task
+from swiftkv.modeling.weights import weight_format
 
 DEFAULT_TASKS = ("ppl:chitchat", "ppl:gsm8k-test", "mmlu", "gsm8k")
 DOMAINS_LIMIT = 32  # texts per source for `domains` without @N / --limit
@@ -99,7 +100,11 @@ def run_task(model: PreTrainedModel, tokenizer, name: str, options: EvalOptions)
 
 def model_summary(model: PreTrainedModel, prompt_length: int = 2048) -> dict[str, object]:
     config = model.config
-    summary: dict[str, object] = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers}
+    summary: dict[str, object] = {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "weights": weight_format(model),
+    }
     if SWIFTKV in available_modes(model):
         summary.update(
             num_key_value_layers=config.num_key_value_layers,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftkv.modeling.common import Switch
+from swiftkv.modeling.weights import native_product
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_switch = Switch(_AVAILABLE)
@@ -54,10 +55,20 @@ class _FrozenWeightLinear(torch.autograd.Function):
 def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """proj(x) for x [..., in] -> [..., out] with the kernel chosen above, without the module call overhead.
 
+    bf16 weights (weights.py): a few rows through `native_product` (float32 x), more as a bf16 product (x rounded to
+    bf16, the output back in x's dtype, the bias added in x's dtype).
+
     oneDNN when nothing needs a gradient, oneDNN forward and input-gradient when only x does (frozen layers in
     distillation), `F.linear` when the weight or bias trains (or off CPU / float32).
     """
+    if not isinstance(proj, nn.Linear):  # weights.BlockLinear: int8/int4 blocks, its own product
+        return proj(x)
     weight, bias = proj.weight, proj.bias
+    if weight.dtype != x.dtype:  # bf16 weights (weights.py), float32 activations: the product in bf16
+        if (y := native_product(x, (weight, None, None), bias)) is not None:
+            return y
+        y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
     if not _onednn_switch.on or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():

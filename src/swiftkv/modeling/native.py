@@ -27,6 +27,7 @@ from torch import nn
 from swiftkv import cpu
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import Switch, own_key_value_layers
+from swiftkv.modeling.weights import BlockLinear
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
 # -fopenmp: without it ATen's header-only at::parallel_for compiles to a plain serial loop. torch's wheel ships its
@@ -35,6 +36,8 @@ OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 MARCH = os.environ.get("SWIFTKV_NATIVE_MARCH", "native")  # e.g. x86-64-v3: AVX2 + FMA, runs on any such CPU
 FLAGS = ["-O3", f"-march={MARCH}", *OPENMP]
 NATIVE_DIR_ENV = "SWIFTKV_NATIVE_DIR"
+# Linear weights' dtypes the step reads (weights.py's formats): float32, bf16, int8 blocks, int4 blocks (uint8).
+NATIVE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 # x86 instruction-set extensions a -march may let the compiler use: its predefined macro -> the flag Linux lists in
 # /proc/cpuinfo for them (the names differ for a few: SSE3 is "pni", LZCNT "abm", BMI "bmi1").
 ISA_MACROS = {
@@ -77,7 +80,12 @@ native_decode = Switch(True)
 
 def enabled() -> bool:
     """False inside `native_decode(False)` or when SWIFTKV_NATIVE=0/false/off/no."""
-    return native_decode.on and os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return native_decode.on and allowed()
+
+
+def allowed() -> bool:
+    """The extension may run at all (SWIFTKV_NATIVE is not 0/false/off/no): its products serve the Python step too."""
+    return os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _cpu_tag() -> str:
@@ -188,13 +196,16 @@ def runtime(causal_lm, cache: SwiftKVCache, hidden: torch.Tensor):
 
 
 def _supported(causal_lm) -> bool:
-    """The model is what csrc/decode.cpp implements: float32 weights, SiLU-gated MLP without biases, one RMSNorm eps."""
+    """The model is what csrc/decode.cpp implements: float32 norms and biases, Linear weights in a format of
+    weights.py, SiLU-gated MLP without biases, one RMSNorm eps."""
     model = causal_lm.model
     norms = [m for m in model.modules() if hasattr(m, "variance_epsilon")]
+    floats = [p for name, p in causal_lm.named_parameters() if not name.endswith(".weight") or p.dim() == 1]
     return (
         causal_lm.config.hidden_act == "silu"
         and all(layer.mlp.gate_proj.bias is None and layer.mlp.down_proj.bias is None for layer in model.layers)
-        and all(p.dtype == torch.float32 for p in causal_lm.parameters())
+        and all(p.dtype == torch.float32 for p in floats)
+        and all(_matrix(m)[0].dtype in NATIVE_WEIGHT_DTYPES for m in model.modules() if _is_product(m))
         and len({float(m.variance_epsilon) for m in norms}) == 1
     )
 
@@ -247,7 +258,7 @@ def _build(causal_lm):
         model.layers[0].self_attn.head_dim,
         _weight(model.norm),
         _eps(model.norm),
-        _weight(causal_lm.lm_head),
+        _matrix(causal_lm.lm_head),
         _bias(causal_lm.lm_head),
     )
     own_layers = own_key_value_layers(config)
@@ -259,11 +270,12 @@ def _build(causal_lm):
         k, v = attn.k_proj, attn.v_proj
         if swiftkv:  # AcrossKV non-leaders (None) read the K/V their leader wrote
             k, v = getattr(attn, "k_proj_swiftkv", None), getattr(attn, "v_proj_swiftkv", None)
-        norms_and_products = [layer.input_layernorm, layer.post_attention_layernorm, q, attn.o_proj]
-        norms_and_products += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        products = [q, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         rt.add_layer(
-            [_weight(module) for module in norms_and_products],
-            *(_weight(k), _weight(v), _bias(q), _bias(k), _bias(v), _bias(attn.o_proj)),
+            _weight(layer.input_layernorm),
+            _weight(layer.post_attention_layernorm),
+            [_matrix(module) for module in products],
+            *(_matrix(k), _matrix(v), _bias(q), _bias(k), _bias(v), _bias(attn.o_proj)),
             *(_weight(getattr(attn, "q_norm", None)), _weight(getattr(attn, "k_norm", None))),
             _eps(layer.input_layernorm),
             float(attn.scaling),
@@ -275,6 +287,20 @@ def _build(causal_lm):
 
 def _weight(module: nn.Module | None) -> torch.Tensor | None:
     return None if module is None else module.weight.detach().contiguous()
+
+
+def _is_product(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, BlockLinear))
+
+
+def _matrix(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """A Linear layer's weight as the extension's Matrix takes it: (data, scales, mins); float and bf16 weights have
+    no scales, int8 no mins (weights.py)."""
+    if module is None:
+        return None
+    if isinstance(module, BlockLinear):
+        return module.qweight, module.scales, module.mins
+    return _weight(module), None, None
 
 
 def _bias(module: nn.Module | None) -> torch.Tensor | None:

@@ -49,10 +49,11 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsPP, SupportsQuant
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    WeightsMapper,
     is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     maybe_prefix,
@@ -229,8 +230,8 @@ class SwiftKVKeyValues(nn.Module):
     `kv_proj_swiftkv` stacks the leaders' `k_proj_swiftkv` then their `v_proj_swiftkv` (shards 0..G-1 and G..2G-1,
     each [Hkv*Dh, D], split per tensor-parallel rank as vLLM stacks q/k/v into `qkv_proj`). Each shard's size is
     per-rank heads x tp, `QKVParallelLinear`'s convention: when tp > Hkv the loader first repeats each head
-    `kv_head_replicas` times (`replicate_kv_heads`), so rank r loads head r // replicas, the head its layers' caches
-    hold, as `qkv_proj` loads it for layers < L.
+    `kv_head_replicas` times (`replicate_kv_heads`: the weight, bias and per-row quantization scales alike), so rank r
+    loads head r // replicas, the head its layers' caches hold, as `qkv_proj` loads it for layers < L.
     """
 
     def __init__(self, leaders: list[SwiftKVAttention], quant_config, prefix: str):
@@ -249,13 +250,25 @@ class SwiftKVKeyValues(nn.Module):
         self.k_norms = [leader.k_norm for leader in leaders]  # plain list: the leaders own (and load) them
         self.writers = [leader.swiftkv_attn for leader in leaders]
 
-    def replicate_kv_heads(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A leader's checkpoint K or V projection [Hkv*Dh, ...] -> [Hkv*replicas*Dh, ...], each head repeated."""
-        replicas, head_dim = self.shape.kv_head_replicas, self.shape.head_dim
-        if replicas == 1:
+    def replicate_kv_heads(self, name: str, tensor: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        """Checkpoint tensor `name` of a leader's K or V projection, for `param` of `kv_proj_swiftkv`: each of its Hkv
+        heads repeated `kv_head_replicas` times along the parameter's output dim, where the weight loader cuts each
+        rank's slice. That covers the weight, the bias and every per-output-row quantization tensor (per-channel or
+        group scales, zero points, weights packed along either dim). A parameter without an output dim (per-tensor
+        scales, one per shard) takes the tensor as it is on every rank."""
+        replicas, heads = self.shape.kv_head_replicas, self.shape.total_kv_heads
+        dim = getattr(param, "output_dim", None)
+        if replicas == 1 or dim is None:
             return tensor
-        heads = tensor.view(-1, head_dim, *tensor.shape[1:])  # [Hkv, Dh, ...]
-        return heads.repeat_interleave(replicas, dim=0).flatten(0, 1)
+        if tensor.dim() <= dim or tensor.shape[dim] % heads:
+            raise ValueError(
+                f"Checkpoint tensor {name} {tuple(tensor.shape)} cannot be replicated per K/V head for tensor "
+                f"parallelism (each of the {heads} K/V heads on {replicas} ranks): its dim {dim} does not split into "
+                f"{heads} heads (e.g. block-quantized scales with blocks wider than a head). Use a tensor-parallel "
+                "size that divides the K/V heads."
+            )
+        per_head = tensor.unflatten(dim, (heads, -1))  # [..., Hkv, rows per head, ...]
+        return per_head.repeat_interleave(replicas, dim=dim).flatten(dim, dim + 1)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, D] -> every group's cache entry written; returns the writes' dependency tokens (see `write`)."""
@@ -526,8 +539,17 @@ class SwiftKVModel(nn.Module):
             self.row_counts.append((rows_in, rows_after_l))
 
 
-class SwiftKVForCausalLM(nn.Module, SupportsPP):
+class SwiftKVForCausalLM(nn.Module, SupportsPP, SupportsQuant):
     """`*SwiftKVForCausalLM` checkpoints (swiftkv convert/distill, Snowflake's) in vLLM."""
+
+    # Fused layer -> the checkpoint's layers in it, for the quantization config (`SupportsQuant` hands it over): a
+    # fused layer is quantized when all its parts are (their targets / ignore lists), as in vLLM's Llama. The stacked
+    # SwiftKV K/V layer (`model.key_values.kv_proj_swiftkv`) holds every leader's k_proj_swiftkv and v_proj_swiftkv.
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+        "kv_proj_swiftkv": ["k_proj_swiftkv", "v_proj_swiftkv"],
+    }
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -601,13 +623,19 @@ def clear_row_counts(model: nn.Module) -> None:
         model.model.row_counts.clear()
 
 
-# HF name -> (vLLM parameter, shard): the fused projections vLLM builds for layers < L and every MLP.
-_STACKED = re.compile(r"\.(q|k|v|gate|up)_proj\.(weight|bias)$")
+# HF name -> (vLLM parameter, shard): the fused projections vLLM builds for layers < L and every MLP. Any parameter of
+# them: weight and bias, and whatever a quantization method adds (weight_scale, input_scale, weight_zero_point, ...),
+# each loaded by its parameter's own `weight_loader` with the shard, as vLLM's Llama does.
+_STACKED = re.compile(r"\.(q|k|v|gate|up)_proj\.(\w+)$")
 _SHARD = {"q": ("qkv_proj", "q"), "k": ("qkv_proj", "k"), "v": ("qkv_proj", "v"), "gate": ("gate_up_proj", 0)}
 _SHARD["up"] = ("gate_up_proj", 1)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # A leader's SwiftKV K/V projection -> its shard of the stacked `model.key_values.kv_proj_swiftkv` (SwiftKVKeyValues).
-_SWIFTKV_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj_swiftkv\.(weight|bias)$")
+_SWIFTKV_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj_swiftkv\.(\w+)$")
+# An attention's own parameter (KV-cache scales), named as vLLM's cache-scale mapping writes it.
+_ATTN_PARAM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.attn\.(\w+)$")
+# Storage dtypes of pre-quantized weights: a wider float tensor loaded into one would be silently rounded.
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _target(name: str, leaders: list[int]) -> tuple[str, str | int | None]:
@@ -625,16 +653,36 @@ def _target(name: str, leaders: list[int]) -> tuple[str, str | int | None]:
     return name[: stacked.start()] + f".{fused}.{stacked.group(2)}", shard
 
 
+def _targets(name: str, stage: PipelineStage) -> list[tuple[str, str | int | None]]:
+    """Every (vLLM parameter, shard) of pipeline stage `stage` that checkpoint tensor `name` (a tensor of the stage's
+    layers) loads into: one, but a leader's KV-cache scale.
+
+    A layer >= L has no cache entry of its own: its group's entry is the leader's writer, which stores K/V with the
+    leader's scale, so the writer and every layer of the group (which reads the entry) take that scale. A stage holds
+    whole groups (`check_pipeline_stages`), so these are all the leader's stage's.
+    """
+    layout = stage.layout
+    attn = _ATTN_PARAM.match(name)
+    if attn is None or int(attn.group(1)) < layout.num_key_value_layers:
+        return [_target(name, stage.leaders)]
+    leader, param = int(attn.group(1)), attn.group(2)
+    readers = [f"model.layers.{i}.self_attn.attn.{param}" for i in range(leader, leader + layout.group_size)]
+    return [(f"model.layers.{leader}.self_attn.swiftkv_attn.{param}", None)] + [(r, None) for r in readers]
+
+
 def _skipped(name: str, layout: SwiftKVLayout, tied: bool) -> bool:
     """Checkpoint tensors this layout does not use (the teacher's projections of layers >= L, RoPE buffers...)."""
     if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
         return True
     layer = _LAYER.match(name)
     if layer and int(layer.group(1)) >= layout.num_key_value_layers:
+        layer_idx = int(layer.group(1))
         if re.search(r"\.self_attn\.[qkv]_proj\.", name):
-            return True  # the teacher's projections
-        # qwen3: a non-leader's k_norm only normalised its own (teacher) keys; SwiftKV keys use the leader's
-        return ".self_attn.k_norm." in name and layout.leader_of(int(layer.group(1))) != int(layer.group(1))
+            return True  # the teacher's projections, with their quantization scales
+        # qwen3: a non-leader's k_norm only normalised its own (teacher) keys; SwiftKV keys use the leader's. A
+        # non-leader's KV-cache scale: the group's one cache entry takes the leader's (`_targets`).
+        own = ".self_attn.k_norm." in name or _ATTN_PARAM.match(name) is not None
+        return own and layout.leader_of(layer_idx) != layer_idx
     if not layout.skips:  # base mode (swiftkv false): the student's parameters are not built
         return "_swiftkv" in name
     return False
@@ -646,35 +694,69 @@ def _shard_count(target: str, leaders: list[int]) -> int:
     return 3 if ".qkv_proj." in target else 2 if ".gate_up_proj." in target else 1
 
 
+def _quant_name_mapping(quant_config) -> tuple[WeightsMapper, tuple[str, ...]]:
+    """What vLLM's own loader (`AutoWeightsLoader`) applies for a quantized checkpoint: the quantization method's
+    renames (KV-cache scales `...self_attn.k_proj.k_scale`, `...self_attn.kv_scale`, ... -> `...self_attn.attn.k_scale`;
+    dropped `.g_idx`), and the suffixes of tensors to ignore when the model has no such parameter (KV-cache scales when
+    the engine does not quantize its cache)."""
+    if quant_config is None:
+        return WeightsMapper(), ()
+    mapper = quant_config.get_cache_scale_mapper() | quant_config.get_checkpoint_weight_mapper()
+    return mapper, tuple(quant_config._ignore_unexpected_suffixes)
+
+
+def _check_quantized_storage(name: str, target: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Refuse a full-precision tensor for a pre-quantized weight (the copy would round it to int8 / fp8 silently).
+
+    This happens when the quantization config leaves some of a stacked layer's parts unquantized (e.g. it ignores one
+    leader's `k_proj_swiftkv` by name): vLLM quantizes a stacked layer as a whole.
+    """
+    if param.dtype in _QUANTIZED_DTYPES and tensor.is_floating_point() and tensor.element_size() > 1:
+        raise ValueError(
+            f"Checkpoint tensor {name} is {tensor.dtype}, but {target} is quantized ({param.dtype}): the quantization "
+            "config must quantize every part of a stacked layer alike (q/k/v_proj, gate/up_proj, and every leader's "
+            "k_proj_swiftkv and v_proj_swiftkv, which vLLM stacks into one layer)."
+        )
+
+
 def load_swiftkv_weights(model: SwiftKVForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Load a HF-format SwiftKV checkpoint; a missing or unexpected SwiftKV tensor is an error that names it."""
-    layout, leaders, tied = model.model.layout, model.model.stage.leaders, bool(model.config.tie_word_embeddings)
+    """Load a HF-format SwiftKV checkpoint, plain or pre-quantized, into this pipeline stage's parameters; a missing
+    or unexpected tensor is an error that names it."""
+    stage, tied = model.model.stage, bool(model.config.tie_word_embeddings)
+    layout = stage.layout
+    mapper, ignorable = _quant_name_mapping(model.quant_config)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     shards: dict[str, set] = {}
     unexpected: list[str] = []
-    for name, tensor in weights:
-        if _skipped(name, layout, tied) or is_pp_missing_parameter(name, model):  # another pipeline stage's
+    for checkpoint_name, tensor in weights:
+        name = mapper.map_name(checkpoint_name)
+        if name is None or _skipped(name, layout, tied) or is_pp_missing_parameter(name, model):  # another stage's
             continue
         try:
-            target, shard = _target(name, leaders)
+            targets = _targets(name, stage)
         except ValueError:  # K/V SwiftKV projection of a layer that leads no group
-            target, shard = name, None
-        param = params.get(target)
-        if param is None:
-            unexpected.append(name)
-            continue
-        if ".kv_proj_swiftkv." in target:
-            tensor = model.model.key_values.replicate_kv_heads(tensor)
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        loader(param, tensor) if shard is None else loader(param, tensor, shard)
-        loaded.add(target)
-        shards.setdefault(target, set()).add(shard)
+            targets = [(name, None)]
+        for target, shard in targets:
+            param = params.get(target)
+            if param is None:
+                if not name.endswith(ignorable):
+                    unexpected.append(checkpoint_name)
+                continue
+            _check_quantized_storage(checkpoint_name, target, param, tensor)
+            value = tensor
+            if ".kv_proj_swiftkv." in target:  # tensor parallel: this rank's K/V head, as `qkv_proj` loads it
+                value = model.model.key_values.replicate_kv_heads(checkpoint_name, tensor, param)
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, value) if shard is None else loader(param, value, shard)
+            loaded.add(target)
+            shards.setdefault(target, set()).add(shard)
     # A stacked parameter counts as loaded only with all its shards: else a missing leader would go unnoticed.
     for target, got in shards.items():
-        if len(got) < _shard_count(target, leaders):
+        if len(got) < _shard_count(target, stage.leaders):
             loaded.discard(target)
-    missing = sorted(n for n in params if n not in loaded and not n.endswith("_scale"))
+    # An attention's KV-cache scales are optional: without them vLLM's cache quantization uses its default scale.
+    missing = sorted(n for n in params if n not in loaded and not re.search(r"\.(swiftkv_)?attn\.\w+$", n))
     if missing or unexpected:
         problems = [f"missing {n}" for n in missing] + [f"unexpected {n}" for n in unexpected]
         raise ValueError(

@@ -1,0 +1,222 @@
+"""Weight formats of a model's Linear layers, chosen at load: `swiftkv.load(..., weights="bf16")`.
+
+- `float32`: the checkpoint's weights as they are (the reference).
+- `bf16`: every Linear weight rounded to bfloat16. Products run on bf16 kernels (oneDNN: AMX or AVX512-BF16 tiles),
+  float32 accumulation; activations, norms, attention and the residual stream stay float32.
+- `int8`: GGUF Q8_0's blocks. Each run of 32 inputs of a weight row has one float16 scale d: w = d * q, q int8 in
+  [-127, 127] (symmetric, round to nearest, as llama.cpp quantizes).
+- `int4`: GGUF Q4_1's blocks. Each run of 32 inputs has a float16 scale d and minimum m: w = d * q + m, q in [0, 15]
+  (Q4_0's w = d * (q - 8) is m = -8 d, exactly). The LM head stays int8, as llama.cpp keeps its output matrix at
+  higher precision: it is ~20% of a small model's weights and the logits are what every token is read from.
+
+Quantized layers keep only the blocks (`BlockLinear`: ~1.06 bytes per int8 weight, 0.63 per int4 weight). Prefill
+dequantizes each layer's blocks to the product dtype on the fly ([out, in], a few hundred KB per layer, small next to
+a prompt's product) and multiplies with the same oneDNN kernel as float weights; the native decode step (csrc/
+decode.cpp) reads the blocks themselves, which is where the bytes saved pay: decoding streams every weight per token.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swiftkv import cpu
+
+FORMATS = ("float32", "bf16", "int8", "int4")
+BLOCK = 32  # inputs per scale: GGUF's Q8_0 / Q4_0 / Q4_1 block
+NATIVE_ROWS = 8  # up to this many rows, a quantized product reads the blocks natively instead of dequantizing
+
+
+# ONEDNN_MAX_CPU_ISA values that stop oneDNN below its bf16 instructions (AVX512_CORE_BF16 is the first with them).
+ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def native_bf16() -> bool:
+    """oneDNN multiplies bf16 in hardware here: the CPU has AVX512-BF16 or AMX and ONEDNN_MAX_CPU_ISA (as CI's AVX2
+    pass sets it) does not cap oneDNN below them. Elsewhere oneDNN emulates bf16, slower than float32."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in ONEDNN_CAPS_WITHOUT_BF16
+    return (cpu.has_avx512_bf16() or cpu.has_amx_tile()) and not capped
+
+
+def default_format() -> str:
+    """The fastest format whose quality holds here (docs/cpu.md, Weight formats): bf16 where the CPU multiplies
+    bf16 in hardware, float32 elsewhere."""
+    return "bf16" if native_bf16() else "float32"
+
+
+def format_reason(fmt: str) -> str:
+    """Why `default_format` picked `fmt` on this CPU, for the line `swiftkv.load` prints."""
+    if fmt == "bf16":
+        return "the default on a CPU with bf16 hardware: AVX512-BF16/AMX"
+    return "the default on a CPU without bf16 hardware"
+
+
+def resolve_format(weights: str | None) -> str:
+    """`weights` checked (None: the default for this CPU); bf16 on a CPU without bf16 hardware runs float32, with a
+    warning saying so."""
+    if weights is None:
+        return default_format()
+    if weights not in FORMATS:
+        raise ValueError(f"weights={weights!r} is not a weight format; choose one of {', '.join(FORMATS)}.")
+    if weights == "bf16" and not native_bf16():
+        warnings.warn(
+            "swiftkv: weights='bf16' asked, but this CPU has neither AVX512-BF16 nor AMX, so bf16 products would be "
+            "emulated (slower than float32): running float32 weights instead (int8 saves memory here).",
+            stacklevel=3,
+        )
+        return "float32"
+    return weights
+
+
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized layer's product runs in for input x: bf16 where the hardware has it (float32 inputs on
+    CPU), else x's own."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and native_bf16():
+        return torch.bfloat16
+    return x.dtype
+
+
+class BlockLinear(nn.Module):
+    """A Linear layer whose weight [out, in] is kept as int8 or int4 blocks of BLOCK inputs (module doc).
+
+    Buffers: `qweight` int8 [out, in] (int8) or uint8 [out, in / 2] (int4: per block, byte j holds input j in its
+    low nibble and input j + 16 in its high nibble, GGUF's order); `scales` float16 [out, in / BLOCK]; `mins`
+    float16 [out, in / BLOCK] (int4) or None.
+    """
+
+    def __init__(self, fmt: str, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bias):
+        super().__init__()
+        self.format = fmt
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * BLOCK
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.bias = bias
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] the blocks stand for, computed in float32 (exact: d * q + m has few bits), then cast."""
+        out, blocks = self.scales.shape
+        if self.format == "int8":
+            q = self.qweight.view(out, blocks, BLOCK).float()
+        else:
+            packed = self.qweight.view(out, blocks, BLOCK // 2)
+            q = torch.cat([packed & 0xF, packed >> 4], dim=-1).float()  # [out, blocks, 32]
+        w = q * self.scales.float().unsqueeze(-1)
+        if self.mins is not None:
+            w = w + self.mins.float().unsqueeze(-1)
+        return w.view(out, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]: `native_product` for a few rows, else the dequantized weight times x in
+        `product_dtype`, the bias added in x's dtype."""
+        if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
+            return y
+        dtype = product_dtype(x)
+        y = F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., in] @ W^T (+ bias) by the native extension, which reads `weight` ((data, scales, mins), any format) as
+    it is stored: for at most NATIVE_ROWS float32 rows on CPU without autograd (the LM head after prefill, a decode
+    step), where dequantizing or rounding x to bf16 for a whole-matrix product would cost more than the product.
+    None where it does not apply (then the caller's product runs)."""
+    from swiftkv.modeling import native  # native's step reads this module's formats
+
+    rows = x.numel() // x.shape[-1]
+    if rows > NATIVE_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not native.allowed():
+        return None
+    if (torch.is_grad_enabled() and x.requires_grad) or (extension := native.extension()) is None:
+        return None
+    return extension.linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], d float16 [out, in / BLOCK]) of `weight` [out, in]: llama.cpp's Q8_0 rule, d = max|w| / 127
+    rounded to float16, q = round(w / d)."""
+    out, blocks = weight.shape[0], weight.shape[1] // BLOCK
+    w = weight.detach().float().view(out, blocks, BLOCK)
+    d = (w.abs().amax(-1) / 127).half()
+    inverse = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+    q = (w * inverse.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return q.view(out, -1), d
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 [out, in / 2], d float16, m float16 [out, in / BLOCK]) of `weight` [out, in]: llama.cpp's Q4_1 rule,
+    m = min, d = (max - min) / 15 (both rounded to float16), q = round((w - m) / d) in [0, 15]."""
+    out, blocks = weight.shape[0], weight.shape[1] // BLOCK
+    w = weight.detach().float().view(out, blocks, BLOCK)
+    m = w.amin(-1).half()
+    d = ((w.amax(-1) - m.float()) / 15).half()
+    inverse = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
+    q = ((w - m.float().unsqueeze(-1)) * inverse.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    return pack_int4(q).view(out, -1), d, m
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [..., BLOCK] values in [0, 15] -> [..., BLOCK / 2] bytes, GGUF's order (low nibbles: inputs 0-15)."""
+    half = BLOCK // 2
+    return q[..., :half] | (q[..., half:] << 4)
+
+
+def block_linear(linear: nn.Module, fmt: str) -> BlockLinear:
+    """`linear` (nn.Linear or one of its subclasses) quantized to `fmt` ("int8" or "int4")."""
+    weight = linear.weight
+    if weight.shape[1] % BLOCK:
+        raise ValueError(
+            f"weights={fmt!r} needs every Linear layer's input width to be a multiple of {BLOCK}; a layer of this "
+            f"model has {weight.shape[1]} inputs: use weights='bf16' or 'float32' for it."
+        )
+    bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    if fmt == "int8":
+        return BlockLinear(fmt, *quantize_int8(weight), None, bias)
+    return BlockLinear(fmt, *quantize_int4(weight), bias)
+
+
+def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] | None = None) -> nn.Module:
+    """Put every Linear layer of `model` (SwiftKV projections and LM head included) in format `fmt`, in place.
+
+    Runs after adapters and conversion, on inference models: quantized layers keep no float weight to train. A tied
+    LM head is untied (the embedding keeps its float32 rows; a token's lookup reads one row, so it costs no speed).
+    `blocks`: layers already in blocks, by weight name (a GGUF file's: gguf_blocks.blocks_for); a layer takes its
+    own as they are where they are in the format it gets, instead of quantizing its float weight.
+    """
+    from swiftkv.modeling.kernels import move_to_huge_pages, use_fast_linears  # kernels dispatches on BlockLinear
+
+    if fmt == "float32":
+        return model
+    use_fast_linears(model)  # stock nn.Linear -> FastLinear, whose product handles bf16 weights
+    lm_head = model.get_output_embeddings()
+    new: list[torch.Tensor] = []
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if fmt == "bf16":
+                child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
+                new.append(child.weight)
+            else:
+                target = "int8" if child is lm_head else fmt
+                given = (blocks or {}).get(f"{prefix}.{name}.weight".lstrip("."))
+                quantized = given if given is not None and given.format == target else block_linear(child, target)
+                setattr(parent, name, quantized)
+                new += [t for t in (quantized.qweight, quantized.scales, quantized.mins) if t is not None]
+    move_to_huge_pages(new)  # streamed per decoded token, like float weights (kernels.copy_weights_to_process_memory)
+    return model
+
+
+def weight_format(model: nn.Module) -> str:
+    """The format of `model`'s Linear layers, read from its first decoder layer's query projection."""
+    proj = model.get_decoder().layers[0].self_attn.q_proj
+    if isinstance(proj, BlockLinear):
+        return proj.format
+    return "bf16" if proj.weight.dtype == torch.bfloat16 else "float32"

@@ -1,0 +1,158 @@
+"""Weight formats (modeling/weights.py): blocks as llama.cpp makes them, products against a float reference of the
+same dequantized weights, the native step against the Python step, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_base, tiny_tokenizer
+from test_native import _decode
+from torch import nn
+
+from swiftkv import cpu
+from swiftkv.cli import main
+from swiftkv.conversion import convert
+from swiftkv.modeling import native, weights
+from swiftkv.modeling.weights import BLOCK, BlockLinear, apply_format, block_linear, resolve_format, weight_format
+from swiftkv.modes import swiftkv_mode
+
+needs_native = pytest.mark.skipif(native.extension() is None, reason="the native extension cannot be built here")
+QUANTIZED = ("int8", "int4")
+GGUF_TYPE = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_1}
+
+
+def _linear(out: int = 40, inputs: int = 96, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(inputs, out)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_blocks_dequantize_like_llama_cpp(fmt):
+    """Our blocks' values are gguf-py's (llama.cpp's reference) quantize-then-dequantize of the same weight: the same
+    rule (Q8_0, Q4_1), float16 scales, same rounding; at most one quantization step apart on rounding ties."""
+    lin = _linear()
+    ours = block_linear(lin, fmt).dequantize()
+    w = lin.weight.detach().numpy()
+    reference = gguf.quants.dequantize(gguf.quants.quantize(w, GGUF_TYPE[fmt]), GGUF_TYPE[fmt])
+    step = block_linear(lin, fmt).scales.float().repeat_interleave(BLOCK, dim=1)
+    assert (ours - torch.from_numpy(np.asarray(reference))).abs().le(step * 1.001).all()
+    assert (ours - lin.weight).abs().le(step * (0.5 if fmt == "int8" else 0.501) + 1e-6).all()
+
+
+def test_int4_packing_is_ggufs_nibble_order():
+    """Byte j of a block holds input j (low nibble) and input j + 16 (high): GGUF's layout, which decode.cpp reads."""
+    q = torch.arange(BLOCK, dtype=torch.uint8).remainder(16).view(1, 1, BLOCK)
+    packed = weights.pack_int4(q)
+    assert packed.shape == (1, 1, BLOCK // 2)
+    assert torch.equal(packed & 0xF, q[..., : BLOCK // 2]) and torch.equal(packed >> 4, q[..., BLOCK // 2 :])
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
+@pytest.mark.parametrize("rows", [1, 3, weights.NATIVE_ROWS])
+def test_native_product_equals_float_reference(fmt, rows):
+    """Few rows: the native product of the stored weight, float32 arithmetic (so ~1e-6 of float64's result)."""
+    lin = _linear()
+    x = torch.randn(rows, lin.in_features)
+    if fmt == "bf16":
+        w = lin.weight.detach().bfloat16()
+        y, w = weights.native_product(x, (w, None, None), lin.bias.detach()), w.float()
+    else:
+        layer = block_linear(lin, fmt)
+        y, w = layer(x), layer.dequantize()
+    reference = (x.double() @ w.double().T + lin.bias.double()).float()
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_many_rows_multiply_the_dequantized_weight(fmt):
+    """Prefill-sized inputs: dequantize, then one product in `product_dtype` (bf16 where the CPU has it: x rounded to
+    8 bits of mantissa, so |error| <= ~2^-8 of sum |x w|)."""
+    layer = block_linear(_linear(), fmt)
+    x = torch.randn(weights.NATIVE_ROWS + 13, layer.in_features)
+    w = layer.dequantize()
+    reference = x.double() @ w.double().T + layer.bias.double()
+    bound = (x.double().abs() @ w.double().abs().T) * (2**-7 if weights.product_dtype(x) == torch.bfloat16 else 1e-6)
+    assert ((layer(x).double() - reference).abs() <= bound + 1e-6).all()
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
+@pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
+def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
+    """The Python step's products of a decode batch run natively too: only the order of float32 sums differs."""
+    model = apply_format(convert(tiny_base(family, hidden=64), 3, 3), fmt)
+    assert weight_format(model) == fmt
+    ids, mask = left_padded_batch()
+    with torch.no_grad(), swiftkv_mode(model, swift):
+        fast, cache = _decode(model, ids, mask, 4, use_native=True)
+        slow, python_cache = _decode(model, ids, mask, 4, use_native=False)
+    assert cache.native and not python_cache.native
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
+def test_every_linear_takes_the_format(fmt):
+    """The SwiftKV projections and the LM head too (int4 keeps the LM head at int8); the embedding stays float32."""
+    model = apply_format(convert(tiny_base("llama", hidden=64), 3, 1), fmt)
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, BlockLinear))]
+    assert any("swiftkv" in name for name, m in model.named_modules() if m in linears)
+    for module in linears:
+        if fmt == "bf16":
+            assert module.weight.dtype == torch.bfloat16
+        else:
+            assert isinstance(module, BlockLinear)
+            assert module.format == ("int8" if module is model.lm_head else fmt)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_greedy_tokens_agree_with_float32():
+    """Teacher-forced top-1 of every format against float32 on a tiny random model (64 positions), counted where
+    float32's top-1 leads its runner-up by more than 0.1 (half the positions: a random model's logits are near-ties
+    elsewhere). Measured: bf16 100% / int8 100% / int4 93% there; 100% / 92% / 75% over all positions."""
+    base = tiny_base("llama", hidden=256, num_layers=4, seed=3)
+    ids = torch.randint(0, base.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = base(ids).logits
+        top2 = logits.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 0.1
+        for fmt, floor in {"bf16": 1.0, "int8": 1.0, "int4": 0.9}.items():
+            model = apply_format(tiny_base("llama", hidden=256, num_layers=4, seed=3), fmt)
+            agree = model(ids).logits.argmax(-1) == logits.argmax(-1)
+            assert agree[clear].float().mean().item() >= floor, fmt
+
+
+def test_bad_format_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"weights='int5' is not a weight format; choose one of float32, bf16"):
+        resolve_format("int5")
+
+
+def test_int4_on_a_width_that_is_not_a_multiple_of_the_block():
+    with pytest.raises(ValueError, match=r"multiple of 32; a layer of this model has 48 inputs"):
+        block_linear(nn.Linear(48, 8), "int4")
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_runs_float32(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert weights.default_format() == "float32"
+    with pytest.warns(UserWarning, match="neither AVX512-BF16 nor AMX.*running float32 weights instead"):
+        assert resolve_format("bf16") == "float32"
+
+
+def test_onednn_capped_below_bf16_counts_as_no_bf16_hardware(monkeypatch):
+    """CI's AVX2 pass (ONEDNN_MAX_CPU_ISA=AVX2) stands for an AVX2-only CPU: it gets that CPU's default."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_tile"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not weights.native_bf16() and weights.default_format() == "float32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert weights.native_bf16() and weights.default_format() == "bf16"
+
+
+def test_cli_rejects_a_bad_width_before_running(tmp_path, capsys):
+    """A model whose Linear inputs are 48 wide cannot be int4: exit 2, one line naming the width."""
+    tiny_base("llama", hidden=48).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "w1 w2", "--weights", "int4"]) == 2
+    assert "has 48 inputs" in capsys.readouterr().err
