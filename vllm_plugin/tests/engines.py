@@ -49,6 +49,12 @@ def make_llm(name: str, **overrides):
     return LLM(str(FIXTURES / name), **(args | overrides))
 
 
+def cores_in_turn(ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers of one core each, round-robin over this process's cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cores[rank % len(cores)]) for rank in range(ranks))
+
+
 def close_llm(llm) -> None:
     """Stop the engine's processes now rather than at interpreter exit (one engine alive at a time)."""
     llm.llm_engine.engine_core.shutdown()

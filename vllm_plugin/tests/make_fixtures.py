@@ -11,7 +11,7 @@ The SwiftKV parameters get noise on top of the recipe initialisation, so a vLLM 
 projections instead would produce other tokens. `expected.json`: prompts and greedy tokens of each checkpoint from
 the full forward recomputed at every step (the reference the skipping path must equal), with the smallest top-1 /
 top-2 logit gap seen, so a near tie is visible. `llama_kv2/*`: a llama with 2 K/V heads instead of 1, for tensor
-parallel size 2.
+parallel size 2; `llama_q4kv2/*`: 4 query and 2 K/V heads, for tensor parallel size 4 (K/V heads replicated).
 
 `quant/`: llama/g3 pre-quantized. `llama_g3_w8a8`: compressed-tensors W8A8 int8 (its preset: int8 weights with one
 scale per output channel, int8 activations with a dynamic per-token scale; lm_head kept), written with the
@@ -70,21 +70,21 @@ REAL_TOKENS = 24
 REAL_PROMPT = "The three most useful things to know about the history of the printing press are"
 
 
-def tiny_base(family: str, seed: int, kv_heads: int = 1) -> torch.nn.Module:
-    """A random stock model: hidden 64, 2 query heads and `kv_heads` K/V heads of 32, non-trivial norms and biases."""
+def tiny_base(family: str, seed: int, kv_heads: int = 1, heads: int = 2) -> torch.nn.Module:
+    """A random stock model: hidden 64, `heads` query and `kv_heads` K/V heads of 32, non-trivial norms and biases."""
     config_class, model_class, extra = FAMILIES[family]
     config = config_class(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=LAYERS,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **extra,
+        **({"head_dim": 32} | extra),
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -158,6 +158,8 @@ def write_tiny(out: Path) -> dict:
     bases = [(family, tiny_base(family, seed)) for seed, family in enumerate(FAMILIES)]
     # 2 K/V heads, which tensor-parallel size 2 splits (1 K/V head would have to be replicated per rank).
     bases.append(("llama_kv2", tiny_base("llama", len(FAMILIES), kv_heads=2)))
+    # 4 query and 2 K/V heads, for tensor-parallel size 4: each K/V head replicated on 2 ranks.
+    bases.append(("llama_q4kv2", tiny_base("llama", len(FAMILIES) + 1, kv_heads=2, heads=4)))
     for seed, (family, base) in enumerate(bases):
         variants = {"base": base}
         for group in GROUPS:
@@ -286,7 +288,8 @@ def write_real(out: Path) -> dict:
     top-2 logit gap of each step (how near a tie each token was)."""
     path, runs = out / "smollm2-L15-g1", {}
     for dtype in ("float32", "bfloat16"):
-        model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1", dtype=dtype)
+        # weights="float32": the Linear layers stay in `dtype` as loaded (the default format would make them bf16)
+        model, tokenizer = swiftkv.load("default", adapter="smollm2-L15-g1", dtype=dtype, weights="float32")
         if dtype == "float32":  # the checkpoint vLLM serves (it casts to bf16 itself when asked)
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)

@@ -4,13 +4,20 @@ that cannot be split, and which speculative methods keep fast prefill (the confi
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 import vllm
 from engines import FIXTURES
 from swiftkv_vllm import plugin
-from swiftkv_vllm.configs import LlamaSwiftKVConfig, check_parallel_layout
+from swiftkv_vllm.configs import (
+    LlamaSwiftKVConfig,
+    PipelineStage,
+    SwiftKVLayout,
+    check_parallel_layout,
+    check_pipeline_stages,
+)
 from vllm.engine.arg_utils import EngineArgs
 
 
@@ -71,31 +78,90 @@ def test_a_swiftkv_checkpoint_gives_no_base_model_warning(warnings):
 
 
 @pytest.mark.parametrize(
-    ("parallel", "message"),
+    ("parallel", "overrides", "partition", "message"),
     [
         (
             {"tensor_parallel_size": 2},
-            r"num_attention_heads \(2\) and num_key_value_heads \(1\) divisible by the tensor-parallel size \(2\)",
+            {"num_attention_heads": 6, "num_key_value_heads": 3},
+            None,
+            r"num_attention_heads \(6\) and num_key_value_heads \(3\) over tensor-parallel size 2.*valid sizes: "
+            r"\[1, 3, 6\]",
         ),
-        ({"pipeline_parallel_size": 2}, r"pipeline parallelism yet \(pipeline_parallel_size=2\)"),
+        (
+            {"pipeline_parallel_size": 2},
+            {},
+            "4,2",
+            r"stages start at layers \[0, 4\], but \[4\] falls inside an AcrossKV group.*groups start at \[3\]",
+        ),
+    ],
+    ids=["kv-heads", "stage-inside-group"],
+)
+def test_a_layout_that_cannot_be_split_fails_while_the_config_is_built(
+    parallel, overrides, partition, message, monkeypatch
+):
+    """Before any worker starts or weight loads: the config hook names the numbers."""
+    if partition:
+        monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    with pytest.raises(ValueError, match=message):
+        engine_config("llama/g3", hf_overrides=overrides, **parallel)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "partition"),
+    [
+        ({"tensor_parallel_size": 2}, None),  # 1 K/V head: replicated on both ranks
+        ({"tensor_parallel_size": 2, "hf_overrides": {"num_key_value_heads": 2}}, None),  # split
+        ({"pipeline_parallel_size": 2}, None),  # stage 1 starts at L = 3, a group's first layer
+        ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2}, "2,4"),  # stage 1 starts below L
+    ],
+    ids=["tp2-replicated", "tp2-split", "pp2", "tp2-pp2"],
+)
+def test_a_layout_that_splits_passes_the_hook(parallel, partition, monkeypatch):
+    if partition:
+        monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    config = engine_config("llama/g3", **parallel)
+    assert config.cache_config.kv_sharing_fast_prefill
+    assert config.parallel_config.world_size == parallel.get("tensor_parallel_size", 1) * parallel.get(
+        "pipeline_parallel_size", 1
+    )
+
+
+def test_the_layout_check_lists_the_tensor_parallel_sizes_that_split_the_heads():
+    config = LlamaSwiftKVConfig(num_attention_heads=128, num_key_value_heads=8)  # Llama-3.1-405B
+    for tp in (8, 16):  # 16: each K/V head on 2 ranks
+        check_parallel_layout(config, tensor_parallel_size=tp, pipeline_parallel_size=1)
+    with pytest.raises(ValueError, match=r"tensor-parallel size 12.*valid sizes: \[1, 2, 4, 8, 16, 32, 64, 128\]"):
+        check_parallel_layout(config, tensor_parallel_size=12, pipeline_parallel_size=1)
+
+
+def stages(layout: SwiftKVLayout, partition: list[int]) -> list[PipelineStage]:
+    ends = list(itertools.accumulate(partition))
+    return [PipelineStage(layout, end - size, end) for size, end in zip(partition, ends, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("partition", "computes_x", "receives_x", "leaders"),
+    [
+        ([2, 4], [False, True], [False, False], [[], [3, 4, 5]]),  # boundary below L
+        ([3, 3], [False, True], [False, False], [[], [3, 4, 5]]),  # at L
+        ([4, 2], [True, False], [False, True], [[3], [4, 5]]),  # above L: x travels to stage 1
+        ([2, 2, 2], [False, True, False], [False, False, True], [[], [3], [4, 5]]),
     ],
 )
-def test_a_layout_that_cannot_be_split_fails_while_the_config_is_built(parallel, message):
-    """Before any worker starts or weight loads: the config hook names the numbers."""
-    with pytest.raises(ValueError, match=message):
-        engine_config("llama/g3", **parallel)
+def test_each_pipeline_stage_holds_its_part_of_the_swiftkv_forward(partition, computes_x, receives_x, leaders):
+    """N=6, L=3, g=1: one stage computes x = norm_swiftkv(h_L), the later ones receive it with the stream."""
+    parts = stages(SwiftKVLayout(6, 3, 1), partition)
+    check_pipeline_stages(SwiftKVLayout(6, 3, 1), [(s.start, s.end) for s in parts])
+    assert [s.computes_x for s in parts] == computes_x
+    assert [s.receives_x for s in parts] == receives_x
+    assert [s.leaders for s in parts] == leaders
+    assert [list(s.base_layers) + list(s.swiftkv_layers) for s in parts] == [list(range(s.start, s.end)) for s in parts]
+    assert [len(s.intermediate_keys) for s in parts[1:]] == [3 if r else 2 for r in receives_x[1:]]
 
 
-def test_a_divisible_tensor_parallel_layout_passes_the_hook():
-    config = engine_config("llama/g3", tensor_parallel_size=2, hf_overrides={"num_key_value_heads": 2})
-    assert config.parallel_config.tensor_parallel_size == 2 and config.cache_config.kv_sharing_fast_prefill
-
-
-def test_the_layout_check_lists_the_sizes_that_divide_both_head_counts():
-    config = LlamaSwiftKVConfig(num_attention_heads=128, num_key_value_heads=8)  # Llama-3.1-405B
-    check_parallel_layout(config, tensor_parallel_size=8, pipeline_parallel_size=1)
-    with pytest.raises(ValueError, match=r"\(8\) divisible by the tensor-parallel size \(16\).*\[1, 2, 4, 8\]"):
-        check_parallel_layout(config, tensor_parallel_size=16, pipeline_parallel_size=1)
+def test_a_stage_without_layers_is_refused():
+    with pytest.raises(ValueError, match=r"needs a layer on every pipeline stage.*\[\(0, 6\), \(6, 6\)\]"):
+        check_pipeline_stages(SwiftKVLayout(6, 3, 1), [(0, 6), (6, 6)])
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from swiftkv_vllm.configs import LlamaSwiftKVConfig, Qwen3SwiftKVConfig, SwiftKVLayout
-from swiftkv_vllm.model import _check_quantized_storage, _skipped, _target
+from swiftkv_vllm.model import SwiftKVKeyValues, _check_quantized_storage, _skipped, _target
 from swiftkv_vllm.plugin import _select_cudagraph_mode, fast_prefill_requested
 
 
@@ -63,21 +65,24 @@ def test_fast_prefill_switches(monkeypatch):
 
 def test_checkpoint_names_map_onto_the_stacked_swiftkv_key_values():
     """Each leader's k/v_proj_swiftkv is a shard of one stacked GEMM: keys of groups 0..G-1, then their values."""
-    layout = SwiftKVLayout(num_layers=6, num_key_value_layers=3, group_size=1)  # leaders 3, 4, 5: G = 3
+    leaders = SwiftKVLayout(num_layers=6, num_key_value_layers=3, group_size=1).leaders  # 3, 4, 5: G = 3
     stacked = "model.key_values.kv_proj_swiftkv"
-    assert _target("model.layers.3.self_attn.k_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 0)
-    assert _target("model.layers.5.self_attn.k_proj_swiftkv.bias", layout) == (f"{stacked}.bias", 2)
-    assert _target("model.layers.4.self_attn.v_proj_swiftkv.weight", layout) == (f"{stacked}.weight", 4)
-    assert _target("model.layers.4.self_attn.q_proj_swiftkv.weight", layout) == (
+    assert _target("model.layers.3.self_attn.k_proj_swiftkv.weight", leaders) == (f"{stacked}.weight", 0)
+    assert _target("model.layers.5.self_attn.k_proj_swiftkv.bias", leaders) == (f"{stacked}.bias", 2)
+    assert _target("model.layers.4.self_attn.v_proj_swiftkv.weight", leaders) == (f"{stacked}.weight", 4)
+    # a pipeline stage of layers 4 and 5 stacks only its own groups: layer 4 is its group 0
+    assert _target("model.layers.4.self_attn.k_proj_swiftkv.weight", [4, 5]) == (f"{stacked}.weight", 0)
+    assert _target("model.layers.5.self_attn.v_proj_swiftkv.weight", [4, 5]) == (f"{stacked}.weight", 3)
+    assert _target("model.layers.4.self_attn.q_proj_swiftkv.weight", leaders) == (
         "model.layers.4.self_attn.q_proj_swiftkv.weight",
         None,
     )
-    assert _target("model.layers.1.self_attn.k_proj.weight", layout) == (
+    assert _target("model.layers.1.self_attn.k_proj.weight", leaders) == (
         "model.layers.1.self_attn.qkv_proj.weight",
         "k",
     )
     with pytest.raises(ValueError):  # not a leader under g=3: the loader reports it as unexpected
-        _target("model.layers.4.self_attn.k_proj_swiftkv.weight", SwiftKVLayout(6, 3, 3))
+        _target("model.layers.4.self_attn.k_proj_swiftkv.weight", SwiftKVLayout(6, 3, 3).leaders)
 
 
 def engine_config(name: str, **overrides):
@@ -134,3 +139,22 @@ def test_a_float_tensor_for_quantized_storage_is_refused():
         )
     _check_quantized_storage("w", "w", param, torch.zeros(4, 4, dtype=torch.int8))  # int8 into int8: loads
     _check_quantized_storage("w", "w", torch.zeros(4), torch.zeros(4))  # unquantized parameters take floats
+
+
+def test_replicated_kv_heads_repeat_every_per_row_tensor():
+    """TP = 2 x Hkv: each K/V head's rows repeat along the parameter's output dim (weight, bias, per-channel scales,
+    packed columns), so rank r's slice is head r // 2; per-tensor scales stay as they are; a tensor whose rows do not
+    split into heads (a block scale wider than a head) is refused, naming it."""
+    key_values = SimpleNamespace(shape=SimpleNamespace(kv_head_replicas=2, total_kv_heads=2))
+
+    def replicate(tensor, param, name="t"):
+        return SwiftKVKeyValues.replicate_kv_heads(key_values, name, tensor, param)
+
+    rows, by_head = torch.arange(4.0), [0, 1, 0, 1, 2, 3, 2, 3]  # 2 heads of 2 rows
+    assert replicate(rows[:, None].expand(4, 3), SimpleNamespace(output_dim=0))[:, 0].tolist() == by_head
+    assert replicate(rows[None, :], SimpleNamespace(output_dim=1))[0].tolist() == by_head
+    per_tensor = torch.tensor(0.5)
+    assert replicate(per_tensor, SimpleNamespace()) is per_tensor  # no output dim: one value per shard
+    name = "model.layers.3.self_attn.k_proj_swiftkv.weight_scale"
+    with pytest.raises(ValueError, match=rf"{name} \(1, 2\)"):
+        replicate(torch.ones(1, 2), SimpleNamespace(output_dim=0), name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engines import FIXTURES, clear_rows, close_llm, generate_ids, make_llm, row_counts
+from engines import FIXTURES, clear_rows, close_llm, cores_in_turn, generate_ids, make_llm, row_counts
 
 W8A8 = "quant/llama_g3_w8a8"
 # bf16 activations against a float32 reference: a step whose reference top-1 leads its top-2 by less than this may
@@ -27,11 +27,14 @@ MIN_AGREEMENT = 0.75  # of all 64 steps, near ties included (measured: 55, 0.86)
 SKIP_LENGTHS = (5, 20, 30)  # 55 tokens: one 64-token step
 
 
-@pytest.fixture(scope="module")
-def w8a8(expected):
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda tp: f"tp{tp}")
+def w8a8(request, expected):
+    """At TP=2 the checkpoint's one K/V head is replicated on both ranks, its per-channel weight scales with it."""
     if "quantized" not in expected:
         pytest.fail(f"{FIXTURES} predates the quantized fixtures: rewrite them with make_fixtures.py", pytrace=False)
-    llm = make_llm(W8A8, dtype="bfloat16")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", cores_in_turn(request.param))  # read by the workers when they start
+        llm = make_llm(W8A8, dtype="bfloat16", tensor_parallel_size=request.param)
     yield llm
     close_llm(llm)
 
@@ -96,17 +99,24 @@ def distributed():
     cleanup_dist_env_and_memory()
 
 
-def build_and_load(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The model vLLM builds for fixture `name` (bf16, CPU), its checkpoint loaded by the plugin's loader only."""
+def build_and_load(name: str, stage: tuple[int, int] | None, monkeypatch) -> tuple[torch.nn.Module, dict]:
+    """The model vLLM builds for fixture `name` (bf16, CPU), its checkpoint loaded by the plugin's loader only.
+
+    `stage`: (first, end layer) of a pipeline stage, built as `get_pp_indices` would give it to that stage's rank (in
+    this one process: the loader's part of pipeline parallelism, without the engine)."""
     from safetensors.torch import load_file
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.model_executor.models import utils
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     path = FIXTURES / name
     config = EngineArgs(str(path), dtype="bfloat16", max_model_len=256, block_size=32).create_engine_config()
     assert type(config.quant_config).__name__ == "Fp8Config"
+    if stage is not None:
+        monkeypatch.setattr("swiftkv_vllm.model.get_pp_indices", lambda *_: stage)
+    utils._model_to_pp_missing_layer_names.clear()  # vLLM keys it by id(model): a freed model's id may come back
     with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
         model = initialize_model(vllm_config=config)
     tensors = load_file(path / "model.safetensors")
@@ -114,12 +124,20 @@ def build_and_load(name: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]
     return model, tensors
 
 
-def checkpoint_slots(name: str, layers: int, kv_layers: int, group: int):
-    """Where checkpoint tensor `name` must be in the model: [(parameter, index along dim 0)], written out here from
-    the fixture's shapes (q 64 rows, k and v 32, gate and up 128) independently of the loader's own mapping."""
+def checkpoint_slots(name: str, layers: int, kv_layers: int, group: int, stage: tuple[int, int] | None, tied: bool):
+    """Where checkpoint tensor `name` must be in the model of pipeline stage `stage` (None: the whole model):
+    [(parameter, index along dim 0)], written out here from the fixture's shapes (q 64 rows, k and v 32, gate and up
+    128) independently of the loader's own mapping."""
+    start, end = stage or (0, layers)
     parts = name.split(".")
     layer = int(parts[2]) if parts[1] == "layers" else -1
-    leaders = list(range(kv_layers, layers, group))
+    if layer < 0:  # the embedding on the first stage (and the last, for a tied lm_head), the final norm on the last
+        module = parts[1] if parts[0] == "model" else parts[0]
+        held = {"embed_tokens": start == 0 or (tied and end == layers), "norm": end == layers, "lm_head": end == layers}
+        return [(name, None)] if held.get(module, start <= kv_layers < end) else []  # norm_swiftkv: the stage of L
+    if not start <= layer < end:
+        return []  # another stage's
+    leaders = [leader for leader in range(kv_layers, layers, group) if start <= leader < end]  # this stage's groups
     prefix, proj, param = ".".join(parts[:4]), parts[-2], parts[-1]
     is_scale = param != "weight"
 
@@ -148,15 +166,20 @@ def checkpoint_slots(name: str, layers: int, kv_layers: int, group: int):
     return [(name, None)]
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_fp8_checkpoint_loads_bit_exact(distributed, expected, group):
-    """Snowflake's FP8 names: every weight and scale lands in its parameter at its shard's rows / index, unchanged."""
-    model, tensors = build_and_load(f"quant/llama_g{group}_fp8")
+@pytest.mark.parametrize(
+    "group, stage",
+    [(1, None), (3, None), (1, (0, 4)), (1, (4, 6)), (3, (3, 6))],
+    ids=["g1", "g3", "g1-stage0,4", "g1-stage4,6", "g3-stage3,6"],
+)
+def test_fp8_checkpoint_loads_bit_exact(distributed, expected, monkeypatch, group, stage):
+    """Snowflake's FP8 names: every weight and scale lands in its parameter at its shard's rows / index, unchanged.
+    A pipeline stage loads its own layers' only, its groups' K/V and KV-cache scales at the stage's group indices."""
+    model, tensors = build_and_load(f"quant/llama_g{group}_fp8", stage, monkeypatch)
     params = dict(model.named_parameters())
     layers, kv_layers = expected["layers"], expected["kv_layers"]
     filled = set()
     for name, tensor in tensors.items():
-        for target, index in checkpoint_slots(name, layers, kv_layers, group):
+        for target, index in checkpoint_slots(name, layers, kv_layers, group, stage, model.config.tie_word_embeddings):
             held = params[target].data if index is None else params[target].data[index]
             if tensor.dtype == torch.float8_e4m3fn or name.endswith(("weight_scale", "input_scale")):  # kept as stored
                 assert held.dtype == tensor.dtype, name

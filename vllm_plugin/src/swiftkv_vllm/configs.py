@@ -70,6 +70,57 @@ class SwiftKVLayout:
         return self.num_key_value_layers + len(self.leaders)
 
 
+@dataclass(frozen=True)
+class PipelineStage:
+    """The layers [start, end) one pipeline stage runs, and its part of the SwiftKV forward.
+
+    x = norm_swiftkv(h_L), every token's input to the K/V of every AcrossKV group, is computed by the stage that
+    holds layer L and sent on (full length) to every later stage, which writes its own groups' cache entries from it.
+    """
+
+    layout: SwiftKVLayout
+    start: int
+    end: int
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.layout.num_layers
+
+    @property
+    def base_layers(self) -> range:
+        """Layers < L of this stage: every token."""
+        return range(self.start, min(self.end, self.layout.num_key_value_layers))
+
+    @property
+    def swiftkv_layers(self) -> range:
+        """Layers >= L of this stage: the kept rows only (with fast prefill)."""
+        return range(max(self.start, self.layout.num_key_value_layers), self.end)
+
+    @property
+    def leaders(self) -> list[int]:
+        """The AcrossKV groups whose K/V projection and cache entry live here (a stage holds whole groups)."""
+        return [leader for leader in self.layout.leaders if self.start <= leader < self.end]
+
+    @property
+    def computes_x(self) -> bool:
+        """This stage holds layer L: it computes x = norm_swiftkv(h_L)."""
+        return self.layout.skips and self.start <= self.layout.num_key_value_layers < self.end
+
+    @property
+    def receives_x(self) -> bool:
+        """This stage starts after layer L: x comes with the intermediate tensors."""
+        return self.layout.skips and self.start > self.layout.num_key_value_layers
+
+    @property
+    def intermediate_keys(self) -> list[str]:
+        """What the previous stage sends here, each [T, D]: the residual stream, and x for stages after L."""
+        return ["hidden_states", "residual"] + (["swiftkv_x"] if self.receives_x else [])
+
+
 def validate_swiftkv_layout(num_layers: int, num_key_value_layers: int, group_size: int) -> None:
     """Raise a ValueError that names the bad value and the valid range (same rules as the HF side)."""
     if not 1 <= num_key_value_layers <= num_layers:
@@ -94,19 +145,56 @@ def check_parallel_layout(config, tensor_parallel_size: int, pipeline_parallel_s
     Run by the config hook while the engine config is built (the front-end process, before any worker starts or
     any weight loads) and again by the model's constructor (a model built without the hook).
     """
+    check_tensor_parallel(config, tensor_parallel_size)
     if pipeline_parallel_size > 1:
-        raise ValueError(
-            f"SwiftKV models in vLLM do not support pipeline parallelism yet (pipeline_parallel_size="
-            f"{pipeline_parallel_size}); use pipeline_parallel_size=1 and tensor parallelism."
+        check_pipeline_stages(
+            SwiftKVLayout.of(config), pipeline_stages(config.num_hidden_layers, pipeline_parallel_size)
         )
+
+
+def splits_heads(heads: int, kv_heads: int, tp: int) -> bool:
+    """vLLM's `QKVParallelLinear` rule: tp divides the query heads, and tp divides the K/V heads (each rank holds
+    kv_heads / tp) or the K/V heads divide tp (each head replicated on tp / kv_heads ranks)."""
+    return heads % tp == 0 and (kv_heads % tp == 0 or tp % kv_heads == 0)
+
+
+def check_tensor_parallel(config, tensor_parallel_size: int) -> None:
     heads = config.num_attention_heads
     kv_heads = config.num_key_value_heads or heads
-    if heads % tensor_parallel_size or kv_heads % tensor_parallel_size:
-        sizes = [tp for tp in range(1, kv_heads + 1) if heads % tp == 0 and kv_heads % tp == 0]
+    if not splits_heads(heads, kv_heads, tensor_parallel_size):
+        sizes = [tp for tp in range(1, heads + 1) if splits_heads(heads, kv_heads, tp)]
         raise ValueError(
-            f"SwiftKV in vLLM needs num_attention_heads ({heads}) and num_key_value_heads ({kv_heads}) divisible "
-            f"by the tensor-parallel size ({tensor_parallel_size}) (no K/V-head replication yet); "
-            f"tensor-parallel sizes that divide both: {sizes}."
+            f"SwiftKV in vLLM cannot split num_attention_heads ({heads}) and num_key_value_heads ({kv_heads}) over "
+            f"tensor-parallel size {tensor_parallel_size}: it must divide the query heads, and divide or be a multiple "
+            f"of the K/V heads (then each K/V head is replicated, as vLLM's Llama does); valid sizes: {sizes}."
+        )
+
+
+def pipeline_stages(num_layers: int, pipeline_parallel_size: int) -> list[tuple[int, int]]:
+    """(first layer, end layer) of each stage, as vLLM's `get_pp_indices` splits them (VLLM_PP_LAYER_PARTITION or
+    an even split); its ValueError names a bad partition."""
+    from vllm.distributed.utils import get_pp_indices
+
+    return [get_pp_indices(num_layers, rank, pipeline_parallel_size) for rank in range(pipeline_parallel_size)]
+
+
+def check_pipeline_stages(layout: SwiftKVLayout, stages: list[tuple[int, int]]) -> None:
+    """Every stage holds a layer, and no stage boundary cuts an AcrossKV group: a group's layers read one cache
+    entry, which lives in one stage's process."""
+    if any(start == end for start, end in stages):
+        raise ValueError(
+            f"SwiftKV in vLLM needs a layer on every pipeline stage, but the {layout.num_layers} layers split as "
+            f"{stages} (first, end) over {len(stages)} stages: use fewer stages or set VLLM_PP_LAYER_PARTITION."
+        )
+    cuts = [start for start, _ in stages[1:] if layout.num_key_value_layers < start < layout.num_layers]
+    bad = [cut for cut in cuts if (cut - layout.num_key_value_layers) % layout.group_size]
+    if bad:
+        valid = list(range(1, layout.num_key_value_layers + 1)) + layout.leaders[1:]
+        raise ValueError(
+            f"Pipeline stages start at layers {[start for start, _ in stages]}, but {bad} falls inside an AcrossKV "
+            f"group (num_key_value_layers={layout.num_key_value_layers}, key_value_group_size={layout.group_size}: "
+            f"groups start at {layout.leaders}), whose layers share one KV-cache entry in one process. A stage may "
+            f"start at layers {valid}: set VLLM_PP_LAYER_PARTITION (layers per stage) accordingly."
         )
 
 
