@@ -143,10 +143,13 @@ struct Matrix {
 
 Matrix make_matrix(Tensor data, OptTensor scales, OptTensor mins) {
   Matrix m{Matrix::F32, data, scales.value_or(Tensor()), mins.value_or(Tensor()), data.size(0), data.size(1)};
-  if (data.scalar_type() == at::kBFloat16) m.kind = Matrix::BF16;
-  if (data.scalar_type() == at::kChar) m.kind = Matrix::Q8;
-  if (data.scalar_type() == at::kByte) m.kind = Matrix::Q4;
-  TORCH_CHECK(m.kind == Matrix::F32 ? data.scalar_type() == at::kFloat : true, "weights: float32, bf16, int8, uint8");
+  switch (data.scalar_type()) {
+    case at::kFloat: break;
+    case at::kBFloat16: m.kind = Matrix::BF16; break;
+    case at::kChar: m.kind = Matrix::Q8; break;
+    case at::kByte: m.kind = Matrix::Q4; break;
+    default: TORCH_CHECK(false, "weights: float32, bf16, int8 or uint8 (int4 blocks), got ", data.scalar_type());
+  }
   if (m.kind == Matrix::Q8 || m.kind == Matrix::Q4) {
     TORCH_CHECK(m.scales.defined() && m.scales.scalar_type() == at::kHalf, "quantized weights need float16 scales");
     TORCH_CHECK(m.kind == Matrix::Q8 || (m.mins.defined() && m.mins.scalar_type() == at::kHalf), "int4: float16 mins");
@@ -157,7 +160,9 @@ Matrix make_matrix(Tensor data, OptTensor scales, OptTensor mins) {
 
 using MatrixArgs = std::tuple<Tensor, OptTensor, OptTensor>;  // (data, scales, mins) as Python passes them
 
-Matrix make_matrix(const MatrixArgs& args) { return make_matrix(std::get<0>(args), std::get<1>(args), std::get<2>(args)); }
+Matrix make_matrix(const MatrixArgs& args) {
+  return make_matrix(std::get<0>(args), std::get<1>(args), std::get<2>(args));
+}
 
 typedef int8_t vb __attribute__((vector_size(W)));
 typedef uint8_t vub __attribute__((vector_size(W)));

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftkv.modeling.common import Switch
-from swiftkv.modeling.weights import native_product
+from swiftkv.modeling.weights import native_product, rounded_product
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_switch = Switch(_AVAILABLE)
@@ -67,8 +67,7 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     if weight.dtype != x.dtype:  # bf16 weights (weights.py), float32 activations: the product in bf16
         if (y := native_product(x, (weight, None, None), bias)) is not None:
             return y
-        y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
-        return y if bias is None else y + bias.to(x.dtype)
+        return rounded_product(x, weight, bias)
     if not _onednn_switch.on or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():

@@ -118,12 +118,17 @@ class BlockLinear(nn.Module):
         `product_dtype`, the bias added in x's dtype."""
         if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
             return y
-        dtype = product_dtype(x)
-        y = F.linear(x.to(dtype), self.dequantize(dtype)).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return rounded_product(x, self.dequantize(product_dtype(x)), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def rounded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ weight^T with x rounded to weight's dtype (bf16: oneDNN's bf16 kernel), the output and the bias
+    in x's dtype: the product of every layer whose weight is not in x's dtype, bf16 or dequantized blocks."""
+    y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
