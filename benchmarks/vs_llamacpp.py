@@ -170,6 +170,28 @@ def _rates(times: dict, tokens: int) -> dict:
     return out
 
 
+# Issue 33's decode targets: (swiftkv engine, llama.cpp engine, minimum ratio of their decode tokens/s)
+TARGETS = (("swiftkv/int8", "llama.cpp/Q8_0", 1.2), ("swiftkv/int4", "llama.cpp/Q4_0", 1.0))
+
+
+def targets(decode: dict) -> list[dict]:
+    """Each decode target whose two engines ran, with its ratio and whether it is met."""
+    out = []
+    for engine, against, minimum in TARGETS:
+        if engine in decode and against in decode:
+            ratio = decode[engine]["tokens_per_s"] / decode[against]["tokens_per_s"]
+            out.append(
+                {
+                    "engine": engine,
+                    "against": against,
+                    "target": f">= {minimum}",
+                    "ratio": ratio,
+                    "met": ratio >= minimum,
+                }
+            )
+    return out
+
+
 def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -216,6 +238,7 @@ def main() -> None:
         "machine": machine_info(args.threads),
         **measure(args),
     }
+    result["targets"] = targets(result["decode"])
     result["wall_s"] = time.perf_counter() - start
     write_json(result, args.json)
     plot(result, args.plot)
@@ -225,6 +248,8 @@ def main() -> None:
                 f"{key:8s} {name:18s} {row['tokens_per_s']:8.1f} tok/s  [{row['min_tokens_per_s']:.1f}-"
                 f"{row['max_tokens_per_s']:.1f}]"
             )
+    for t in result["targets"]:
+        print(f"target decode: {t['engine']} / {t['against']} = {t['ratio']:.3f} (want {t['target']})")
 
 
 if __name__ == "__main__":

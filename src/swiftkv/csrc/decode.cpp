@@ -240,37 +240,60 @@ inline float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
   return r;
 }
 
-// sum over blocks of d_b * (q_b . x_b): two accumulators so consecutive blocks' scaling FMAs do not wait on each other.
-inline float dot_q8(const int8_t* q, const at::Half* d, const float* x, int64_t n) {
-  vf acc0 = {}, acc1 = {};
-  for (int64_t b = 0; b < n / BLOCK; ++b) {
-    const int8_t* qb = q + b * BLOCK;
-    const float* xb = x + b * BLOCK;
-    vf s = {};
-    for (int j = 0; j < BLOCK; j += W) s += load_i8(qb + j) * loadv(xb + j);
-    (b & 1 ? acc1 : acc0) += s * half(d + b);
+// q_b . x_b of one int8 block (two independent FMA chains).
+inline vf block_q8(const int8_t* qb, const float* xb) {
+  vf s0 = {}, s1 = {};
+  for (int j = 0; j < BLOCK; j += 2 * W) {
+    s0 += load_i8(qb + j) * loadv(xb + j);
+    s1 += load_i8(qb + j + W) * loadv(xb + j + W);
   }
+  return s0 + s1;
+}
+
+// q_b . x_b of one int4 block: byte j holds input j (low nibble) and input j + 16 (high nibble).
+inline vf block_q4(const uint8_t* qb, const float* xb) {
+  vf s0 = {}, s1 = {};
+  for (int j = 0; j < BLOCK / 2; j += W) {
+    vf lo, hi;
+    load_nibbles(qb + j, lo, hi);
+    s0 += lo * loadv(xb + j);
+    s1 += hi * loadv(xb + j + BLOCK / 2);
+  }
+  return s0 + s1;
+}
+
+// sum over blocks of d_b * (q_b . x_b), two blocks per step into two accumulators: each block's products and its
+// scaling are independent of the previous block's, so the out-of-order core overlaps them.
+inline float dot_q8(const int8_t* q, const at::Half* d, const float* x, int64_t n) {
+  const int64_t blocks = n / BLOCK;
+  vf acc0 = {}, acc1 = {};
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    acc0 += block_q8(q + b * BLOCK, x + b * BLOCK) * half(d + b);
+    acc1 += block_q8(q + (b + 1) * BLOCK, x + (b + 1) * BLOCK) * half(d + b + 1);
+  }
+  if (b < blocks) acc0 += block_q8(q + b * BLOCK, x + b * BLOCK) * half(d + b);
   return hsum(acc0 + acc1);
 }
 
 // sum over blocks of d_b * (q_b . x_b) + m_b * sum(x_b); xsum [n / 32] holds the block sums of x.
 inline float dot_q4(const uint8_t* q, const at::Half* d, const at::Half* m, const float* x, const float* xsum,
                     int64_t n) {
+  const int64_t blocks = n / BLOCK;
   vf acc0 = {}, acc1 = {};
-  float offset = 0.f;
-  for (int64_t b = 0; b < n / BLOCK; ++b) {
-    const uint8_t* qb = q + b * BLOCK / 2;
-    const float* xb = x + b * BLOCK;
-    vf s = {};
-    for (int j = 0; j < BLOCK / 2; j += W) {  // W bytes: inputs j.. (low nibbles) and j + 16.. (high nibbles)
-      vf lo, hi;
-      load_nibbles(qb + j, lo, hi);
-      s += lo * loadv(xb + j) + hi * loadv(xb + j + BLOCK / 2);
-    }
-    (b & 1 ? acc1 : acc0) += s * half(d + b);
-    offset += half(m + b) * xsum[b];
+  float offset0 = 0.f, offset1 = 0.f;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    acc0 += block_q4(q + b * BLOCK / 2, x + b * BLOCK) * half(d + b);
+    acc1 += block_q4(q + (b + 1) * BLOCK / 2, x + (b + 1) * BLOCK) * half(d + b + 1);
+    offset0 += half(m + b) * xsum[b];
+    offset1 += half(m + b + 1) * xsum[b + 1];
   }
-  return hsum(acc0 + acc1) + offset;
+  if (b < blocks) {
+    acc0 += block_q4(q + b * BLOCK / 2, x + b * BLOCK) * half(d + b);
+    offset0 += half(m + b) * xsum[b];
+  }
+  return hsum(acc0 + acc1) + (offset0 + offset1);
 }
 
 // x [rows, n] -> xsum [rows, n / 32], the block sums int4 products need (empty for other formats).
