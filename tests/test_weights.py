@@ -186,6 +186,7 @@ for fmt in ("bf16", "int8", "int4"):
 """
 
 
+@needs_native
 @pytest.mark.skipif(native.target_isa("x86-64") is None, reason="no x86-64 C++ compiler to build the baseline with")
 def test_baseline_x86_64_build_multiplies_every_format(tmp_path):
     """The native step built for plain x86-64 (what runs on a CPU without AVX2): ~55 s to build on 2 cores, once
