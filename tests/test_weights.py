@@ -54,21 +54,34 @@ def test_int4_packing_is_ggufs_nibble_order():
     assert torch.equal(packed & 0xF, q[..., : BLOCK // 2]) and torch.equal(packed >> 4, q[..., BLOCK // 2 :])
 
 
+def _rounded_input(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] as the native int8/int4 products round it: 8-bit blocks of 32, llama.cpp's Q8_0 rule (d = max|x| /
+    127, q = round(x / d), half to even), d kept in float32."""
+    blocks = x.view(x.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros(()))
+    return ((blocks * inverse).round() * d).view_as(x)
+
+
 @needs_native
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
 @pytest.mark.parametrize("rows", [1, 3, weights.NATIVE_ROWS])
 def test_native_product_equals_float_reference(fmt, rows):
-    """Few rows: the native product of the stored weight, float32 arithmetic (so ~1e-6 of float64's result)."""
+    """Few rows: the native product of the stored weight. bf16 multiplies x itself; int8/int4 multiply x rounded to
+    8-bit blocks, in integers (exact), int4's minimums times x's exact block sums. Scaling and summing in float32 put
+    the result within ~1e-6 of float64's on the same values (96 inputs: 3 blocks, so the odd last block is covered)."""
     lin = _linear()
     x = torch.randn(rows, lin.in_features)
     if fmt == "bf16":
         w = lin.weight.detach().bfloat16()
-        y, w = weights.native_product(x, (w, None, None), lin.bias.detach()), w.float()
+        y = weights.native_product(x, (w, None, None), lin.bias.detach())
+        reference = x.double() @ w.double().T
     else:
         layer = block_linear(lin, fmt)
-        y, w = layer(x), layer.dequantize()
-    reference = (x.double() @ w.double().T + lin.bias.double()).float()
-    torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+        y, w = layer(x), layer.dequantize().double()
+        m = torch.zeros_like(w) if layer.mins is None else layer.mins.double().repeat_interleave(BLOCK, 1)
+        reference = _rounded_input(x).double() @ (w - m).T + x.double() @ m.T
+    torch.testing.assert_close(y, (reference + lin.bias.double()).float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
@@ -87,15 +100,25 @@ def test_many_rows_multiply_the_dequantized_weight(fmt):
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
 @pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
 def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
-    """The Python step's products of a decode batch run natively too: only the order of float32 sums differs."""
-    model = apply_format(convert(tiny_base(family, hidden=64), 3, 3), fmt)
+    """The Python step's products of a decode batch run natively too, so the steps differ by the order of float32
+    sums only. int8/int4 products round their input to 8-bit blocks: an input that differs by float32 rounding can
+    land one quantum apart, and random tiny models amplify that layer after layer. Two layers keep int8 exact here
+    (measured <= 3e-7, native and AVX2 builds; ~1% with six). int4 is not: its minimums multiply x's float sums
+    (d dx sum(q qx) + m sum(x), terms that cancel), which carries float32 differences into the next rounding
+    (measured up to 1.7% of the logits' largest value). The step's int8 and int4 code is the same but for row_dot,
+    which the product test above checks exactly; int4 is held to the same greedy tokens and 5%."""
+    model = apply_format(convert(tiny_base(family, hidden=64, num_layers=2), 1, 1), fmt)
     assert weight_format(model) == fmt
     ids, mask = left_padded_batch()
     with torch.no_grad(), swiftkv_mode(model, swift):
         fast, cache = _decode(model, ids, mask, 4, use_native=True)
         slow, python_cache = _decode(model, ids, mask, 4, use_native=False)
     assert cache.native and not python_cache.native
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    if fmt == "int4":
+        assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+        torch.testing.assert_close(fast, slow, atol=0.05 * slow.abs().max().item(), rtol=0)
+    else:
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))

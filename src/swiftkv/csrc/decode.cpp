@@ -9,8 +9,9 @@
 // agree with the Python step to float32 rounding (tests/test_native.py).
 //
 // Weights come in four formats (swiftkv/modeling/weights.py): float32, bf16, and GGUF-style blocks of 32 inputs
-// with a float16 scale (int8: w = d q; int4: w = d q + m). Products read them as they are stored and multiply in
-// float32: a quantized format changes the weights' values, never the arithmetic around them.
+// with a float16 scale (int8: w = d q; int4: w = d q + m). Products read them as they are stored. float32 and bf16
+// weights multiply float32 activations; int8 and int4 blocks multiply the activations rounded to 8-bit blocks, in
+// integers, as llama.cpp does (quantize_input): the one place the arithmetic of a quantized format differs.
 //
 // Shapes: B sequences, one new token each; D hidden, H query heads, Hkv key/value heads, Dh head dim, S = past + 1
 // attended positions. Cache buffers are [B, Hkv, capacity, Dh]; this step writes position `past`.
@@ -56,13 +57,28 @@ inline vf loadv(const float* p) {
 
 inline void storev(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// Sum of the W lanes as a tree of halves (log2(W) adds instead of W - 1 dependent scalar adds).
+#if defined(__AVX__)
+inline float hsum256(__m256 v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#endif
+
+// Sum of the W lanes as a tree of halves (log2(W) adds instead of W - 1 dependent scalar adds), in registers where
+// the build has the shuffles (through memory it cost ~2x the 4 FMAs of a 64-wide attention score).
 inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#elif defined(__AVX__)
+  return hsum256(v);
+#else
   float lanes[W];
   __builtin_memcpy(lanes, &v, sizeof(v));
   for (int width = W / 2; width > 0; width /= 2)
     for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
   return lanes[0];
+#endif
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -134,15 +150,27 @@ constexpr int64_t BLOCK = 32;  // inputs per scale of the int8 / int4 formats
 // A weight [out, in] in one of the formats of weights.py, told apart by the data's dtype: float32, bfloat16, int8
 // (blocks: int8 [out, in] + float16 scales [out, in / 32]) or uint8 (int4 blocks: [out, in / 2], per block byte j
 // holds input j in its low nibble and input j + 16 in its high one, + float16 scales and minimums [out, in / 32]).
+// The raw pointers are taken once: Tensor::data_ptr checks the dtype on every call, ~9% of a decode step when
+// called per row.
 struct Matrix {
   enum Kind { F32, BF16, Q8, Q4 } kind = F32;
   Tensor data, scales, mins;
   int64_t rows = 0, cols = 0;
+  const void* values = nullptr;
+  const at::Half *scale = nullptr, *min = nullptr;
   bool defined() const { return data.defined(); }
+  bool blocks() const { return kind == Q8 || kind == Q4; }  // products take x rounded to 8-bit blocks (Q8Input)
+  template <typename T>
+  const T* row(int64_t o, int64_t bytes_per_row) const {
+    return reinterpret_cast<const T*>(static_cast<const char*>(values) + o * bytes_per_row);
+  }
 };
 
 Matrix make_matrix(Tensor data, OptTensor scales, OptTensor mins) {
-  Matrix m{Matrix::F32, data, scales.value_or(Tensor()), mins.value_or(Tensor()), data.size(0), data.size(1)};
+  TORCH_CHECK(data.is_contiguous() && (!scales || scales->is_contiguous()) && (!mins || mins->is_contiguous()),
+              "weights must be contiguous");
+  Matrix m{Matrix::F32, data, scales.value_or(Tensor()), mins.value_or(Tensor()), data.size(0), data.size(1),
+           data.data_ptr()};
   switch (data.scalar_type()) {
     case at::kFloat: break;
     case at::kBFloat16: m.kind = Matrix::BF16; break;
@@ -150,10 +178,12 @@ Matrix make_matrix(Tensor data, OptTensor scales, OptTensor mins) {
     case at::kByte: m.kind = Matrix::Q4; break;
     default: TORCH_CHECK(false, "weights: float32, bf16, int8 or uint8 (int4 blocks), got ", data.scalar_type());
   }
-  if (m.kind == Matrix::Q8 || m.kind == Matrix::Q4) {
+  if (m.blocks()) {
     TORCH_CHECK(m.scales.defined() && m.scales.scalar_type() == at::kHalf, "quantized weights need float16 scales");
     TORCH_CHECK(m.kind == Matrix::Q8 || (m.mins.defined() && m.mins.scalar_type() == at::kHalf), "int4: float16 mins");
     m.cols = m.scales.size(1) * BLOCK;
+    m.scale = m.scales.data_ptr<at::Half>();
+    m.min = m.kind == Matrix::Q4 ? m.mins.data_ptr<at::Half>() : nullptr;
   }
   return m;
 }
@@ -164,12 +194,8 @@ Matrix make_matrix(const MatrixArgs& args) {
   return make_matrix(std::get<0>(args), std::get<1>(args), std::get<2>(args));
 }
 
-typedef int8_t vb __attribute__((vector_size(W)));
-typedef uint8_t vub __attribute__((vector_size(W)));
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
-
-inline vf to_float(vi v) { return __builtin_convertvector(v, vf); }
 
 inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
   vh h;
@@ -178,38 +204,6 @@ inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen
   vf v;
   __builtin_memcpy(&v, &bits, sizeof(v));
   return v;
-}
-
-// W int8 -> float lanes. GCC lowers __builtin_convertvector from int8 lanes lane by lane (the int8 product ran 4x
-// slower than float32's), so x86 builds use the one-instruction sign extensions.
-inline vf load_i8(const int8_t* p) {
-#if defined(__AVX512F__)
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-  vb b;
-  __builtin_memcpy(&b, p, sizeof(b));
-  return to_float(__builtin_convertvector(b, vi));
-#endif
-}
-
-// W bytes -> their low and their high nibbles as float lanes (x86: zero extensions, as load_i8).
-inline void load_nibbles(const uint8_t* p, vf& lo, vf& hi) {
-#if defined(__AVX512F__)
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(15);
-  lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
-  hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
-#elif defined(__AVX2__)
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(15);
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
-#else
-  vub bytes;
-  __builtin_memcpy(&bytes, p, sizeof(bytes));
-  lo = to_float(__builtin_convertvector(bytes & 15, vi));
-  hi = to_float(__builtin_convertvector(bytes >> 4, vi));
-#endif
 }
 
 // A block's float16 scale as float: one F16C instruction where the build has it (c10's portable conversion is a
@@ -240,85 +234,195 @@ inline float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
   return r;
 }
 
-// q_b . x_b of one int8 block (two independent FMA chains).
-inline vf block_q8(const int8_t* qb, const float* xb) {
-  vf s0 = {}, s1 = {};
-  for (int j = 0; j < BLOCK; j += 2 * W) {
-    s0 += load_i8(qb + j) * loadv(xb + j);
-    s1 += load_i8(qb + j + W) * loadv(xb + j + W);
+// Integer block products. A quantized product first rounds its input x to 8-bit blocks, as llama.cpp does
+// (quantize_input: x ~ dx * qx per 32 inputs, qx in [-127, 127]), then sums each block's qw . qx in int32 (exact)
+// and scales it by dw * dx in float32. Per 32 weights that is one or two integer multiply-adds (VNNI's dpbusd,
+// or AVX2's maddubs + madd) instead of a widening to float32 per 8 or 16 weights: decode streams every weight per
+// token, and widening cost more than the memory did (docs/cpu.md, Decode). The u8 x s8 instructions take the
+// weight as the unsigned operand: int4's nibbles are, int8's are made so with the sign moved onto x.
+
+// x [rows, n] in 8-bit blocks: q int8 [rows, n], d [rows, n / 32] (x ~ d q), sum [rows, n / 32] (x's exact block
+// sums: int4's minimums multiply them).
+struct Q8Input {
+  std::vector<int8_t> q;
+  std::vector<float> d, sum;
+};
+
+// llama.cpp's quantize_row_q8_0 (d = max |x| / 127, q = round(x / d)), with d kept in float32.
+Q8Input quantize_input(const float* x, int64_t rows, int64_t n) {
+  const int64_t blocks = rows * n / BLOCK;
+  Q8Input in{std::vector<int8_t>(rows * n), std::vector<float>(blocks), std::vector<float>(blocks)};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * BLOCK;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < BLOCK; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float d = amax / 127.f, inverse = d > 0.f ? 1.f / d : 0.f;
+    for (int j = 0; j < BLOCK; ++j) in.q[b * BLOCK + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inverse));
+    in.d[b] = d;
+    in.sum[b] = sum;
   }
-  return s0 + s1;
+  return in;
 }
 
-// q_b . x_b of one int4 block: byte j holds input j (low nibble) and input j + 16 (high nibble).
-inline vf block_q4(const uint8_t* qb, const float* xb) {
-  vf s0 = {}, s1 = {};
-  for (int j = 0; j < BLOCK / 2; j += W) {
-    vf lo, hi;
-    load_nibbles(qb + j, lo, hi);
-    s0 += lo * loadv(xb + j);
-    s1 += hi * loadv(xb + j + BLOCK / 2);
-  }
-  return s0 + s1;
+#if defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+// 16 int32 lanes, each the sum of 4 products u8 * s8 (maddubs' int16 pairs cannot saturate: here u <= 128 and
+// |s| <= 127).
+inline __m512i dot_u8s8(__m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
 }
 
-// sum over blocks of d_b * (q_b . x_b), two blocks per step into two accumulators: each block's products and its
-// scaling are independent of the previous block's, so the out-of-order core overlaps them.
-inline float dot_q8(const int8_t* q, const at::Half* d, const float* x, int64_t n) {
-  const int64_t blocks = n / BLOCK;
-  vf acc0 = {}, acc1 = {};
+// [dw_b dx_b] in lanes 0-7, [dw_b+1 dx_b+1] in lanes 8-15: the scales of two blocks' int32 sums (dot_u8s8's lanes).
+inline __m512 pair_scales(const at::Half* d, const float* xd) {
+  int32_t two_halves;
+  __builtin_memcpy(&two_halves, d, sizeof(two_halves));
+  const __m128 w = _mm_cvtph_ps(_mm_cvtsi32_si128(two_halves));
+  const __m128 x = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xd)));
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(w, x)));
+}
+
+// sum over blocks of dw_b dx_b (qw_b . qx_b), two blocks per step; pair_sum(b, pair) gives the int32 lanes of blocks
+// b and b + 1 (pair = false: an odd count's last block alone, the upper half's loads masked to zero).
+template <typename PairSum>
+inline float sum_pairs(const at::Half* d, const float* xd, int64_t blocks, PairSum pair_sum) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2)
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_sum(b, true)), pair_scales(d + b, xd + b), acc);
+  if (b < blocks) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair_sum(b, false)), _mm512_set1_ps(half(d + b) * xd[b]), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+inline float dot_q8(const int8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  return sum_pairs(d, xd, blocks, [&](int64_t b, bool pair) {
+    const __mmask64 keep = pair ? ~0ULL : 0xFFFFFFFFULL;
+    const __m512i w = _mm512_maskz_loadu_epi8(keep, q + b * BLOCK), x = _mm512_maskz_loadu_epi8(keep, xq + b * BLOCK);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return dot_u8s8(_mm512_abs_epi8(w), signed_x);
+  });
+}
+
+// int4 blocks are 16 bytes (byte j: input j low, j + 16 high); two of them become four 128-bit lanes of nibbles,
+// [low 0, high 0, low 1, high 1]: inputs 0-31 of each block in order, like the quantized x beside them.
+inline float dot_q4(const uint8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  const __m512i shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0), low = _mm512_set1_epi8(15);
+  return sum_pairs(d, xd, blocks, [&](int64_t b, bool pair) {
+    const __m512i packed = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(pair ? ~0U : 0xFFFFU, q + b * BLOCK / 2));
+    const __m512i lanes = _mm512_shuffle_i64x2(packed, packed, _MM_SHUFFLE(1, 1, 0, 0));  // [0, 0, 1, 1]
+    const __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi64(lanes, shifts), low);
+    return dot_u8s8(nibbles, _mm512_maskz_loadu_epi8(pair ? ~0ULL : 0xFFFFFFFFULL, xq + b * BLOCK));
+  });
+}
+#elif defined(__AVX2__)
+// 8 int32 lanes, each the sum of 4 products u8 * s8 (maddubs' int16 pairs cannot saturate: here u <= 128 and
+// |s| <= 127).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// One block per step, two accumulators (each block's scaling is independent of the previous one's).
+template <typename BlockSum>
+inline float sum_blocks(const at::Half* d, const float* xd, int64_t blocks, BlockSum block_sum) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) {
-    acc0 += block_q8(q + b * BLOCK, x + b * BLOCK) * half(d + b);
-    acc1 += block_q8(q + (b + 1) * BLOCK, x + (b + 1) * BLOCK) * half(d + b + 1);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(b)), _mm256_set1_ps(half(d + b) * xd[b]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(b + 1)), _mm256_set1_ps(half(d + b + 1) * xd[b + 1]), acc1);
   }
-  if (b < blocks) acc0 += block_q8(q + b * BLOCK, x + b * BLOCK) * half(d + b);
-  return hsum(acc0 + acc1);
+  if (b < blocks) acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sum(b)), _mm256_set1_ps(half(d + b) * xd[b]), acc0);
+  return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
-// sum over blocks of d_b * (q_b . x_b) + m_b * sum(x_b); xsum [n / 32] holds the block sums of x.
-inline float dot_q4(const uint8_t* q, const at::Half* d, const at::Half* m, const float* x, const float* xsum,
-                    int64_t n) {
-  const int64_t blocks = n / BLOCK;
-  vf acc0 = {}, acc1 = {};
-  float offset0 = 0.f, offset1 = 0.f;
+inline float dot_q8(const int8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  return sum_blocks(d, xd, blocks, [&](int64_t b) {
+    const __m256i w = load256(q + b * BLOCK), x = load256(xq + b * BLOCK);
+    return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  });
+}
+
+inline float dot_q4(const uint8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  const __m128i low = _mm_set1_epi8(15);
+  return sum_blocks(d, xd, blocks, [&](int64_t b) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * BLOCK / 2));
+    const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+    return dot_u8s8(nibbles, load256(xq + b * BLOCK));
+  });
+}
+#else
+// Portable: each block's sum in int32 (the compiler vectorizes the fixed-length loops).
+inline float dot_q8(const int8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t sum = 0;
+    for (int j = 0; j < BLOCK; ++j) sum += q[b * BLOCK + j] * xq[b * BLOCK + j];
+    acc += static_cast<float>(sum) * (half(d + b) * xd[b]);
+  }
+  return acc;
+}
+
+inline float dot_q4(const uint8_t* q, const at::Half* d, const int8_t* xq, const float* xd, int64_t blocks) {
+  float acc = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* qb = q + b * BLOCK / 2;
+    const int8_t* xb = xq + b * BLOCK;
+    int32_t sum = 0;
+    for (int j = 0; j < BLOCK / 2; ++j) sum += (qb[j] & 15) * xb[j] + (qb[j] >> 4) * xb[j + BLOCK / 2];
+    acc += static_cast<float>(sum) * (half(d + b) * xd[b]);
+  }
+  return acc;
+}
+#endif
+
+// int4's minimums: sum over blocks of m_b * sum(x_b), x's exact block sums (8 blocks per step where F16C converts
+// 8 halves at once).
+inline float dot_mins(const at::Half* m, const float* xsum, int64_t blocks) {
+  float offset = 0.f;
   int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) {
-    acc0 += block_q4(q + b * BLOCK / 2, x + b * BLOCK) * half(d + b);
-    acc1 += block_q4(q + (b + 1) * BLOCK / 2, x + (b + 1) * BLOCK) * half(d + b + 1);
-    offset0 += half(m + b) * xsum[b];
-    offset1 += half(m + b + 1) * xsum[b + 1];
+#if defined(__F16C__) && defined(__AVX__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b)));
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(mins, _mm256_loadu_ps(xsum + b)));
   }
-  if (b < blocks) {
-    acc0 += block_q4(q + b * BLOCK / 2, x + b * BLOCK) * half(d + b);
-    offset0 += half(m + b) * xsum[b];
-  }
-  return hsum(acc0 + acc1) + (offset0 + offset1);
+  offset = hsum256(acc);
+#endif
+  for (; b < blocks; ++b) offset += half(m + b) * xsum[b];
+  return offset;
 }
 
-// x [rows, n] -> xsum [rows, n / 32], the block sums int4 products need (empty for other formats).
-std::vector<float> block_sums(const Matrix& w, const float* x, int64_t rows) {
-  if (w.kind != Matrix::Q4) return {};
-  const int64_t n = w.cols, blocks = n / BLOCK;
-  std::vector<float> sums(rows * blocks, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < n; ++i) sums[r * blocks + i / BLOCK] += x[r * n + i];
-  return sums;
+// x [rows, n] quantized for w's products (empty for float32 and bf16 weights, which multiply x itself).
+Q8Input quantize_for(const Matrix& w, const float* x, int64_t rows) {
+  if (!w.blocks()) return {};
+  return quantize_input(x, rows, w.cols);
 }
 
-// Row o of w times x [in]; xsum: x's block sums for int4 (block_sums).
-inline float row_dot(const Matrix& w, int64_t o, const float* x, const float* xsum) {
+// Row o of w times row r of x [rows, in]; xq: x quantized for w (quantize_for).
+inline float row_dot(const Matrix& w, int64_t o, const float* x, const Q8Input& xq, int64_t r) {
   const int64_t n = w.cols, blocks = n / BLOCK;
   switch (w.kind) {
     case Matrix::F32:
-      return dot(w.data.data_ptr<float>() + o * n, x, n);
+      return dot(w.row<float>(o, n * 4), x + r * n, n);
     case Matrix::BF16:
-      return dot_bf16(reinterpret_cast<const uint16_t*>(w.data.data_ptr<at::BFloat16>()) + o * n, x, n);
+      return dot_bf16(w.row<uint16_t>(o, n * 2), x + r * n, n);
     case Matrix::Q8:
-      return dot_q8(w.data.data_ptr<int8_t>() + o * n, w.scales.data_ptr<at::Half>() + o * blocks, x, n);
+      return dot_q8(w.row<int8_t>(o, n), w.scale + o * blocks, xq.q.data() + r * n, xq.d.data() + r * blocks, blocks);
     case Matrix::Q4:
-      return dot_q4(w.data.data_ptr<uint8_t>() + o * n / 2, w.scales.data_ptr<at::Half>() + o * blocks,
-                    w.mins.data_ptr<at::Half>() + o * blocks, x, xsum, n);
+      return dot_q4(w.row<uint8_t>(o, n / 2), w.scale + o * blocks, xq.q.data() + r * n, xq.d.data() + r * blocks,
+                    blocks) +
+             dot_mins(w.min + o * blocks, xq.sum.data() + r * blocks, blocks);
   }
   return 0.f;
 }
@@ -335,19 +439,18 @@ struct Product {
 // products alone are too small to keep two threads streaming at full bandwidth). Each row is read once for the batch.
 void gemv_many(const std::vector<Product>& products, int64_t B) {
   std::vector<int64_t> starts{0};
-  std::vector<std::vector<float>> sums;
+  std::vector<Q8Input> inputs;
   for (const Product& p : products) {
     starts.push_back(starts.back() + p.weight->rows);
-    sums.push_back(block_sums(*p.weight, p.x, B));
+    inputs.push_back(quantize_for(*p.weight, p.x, B));
   }
   at::parallel_for(0, starts.back(), 16, [&](int64_t lo, int64_t hi) {
     for (size_t i = 0; i < products.size(); ++i) {
       const Product& p = products[i];
-      const int64_t out = p.weight->rows, in = p.weight->cols, blocks = in / BLOCK;
+      const int64_t out = p.weight->rows;
       const float* b = *p.bias ? (*p.bias)->data_ptr<float>() : nullptr;
       for (int64_t o = std::max(lo, starts[i]) - starts[i]; o < std::min(hi, starts[i + 1]) - starts[i]; ++o)
-        for (int64_t r = 0; r < B; ++r)
-          p.y[r * out + o] = row_dot(*p.weight, o, p.x + r * in, sums[i].data() + r * blocks) + (b ? b[o] : 0.f);
+        for (int64_t r = 0; r < B; ++r) p.y[r * out + o] = row_dot(*p.weight, o, p.x, inputs[i], r) + (b ? b[o] : 0.f);
     }
   });
 }
@@ -527,14 +630,12 @@ class Runtime {
   // h += down(silu(gate(x)) * up(x)); gate and up rows share one parallel region and the activation is applied
   // as each pair of rows is done (act [B, inter]).
   static void mlp(const Layer& l, const float* x, int64_t B, float* act, float* tmp, float* h) {
-    const int64_t inter = l.gate.rows, in = l.gate.cols, blocks = in / BLOCK;
-    const std::vector<float> sums = block_sums(l.gate, x, B);  // gate and up share x and their format
+    const int64_t inter = l.gate.rows;
+    const Q8Input xq = quantize_for(l.gate.blocks() ? l.gate : l.up, x, B);  // gate and up share x
     at::parallel_for(0, inter, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o)
         for (int64_t r = 0; r < B; ++r) {
-          const float* xr = x + r * in;
-          const float* sr = sums.data() + r * blocks;
-          const float g = row_dot(l.gate, o, xr, sr), u = row_dot(l.up, o, xr, sr);
+          const float g = row_dot(l.gate, o, x, xq, r), u = row_dot(l.up, o, x, xq, r);
           act[r * inter + o] = g / (1.f + std::exp(-g)) * u;
         }
     });

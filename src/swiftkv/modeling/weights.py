@@ -15,6 +15,9 @@ Quantized layers keep only the blocks (`BlockLinear`: ~1.06 bytes per int8 weigh
 dequantizes each layer's blocks to the product dtype on the fly ([out, in], a few hundred KB per layer, small next to
 a prompt's product) and multiplies with the same oneDNN kernel as float weights; the native decode step (csrc/
 decode.cpp) reads the blocks themselves, which is where the bytes saved pay: decoding streams every weight per token.
+There, as in llama.cpp, the few rows of x are rounded to 8-bit blocks of 32 too (d = max|x| / 127, float32) and each
+block's product summed in integers (VNNI / AVX2 multiply-adds), then scaled by both blocks' d: the products cost
+less than the memory they stream. bf16 and float32 weights multiply float32 x.
 """
 
 from __future__ import annotations
@@ -133,8 +136,9 @@ def rounded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x [..., in] @ W^T (+ bias) by the native extension, which reads `weight` ((data, scales, mins), any format) as
-    it is stored: for at most NATIVE_ROWS float32 rows on CPU without autograd (the LM head after prefill, a decode
-    step), where dequantizing or rounding x to bf16 for a whole-matrix product would cost more than the product.
+    it is stored (int8/int4: x rounded to 8-bit blocks, module doc): for at most NATIVE_ROWS float32 rows on CPU
+    without autograd (the LM head after prefill, a decode step), where dequantizing or rounding x to bf16 for a
+    whole-matrix product would cost more than the product.
     None where it does not apply (then the caller's product runs)."""
     from swiftkv.modeling import native  # native's step reads this module's formats
 
