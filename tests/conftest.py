@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,8 +76,11 @@ def default_model_dir() -> Path:
 
 
 def load_benchmark(name: str):
-    """The module of the script benchmarks/NAME.py (benchmarks/ is not a package)."""
+    """The module of the script benchmarks/NAME.py (benchmarks/ is not a package), imported as running it would: with
+    benchmarks/ on sys.path, where a script finds the others' modules."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -68,20 +68,19 @@ def _rounded_input(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, weights.NATIVE_ROWS])
 def test_native_product_equals_float_reference(fmt, rows):
     """Few rows: the native product of the stored weight. bf16 multiplies x itself; int8/int4 multiply x rounded to
-    8-bit blocks, in integers (exact), int4's minimums times x's exact block sums. Scaling and summing in float32 put
-    the result within ~1e-6 of float64's on the same values (96 inputs: 3 blocks, so the odd last block is covered)."""
+    8-bit blocks, in integers (exact; int4's minimums times the rounded x's block sums). Scaling and summing in
+    float32 put the result within ~1e-6 of float64's on the same values (96 inputs: 3 blocks, so the odd last block
+    is covered)."""
     lin = _linear()
     x = torch.randn(rows, lin.in_features)
     if fmt == "bf16":
         w = lin.weight.detach().bfloat16()
-        y = weights.native_product(x, (w, None, None), lin.bias.detach())
-        reference = x.double() @ w.double().T
+        y, x = weights.native_product(x, (w, None, None), lin.bias.detach()), x.double()
     else:
         layer = block_linear(lin, fmt)
-        y, w = layer(x), layer.dequantize().double()
-        m = torch.zeros_like(w) if layer.mins is None else layer.mins.double().repeat_interleave(BLOCK, 1)
-        reference = _rounded_input(x).double() @ (w - m).T + x.double() @ m.T
-    torch.testing.assert_close(y, (reference + lin.bias.double()).float(), atol=1e-5, rtol=1e-5)
+        y, w, x = layer(x), layer.dequantize(), _rounded_input(x).double()
+    reference = x @ w.double().T + lin.bias.double()
+    torch.testing.assert_close(y, reference.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
@@ -103,10 +102,10 @@ def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
     """The Python step's products of a decode batch run natively too, so the steps differ by the order of float32
     sums only. int8/int4 products round their input to 8-bit blocks: an input that differs by float32 rounding can
     land one quantum apart, and random tiny models amplify that layer after layer. Two layers keep int8 exact here
-    (measured <= 3e-7, native and AVX2 builds; ~1% with six). int4 is not: its minimums multiply x's float sums
-    (d dx sum(q qx) + m sum(x), terms that cancel), which carries float32 differences into the next rounding
-    (measured up to 1.7% of the logits' largest value). The step's int8 and int4 code is the same but for row_dot,
-    which the product test above checks exactly; int4 is held to the same greedy tokens and 5%."""
+    (measured <= 3e-7, native and AVX2 builds; ~1% with six). int4 is not: d dx sum(q qx) + m dx sum(qx) are two
+    terms that cancel, which carries float32 differences into the next rounding (measured up to 1.7% of the logits'
+    largest value). The step's int8 and int4 code is the same but for row_dot, which the product test above checks
+    exactly; int4 is held to the same greedy tokens and 5%."""
     model = apply_format(convert(tiny_base(family, hidden=64, num_layers=2), 1, 1), fmt)
     assert weight_format(model) == fmt
     ids, mask = left_padded_batch()
