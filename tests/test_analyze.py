@@ -101,3 +101,16 @@ def test_cli_analyze(tmp_path, capsys):
     assert "recommended for KL <= 1e+09" in printed and "L=1" in printed
     saved = json.loads(out.read_text())
     assert saved["recommended"] == 1 and saved["samples"] == 2 and png.exists()
+
+
+def test_cli_analyze_in_a_block_format(tmp_path, capsys):
+    """--weights int8: the candidates are converted from the float weights, then the base and each candidate take
+    int8 blocks (conversion cannot read blocks)."""
+    checkpoint = tmp_path / "base"
+    tiny_base("qwen3", num_layers=4).save_pretrained(checkpoint)
+    char_tokenizer().save_pretrained(checkpoint)
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": TEXT}))
+    args = ["analyze", str(checkpoint), "--text", str(text), "--weights", "int8", "--threads", "1"]
+    assert main([*args, "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["candidates"]

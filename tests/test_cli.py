@@ -94,6 +94,15 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     assert "time to first token" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_demo_converts_a_base_model_before_its_weights_become_blocks(chat_dir, capsys, fmt):
+    """--adapter none converts the base model on the fly; with --weights int8/int4 the conversion must read the float
+    weights first (it failed with 'Base weights do not fit the SwiftKV model' when it ran after the format)."""
+    argv = ["demo", str(chat_dir), "-L", "3", "--adapter", "none", "--prompt-tokens", "64", "--weights", fmt]
+    assert main([*argv, "--max-new-tokens", "3", "--reps", "1", "--threads", "1"]) == 0
+    assert "(converted, undistilled)" in capsys.readouterr().out
+
+
 def test_demo_finds_where_two_answers_part():
     from swiftkv.cli.commands import first_difference
 

@@ -26,6 +26,7 @@ from swiftkv import theory
 from swiftkv.conversion import convert
 from swiftkv.evaluate.scoring import BASE, mode
 from swiftkv.files import save_figure
+from swiftkv.modeling.weights import apply_format
 
 
 @torch.inference_mode()
@@ -80,11 +81,18 @@ def analyze(
     candidates: Sequence[int] | None = None,
     group_size: int = 1,
     prompt_length: int = 2048,
+    weights: str | None = None,
 ) -> dict[str, object]:
-    """Per-layer similarities and, per candidate L, undistilled KL / agreement next to the prefill saving."""
+    """Per-layer similarities and, per candidate L, undistilled KL / agreement next to the prefill saving.
+
+    `model` has float Linear weights (conversion reads them); `weights` ("int8" / "int4") then puts the base model and
+    every candidate in that format (modeling/weights.py), each candidate its own blocks."""
     num_layers = model.config.num_hidden_layers
     candidates = sorted(candidates or candidate_layers(num_layers, group_size))
     students = {L: convert(model, L, group_size).eval() for L in candidates}  # shares the base weights
+    if weights is not None:
+        for m in (model, *students.values()):
+            apply_format(m, weights)
     cos_sum = torch.zeros(num_layers + 1, num_layers + 1)
     sums = {L: {"kl": 0.0, "agree": 0.0} for L in candidates}
     tokens = 0

@@ -22,7 +22,6 @@ from swiftkv.evaluate.scoring import SWIFTKV, variants_stats
 from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, format_interval, quality_shortfalls
 from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
-from swiftkv.modeling import native
 from swiftkv.modeling.weights import resolve_format
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
@@ -200,11 +199,17 @@ def _demo_model(args: argparse.Namespace):
     if adapter not in (None, "none"):
         model, tokenizer = load(args.model, adapter=adapter, dtype=args.dtype, weights=args.weights)
         return model, tokenizer, resolve_adapter(adapter), f"distilled adapter {adapter}"
-    model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
-    if is_swiftkv(model):
+    if load_model_config(args.model).model_type.endswith("_swiftkv"):
+        model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
         return model, tokenizer, None, "SwiftKV checkpoint"
-    model = convert(model, layers, args.key_value_group_size)
-    native.prepare(model)
+    # converted inside `load`, before the weight format: conversion reads float Linear weights, not int8/int4 blocks
+    model, tokenizer = load(
+        args.model,
+        num_key_value_layers=layers,
+        key_value_group_size=args.key_value_group_size,
+        dtype=args.dtype,
+        weights=args.weights,
+    )
     return model, tokenizer, None, "converted, undistilled"
 
 
