@@ -33,21 +33,24 @@ LM_HEAD = (49152, 576)
 
 
 def baseline_extension(rev: str):
-    """decode.cpp at git revision `rev`, built like today's (native.FLAGS) under its own name."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:src/swiftkv/csrc/decode.cpp"],
+    """csrc/ at git revision `rev` (decode.cpp and whatever it builds with), built like today's (native.FLAGS) under
+    its own name."""
+    build = Path(tempfile.mkdtemp(prefix="swiftkv_baseline_"))
+    listing = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "src/swiftkv/csrc/"],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
-    build = Path(tempfile.mkdtemp(prefix="swiftkv_baseline_"))
-    (build / "decode.cpp").write_text(source)
+    ).stdout.split()
+    for path in listing:
+        show = ["git", "-C", str(ROOT), "show", f"{rev}:{path}"]
+        (build / Path(path).name).write_text(subprocess.run(show, capture_output=True, text=True, check=True).stdout)
     from torch.utils.cpp_extension import load
 
     name = f"swiftkv_baseline_{rev[:12]}"
     return load(
         name=name,
-        sources=[str(build / "decode.cpp")],
+        sources=[str(path) for path in sorted(build.glob("*.cpp"))],
         extra_cflags=native.FLAGS,
         extra_ldflags=native.OPENMP,
         build_directory=str(build),

@@ -32,54 +32,14 @@
 #include <optional>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using namespace swiftkv;
 
 using Tensor = at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// One machine vector of float32 lanes: GCC vector types sized to the target's registers. A type wider than the
-// registers (64 bytes under AVX2) is lowered through the stack: the AVX2 build of this file ran 2.2x slower.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#elif defined(__AVX__)
-constexpr int W = 8;
-#else
-constexpr int W = 4;  // SSE, NEON
-#endif
-typedef float vf __attribute__((vector_size(4 * W)));
-typedef int32_t vi __attribute__((vector_size(4 * W)));
-
-inline vf loadv(const float* p) {
-  vf v;
-  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
-  return v;
-}
-
-inline void storev(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-#if defined(__AVX__)
-inline float hsum256(__m256 v) {
-  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-}
-#endif
-
-// Sum of the W lanes as a tree of halves (log2(W) adds instead of W - 1 dependent scalar adds), in registers where
-// the build has the shuffles (through memory it cost ~2x the 4 FMAs of a 64-wide attention score).
-inline float hsum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(v);
-#elif defined(__AVX__)
-  return hsum256(v);
-#else
-  float lanes[W];
-  __builtin_memcpy(lanes, &v, sizeof(v));
-  for (int width = W / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
-#endif
-}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   vf s0 = {}, s1 = {}, s2 = {}, s3 = {};  // four independent FMA chains
@@ -94,25 +54,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float r = hsum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
-}
-
-// exp of W lanes (Cephes expf: 2^n * p(r), |r| <= ln2/2; ~1 ulp). Lanes below -87.3 (masked, -inf) give exactly 0.
-inline vf expv(vf x) {
-  const vf zero = {};
-  const vf c = x < -87.3f ? zero : (x > 88.3f ? zero + 88.3f : x);  // in range for the exponent trick
-  const vf n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const vf r = (c - n * 0.693359375f) + n * 2.12194440e-4f;
-  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  const vf e = p * scale;
-  return x < -87.3f ? zero : e;
 }
 
 // x [n] = exp(x - shift), returns the sum.
@@ -679,6 +620,11 @@ Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
 
 }  // namespace
 
+namespace swiftkv {  // attention.cpp
+bool has_bf16_attention();
+at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+}  // namespace swiftkv
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Runtime>(m, "Runtime", pybind11::dynamic_attr())  // dynamic_attr: Python keeps `storage` on it
       .def(pybind11::init<int64_t, int64_t, int64_t, Tensor, double, const MatrixArgs&, OptTensor>())
@@ -687,4 +633,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &Runtime::step);
   m.def("parallel_threads", &parallel_threads);
   m.def("linear", &linear);
+  m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
+  m.def("bf16_attention", &swiftkv::bf16_attention);
 }

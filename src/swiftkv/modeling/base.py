@@ -25,13 +25,10 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from swiftkv.modeling import decode
+from swiftkv.modeling.attention import SKIPPABLE_ATTENTION
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
 from swiftkv.modeling.kernels import copy_weights_to_process_memory, use_fast_linears
-
-# Attention implementations whose masks are dense tensors we can slice by query row; others run the
-# full SwiftKV forward (still correct, just without the prefill saving).
-SKIPPABLE_ATTENTION = ("sdpa", "eager")
 
 
 def _linear_like(proj: nn.Linear) -> nn.Linear:

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from swiftkv.modeling import native
+from swiftkv.modeling.attention import SKIPPABLE_ATTENTION
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function, own_key_value_layers
 from swiftkv.modeling.kernels import linear
@@ -31,7 +32,7 @@ def applies(model, input_ids, cache, labels, logits_to_keep, kwargs: dict) -> bo
         and input_ids.shape[1] == 1
         and labels is None
         and isinstance(logits_to_keep, int)
-        and config._attn_implementation in ("sdpa", "eager")
+        and config._attn_implementation in SKIPPABLE_ATTENTION
         and not kwargs.get("output_attentions", config.output_attentions)
         and not kwargs.get("output_hidden_states", config.output_hidden_states)
     )

@@ -29,7 +29,10 @@ from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import Switch, own_key_value_layers
 from swiftkv.modeling.weights import BlockLinear
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "decode.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "decode.cpp"  # the module: the decode step and its products (a test or baseline may point it elsewhere)
+EXTRA_SOURCES = (CSRC / "attention.cpp",)  # prefill attention, bound by decode.cpp's module
+HEADERS = (CSRC / "vec.h",)
 # -fopenmp: without it ATen's header-only at::parallel_for compiles to a plain serial loop. torch's wheel ships its
 # libgomp as libgomp.so.1 and loads it first, so the extension joins torch's own thread pool (one OpenMP runtime).
 OPENMP = ["-fopenmp"] if torch.backends.openmp.is_available() else []
@@ -129,7 +132,8 @@ def build_root() -> Path:
 
 
 def _name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    code = b"".join(path.read_bytes() for path in (SOURCE, *EXTRA_SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
     return f"swiftkv_decode_{digest.hexdigest()[:12]}"
 
 
@@ -164,7 +168,11 @@ def extension():
 
         _put_ninja_on_path()
         return load(
-            name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=OPENMP, build_directory=str(build_dir)
+            name=name,
+            sources=[str(path) for path in (SOURCE, *EXTRA_SOURCES)],
+            extra_cflags=FLAGS,
+            extra_ldflags=OPENMP,
+            build_directory=str(build_dir),
         )
     except Exception as error:  # no compiler, no ninja, a build error: the Python step still works
         warnings.warn(

@@ -1,0 +1,96 @@
+"""Prefill attention on CPU: transformers' SDPA, with bf16 flash attention (csrc/attention.cpp) where it pays.
+
+Registered with transformers as the attention implementation `"swiftkv_cpu"` (and its masks as SDPA's), which
+`swiftkv.load` selects for models on CPU. It is SDPA everywhere but in one case: a causal prefill (no padding mask,
+no dropout, window or soft cap) without autograd, on a CPU build with AVX512-BF16, in a layer whose products already
+run in bf16 (bf16 weights; int8/int4 blocks on bf16 hardware, weights.product_dtype). There q, k, v and the softmax
+numerators are rounded to bf16 and multiplied by `vdpbf16ps`, with float32 scores, sums and outputs: the arithmetic
+of PyTorch's bf16 flash attention at ~2.4x its speed on a CPU without AMX (docs/cpu.md). float32 layers keep float32
+attention: that format is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from swiftkv.modeling import native
+from swiftkv.modeling.weights import BlockLinear, native_bf16
+
+NAME = "swiftkv_cpu"
+HEAD_DIMS = (64, 128)  # the kernel's instantiations
+# Implementations whose masks are dense tensors SwiftKV can slice by query row (modeling/base.py; the decode step
+# too); others run the full SwiftKV forward (still correct, without the prefill saving).
+SKIPPABLE_ATTENTION = ("sdpa", "eager", NAME)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query [B, H, Tq, Dh], key/value [B, Hkv, Tk, Dh] -> ([B, Tq, H, Dh], None)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = attention_mask is None and not dropout and causal and not _extras(kwargs)
+    if plain and _bf16_kernel_applies(module, query, key, value):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _run_kernel(query, key, value, scale), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def _run_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    return native.extension().bf16_attention(query, key, value, scale)
+
+
+def _extras(kwargs: dict) -> bool:
+    """Options SDPA handles and the kernel does not: a sliding window, a logit soft cap, returned weights."""
+    return any(kwargs.get(name) for name in ("sliding_window", "softcap", "output_attentions"))
+
+
+def _bf16_kernel_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    tensors = (query, key, value)
+    return (
+        query.shape[2] > 1
+        and query.shape[-1] in HEAD_DIMS
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and _multiplies_in_bf16(module)
+        and bf16_kernel_available()
+    )
+
+
+def _multiplies_in_bf16(module: nn.Module) -> bool:
+    """The attention layer's products run in bf16 (weights.py): its output projection says for the whole layer."""
+    proj = getattr(module, "o_proj", None)
+    if isinstance(proj, BlockLinear):
+        return native_bf16()
+    return isinstance(proj, nn.Linear) and proj.weight.dtype == torch.bfloat16
+
+
+def bf16_kernel_available() -> bool:
+    """The native extension builds (or is built) here with AVX512-BF16 (not in SWIFTKV_NATIVE=0 or x86-64-v3 builds)."""
+    if not native.allowed():
+        return False
+    ext = native.extension()
+    return ext is not None and hasattr(ext, "has_bf16_attention") and ext.has_bf16_attention()
+
+
+def use_cpu_attention(model: nn.Module) -> None:
+    """Select `NAME` for a model on CPU that runs transformers' SDPA (eager, flash, ... are left as they are)."""
+    if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(NAME)
+
+
+AttentionInterface.register(NAME, attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
