@@ -1,5 +1,5 @@
-"""The CPU attention implementation (modeling/attention.py): bf16 flash attention in csrc/attention.cpp for causal
-prefills of bf16 layers, transformers' SDPA for everything else."""
+"""The CPU attention implementation (modeling/attention.py): swiftkv's flash attention (csrc/attention.cpp) for
+causal prefills, in float32 or, for layers that multiply in bf16, bf16; transformers' SDPA for everything else."""
 
 from __future__ import annotations
 
@@ -12,57 +12,60 @@ from conftest import left_padded_batch, tiny_base
 
 from swiftkv.conversion import convert
 from swiftkv.modeling import attention, native
-from swiftkv.modeling.weights import apply_format
+from swiftkv.modeling.weights import apply_format, native_bf16
 
-needs_kernel = pytest.mark.skipif(
-    not attention.bf16_kernel_available(), reason="the native build has no AVX512-BF16 (CPU or SWIFTKV_NATIVE_MARCH)"
-)
+needs_kernel = pytest.mark.skipif(not attention.kernel_available(), reason="the native extension does not build here")
+ARITHMETICS = [
+    False,
+    pytest.param(
+        True,
+        marks=pytest.mark.skipif(
+            not attention.bf16_kernel_available(), reason="no AVX512-BF16 in this build (CPU or SWIFTKV_NATIVE_MARCH)"
+        ),
+    ),
+]
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).double()
-
-
-def _reference(q, k, v, scale, shift: int = 0) -> torch.Tensor:
-    """float64 attention of the kernel's bf16-rounded q * scale, k, v; query i sees keys <= Tk - Tq + i + shift.
-    Output [B, Tq, H, Dh]."""
+def _reference(q, k, v, scale, bf16: bool, shift: int = 0) -> torch.Tensor:
+    """float64 attention of q * scale, k, v (rounded to bf16 first, as the kernel does, when `bf16`); query i sees
+    keys <= Tk - Tq + i + shift. Output [B, Tq, H, Dh]."""
     tq, tk = q.shape[2], k.shape[2]
     mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq + shift)
-    out = F.scaled_dot_product_attention(
-        _bf16(q * scale), _bf16(k), _bf16(v), attn_mask=mask, scale=1.0, enable_gqa=True
-    )
+    rounded = [t.to(torch.bfloat16) if bf16 else t for t in (q * scale, k, v)]
+    out = F.scaled_dot_product_attention(*(t.double() for t in rounded), attn_mask=mask, scale=1.0, enable_gqa=True)
     return out.transpose(1, 2)
 
 
-# (B, H, Hkv, Tq, Tk, Dh): GQA and MHA, lengths off the 64-key blocks and the row tiles, a cache ahead of the queries
+# (B, H, Hkv, Tq, Tk, Dh): GQA and MHA, lengths off the key blocks and the row tiles, a cache ahead of the queries
 SHAPES = [(1, 9, 3, 200, 200, 64), (2, 4, 2, 37, 50, 128), (1, 2, 2, 5, 5, 64), (1, 4, 1, 70, 130, 64)]
 
 
 @needs_kernel
+@pytest.mark.parametrize("bf16", ARITHMETICS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_equals_float64_attention_of_its_bf16_inputs(shape):
-    """Only the softmax numerators' rounding to bf16 (relative 2^-9 each) separates the kernel from a float64
-    attention of the same rounded inputs: the output error is below 2^-8 of the largest value. A mask off by one
-    key (tried: `shift=1`) is ~100x further off."""
+def test_kernel_equals_float64_attention(shape, bf16):
+    """float32: SDPA's formula summed in another order, within 1e-5. bf16: only the softmax numerators' rounding to
+    bf16 (relative 2^-9 each) separates it from a float64 attention of the same rounded q, k, v, so the error is
+    below 2^-8 of the largest value. A mask off by one key (`shift=1`) is >10x further off in both."""
     b, h, hkv, tq, tk, dh = shape
     torch.manual_seed(0)
     q = torch.randn(b, tq, h, dh).transpose(1, 2)  # strided, as transformers' layers pass it
     k, v = torch.randn(b, hkv, tk, dh), torch.randn(b, hkv, tk, dh)
-    out = native.extension().bf16_attention(q, k, v, dh**-0.5)
-    bound = 2**-8 * v.abs().max().item()
+    out = native.extension().prefill_attention(q, k, v, dh**-0.5, bf16)
+    bound = (2**-8 if bf16 else 1e-5) * v.abs().max().item()
     assert out.shape == (b, tq, h, dh)
-    assert (out.double() - _reference(q, k, v, dh**-0.5)).abs().max().item() < bound
-    assert (out.double() - _reference(q, k, v, dh**-0.5, shift=1)).abs().max().item() > 10 * bound
+    assert (out.double() - _reference(q, k, v, dh**-0.5, bf16)).abs().max().item() < bound
+    assert (out.double() - _reference(q, k, v, dh**-0.5, bf16, shift=1)).abs().max().item() > 10 * bound
 
 
 @needs_kernel
 def test_kernel_refuses_shapes_it_has_no_code_for():
     ext = native.extension()
-    q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32)
+    q = torch.randn(1, 2, 4, 32)
     with pytest.raises(RuntimeError, match="head dim 64 or 128"):
-        ext.bf16_attention(q, k, k, 1.0)
+        ext.prefill_attention(q, q, q, 1.0, False)
     with pytest.raises(RuntimeError, match="H a multiple of Hkv"):
-        ext.bf16_attention(torch.randn(1, 3, 4, 64), torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64), 1.0)
+        ext.prefill_attention(torch.randn(1, 3, 4, 64), torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64), 1.0, False)
 
 
 def _tiny_swiftkv(fmt: str) -> torch.nn.Module:
@@ -79,17 +82,18 @@ def _logits(model, impl: str, ids, mask=None) -> torch.Tensor:
 
 
 @needs_kernel
-def test_bf16_model_runs_the_kernel_and_agrees_with_sdpa(monkeypatch):
-    """A bf16 model's prefill through the kernel: logits within bf16 attention's rounding of SDPA's, same greedy
-    tokens; the kernel really ran (counted)."""
-    model = _tiny_swiftkv("bf16")
+@pytest.mark.parametrize("fmt", ["float32", "bf16"])
+def test_model_prefill_runs_the_kernel_and_agrees_with_sdpa(fmt, monkeypatch):
+    """A prefill through the kernel (counted, in the layer's arithmetic): logits within float32 rounding of SDPA's
+    (float32) or within bf16 attention's (bf16), and the same greedy tokens."""
+    model = _tiny_swiftkv(fmt)
     calls = []
-    kernel = native.extension().bf16_attention
-    monkeypatch.setattr(attention, "_run_kernel", lambda *a: calls.append(1) or kernel(*a))
+    run = attention._run_kernel
+    monkeypatch.setattr(attention, "_run_kernel", lambda *args: calls.append(args[-1]) or run(*args))
     ids = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(1))
     ours, sdpa = _logits(model, attention.NAME, ids), _logits(model, "sdpa", ids)
-    assert calls, "the kernel did not run"
-    assert (ours - sdpa).abs().max() < 0.05 * sdpa.abs().max()
+    assert calls and set(calls) == {fmt == "bf16" and attention.bf16_kernel_available()}
+    assert (ours - sdpa).abs().max() < (0.05 if fmt == "bf16" else 1e-4) * sdpa.abs().max()
     model.config._attn_implementation = attention.NAME
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     ours_tokens = model.generate(ids[:, :40], **kwargs)
@@ -98,18 +102,23 @@ def test_bf16_model_runs_the_kernel_and_agrees_with_sdpa(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bf16"])
-def test_sdpa_wherever_the_kernel_does_not_apply(fmt):
-    """float32 layers (the reference format), and any padding mask, run transformers' SDPA itself: bit for bit."""
+def test_sdpa_itself_wherever_the_kernel_does_not_apply(fmt):
+    """A padding mask, or a gradient to compute, runs transformers' SDPA itself: bit for bit."""
+    if fmt == "bf16" and not native_bf16():
+        pytest.skip("bf16 weights multiply in bf16 only on bf16 hardware")
     model = _tiny_swiftkv(fmt)
     ids, mask = left_padded_batch()
     assert torch.equal(_logits(model, attention.NAME, ids, mask), _logits(model, "sdpa", ids, mask))
     if fmt == "float32":
-        ids = torch.randint(3, 128, (1, 50), generator=torch.Generator().manual_seed(2))
-        assert torch.equal(_logits(model, attention.NAME, ids), _logits(model, "sdpa", ids))
+        with torch.enable_grad():
+            model.config._attn_implementation = attention.NAME
+            ours = model(ids).logits
+            model.config._attn_implementation = "sdpa"
+            assert torch.equal(ours, model(ids).logits)
 
 
 def test_load_selects_it_on_cpu_and_checkpoints_do_not_keep_it(tmp_path):
-    """`swiftkv.load` picks it for CPU models; it is a run-time choice, never written into a saved config."""
+    """`swiftkv.load`'s choice for CPU models; a run-time choice, never written into a saved config."""
     model = _tiny_swiftkv("float32")
     model.config._attn_implementation = "sdpa"
     attention.use_cpu_attention(model)

@@ -622,7 +622,7 @@ Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
 
 namespace swiftkv {  // attention.cpp
 bool has_bf16_attention();
-at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool bf16);
 }  // namespace swiftkv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -634,5 +634,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads);
   m.def("linear", &linear);
   m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
-  m.def("bf16_attention", &swiftkv::bf16_attention);
+  m.def("prefill_attention", &swiftkv::prefill_attention);
 }

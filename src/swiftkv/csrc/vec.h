@@ -54,6 +54,23 @@ inline float hsum(vf v) {
 #endif
 }
 
+// Largest of the W lanes.
+inline float hmax(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(v);
+#elif defined(__AVX__)
+  const __m128 four = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_max_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_max_ss(two, _mm_movehdup_ps(two)));
+#else
+  float lanes[W];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  float top = lanes[0];
+  for (int i = 1; i < W; ++i) top = lanes[i] > top ? lanes[i] : top;
+  return top;
+#endif
+}
+
 // exp of W lanes (Cephes expf: 2^n * p(r), |r| <= ln2/2; ~1 ulp). Lanes below -87.3 (masked, -inf) give exactly 0.
 inline vf expv(vf x) {
   const vf zero = {};

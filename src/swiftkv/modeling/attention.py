@@ -1,12 +1,13 @@
-"""Prefill attention on CPU: transformers' SDPA, with bf16 flash attention (csrc/attention.cpp) where it pays.
+"""Prefill attention on CPU: swiftkv's flash attention (csrc/attention.cpp) for causal prefills, SDPA otherwise.
 
-Registered with transformers as the attention implementation `"swiftkv_cpu"` (and its masks as SDPA's), which
-`swiftkv.load` selects for models on CPU. It is SDPA everywhere but in one case: a causal prefill (no padding mask,
-no dropout, window or soft cap) without autograd, on a CPU build with AVX512-BF16, in a layer whose products already
-run in bf16 (bf16 weights; int8/int4 blocks on bf16 hardware, weights.product_dtype). There q, k, v and the softmax
-numerators are rounded to bf16 and multiplied by `vdpbf16ps`, with float32 scores, sums and outputs: the arithmetic
-of PyTorch's bf16 flash attention at ~2.4x its speed on a CPU without AMX (docs/cpu.md). float32 layers keep float32
-attention: that format is the reference.
+Registered with transformers as the attention implementation `"swiftkv_cpu"` (its masks are SDPA's), which
+`swiftkv.load` selects for models on CPU. The native kernel runs a causal prefill (no padding mask, no dropout,
+window or soft cap, head dim 64 or 128) without autograd; everything else goes to transformers' SDPA as it is.
+Its arithmetic follows the layer's products (weights.py): in a layer that multiplies in bf16 (bf16 weights; int8/int4
+blocks on bf16 hardware) q, k, v and the softmax numerators are rounded to bf16 and multiplied by `vdpbf16ps`, with
+float32 scores, sums and outputs (PyTorch's bf16 flash attention's arithmetic); elsewhere float32 FMAs, SDPA's
+formula summed in another order. Against PyTorch's CPU flash attention on a 2048-token SmolLM2 layer: ~2.2x (bf16)
+and ~1.3x (float32) on two Zen 4 cores (docs/cpu.md).
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ def attention_forward(
     """transformers' attention interface: query [B, H, Tq, Dh], key/value [B, Hkv, Tk, Dh] -> ([B, Tq, H, Dh], None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = attention_mask is None and not dropout and causal and not _extras(kwargs)
-    if plain and _bf16_kernel_applies(module, query, key, value):
+    if plain and _kernel_applies(query, key, value):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return _run_kernel(query, key, value, scale), None
+        bf16 = _multiplies_in_bf16(module) and bf16_kernel_available()
+        return _run_kernel(query, key, value, scale, bf16), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 
 
-def _run_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    return native.extension().bf16_attention(query, key, value, scale)
+def _run_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bf16: bool) -> torch.Tensor:
+    return native.extension().prefill_attention(query, key, value, scale, bf16)
 
 
 def _extras(kwargs: dict) -> bool:
@@ -58,15 +60,14 @@ def _extras(kwargs: dict) -> bool:
     return any(kwargs.get(name) for name in ("sliding_window", "softcap", "output_attentions"))
 
 
-def _bf16_kernel_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     tensors = (query, key, value)
     return (
         query.shape[2] > 1
         and query.shape[-1] in HEAD_DIMS
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and _multiplies_in_bf16(module)
-        and bf16_kernel_available()
+        and kernel_available()
     )
 
 
@@ -78,12 +79,17 @@ def _multiplies_in_bf16(module: nn.Module) -> bool:
     return isinstance(proj, nn.Linear) and proj.weight.dtype == torch.bfloat16
 
 
-def bf16_kernel_available() -> bool:
-    """The native extension builds (or is built) here with AVX512-BF16 (not in SWIFTKV_NATIVE=0 or x86-64-v3 builds)."""
+def kernel_available() -> bool:
+    """The native extension builds (or is built) here and has the kernel (SWIFTKV_NATIVE=0 turns it off)."""
     if not native.allowed():
         return False
     ext = native.extension()
-    return ext is not None and hasattr(ext, "has_bf16_attention") and ext.has_bf16_attention()
+    return ext is not None and hasattr(ext, "prefill_attention")
+
+
+def bf16_kernel_available() -> bool:
+    """The kernel's bf16 arithmetic is built: AVX512-BF16 (not in x86-64-v3 builds or on CPUs without it)."""
+    return kernel_available() and native.extension().has_bf16_attention()
 
 
 def use_cpu_attention(model: nn.Module) -> None:
