@@ -21,7 +21,7 @@ from swiftkv.config import DTYPES
 from swiftkv.files import check_safetensors, portable_path, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.attention import use_cpu_attention
-from swiftkv.modeling.kernels import copy_weights_to_process_memory
+from swiftkv.modeling.kernels import copy_weights_to_process_memory, reuse_freed_memory, use_fused_elementwise
 from swiftkv.modeling.weights import apply_format, format_reason, resolve_format
 from swiftkv.modes import is_swiftkv
 
@@ -83,7 +83,10 @@ def load(
         layers = resolve_num_key_value_layers(model.config.num_hidden_layers, num_key_value_layers, skip)
         model = convert(model, layers, key_value_group_size)
     apply_format(model, fmt, None if source is None else gguf_blocks.blocks_for(source, model))
-    use_cpu_attention(model)
+    if model.device.type == "cpu":  # swiftkv's prefill kernels (docs/cpu.md)
+        use_cpu_attention(model)
+        use_fused_elementwise(model)
+        reuse_freed_memory()
     if weights is None:
         print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
     if is_swiftkv(model) or fmt in ("int8", "int4"):

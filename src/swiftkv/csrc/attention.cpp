@@ -49,12 +49,6 @@ struct F32 {
 };
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-inline uint32_t bf16_bits(float f) {  // round to nearest even, as _mm512_cvtne2ps_pbh does (no NaNs here)
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
-}
-
 struct BF16 {  // a slot is a pair of bf16 (low half first), what `vdpbf16ps` multiplies pairwise and sums
   using Slot = uint32_t;
   using Vec = __m512i;

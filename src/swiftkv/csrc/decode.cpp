@@ -135,18 +135,6 @@ Matrix make_matrix(const MatrixArgs& args) {
   return make_matrix(std::get<0>(args), std::get<1>(args), std::get<2>(args));
 }
 
-typedef uint16_t vh __attribute__((vector_size(2 * W)));
-typedef uint32_t vu __attribute__((vector_size(4 * W)));
-
-inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
-  vh h;
-  __builtin_memcpy(&h, p, sizeof(h));
-  const vu bits = __builtin_convertvector(h, vu) << 16;
-  vf v;
-  __builtin_memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
 // A block's float16 scale as float: one F16C instruction where the build has it (c10's portable conversion is a
 // dozen integer operations, paid twice per int4 block).
 inline float half(const at::Half* p) {
@@ -413,6 +401,20 @@ void rms_norm(const float* x, int64_t rows, int64_t n, const Tensor& weight, dou
   }
 }
 
+// rms_norm over the last dim of x [..., n] for a prefill (rows in parallel), float32.
+Tensor rms_norm_rows(const Tensor& x, const Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                  x.size(-1) == weight.size(0),
+              "rms_norm: float32 x [..., n] and weight [n]");
+  const Tensor xc = x.contiguous(), w = weight.contiguous();
+  Tensor y = at::empty_like(xc);
+  const int64_t n = w.size(0), rows = xc.numel() / n;
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    rms_norm(xc.data_ptr<float>() + lo * n, hi - lo, n, w, eps, y.data_ptr<float>() + lo * n);
+  });
+  return y;
+}
+
 // RoPE in place on [B, heads, Dh] with cos/sin [B, Dh]: x*cos + rotate_half(x)*sin.
 void rope(float* x, int64_t B, int64_t heads, int64_t dh, const float* cos, const float* sin) {
   const int64_t half = dh / 2;
@@ -620,9 +622,10 @@ Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
 
 }  // namespace
 
-namespace swiftkv {  // attention.cpp
+namespace swiftkv {  // attention.cpp, elementwise.cpp
 bool has_bf16_attention();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool bf16);
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 }  // namespace swiftkv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -635,4 +638,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
   m.def("prefill_attention", &swiftkv::prefill_attention);
+  m.def("silu_mul", &swiftkv::silu_mul);
+  m.def("rms_norm", &rms_norm_rows);
 }

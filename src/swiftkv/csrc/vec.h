@@ -90,4 +90,31 @@ inline vf expv(vf x) {
   return x < -87.3f ? zero : e;
 }
 
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+
+inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// float -> bf16 bits, rounded to nearest even (as PyTorch's and oneDNN's conversions do; no NaNs expected).
+inline uint32_t bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
+
+// Rounds W lanes to bf16 as bf16_bits does, into p.
+inline void store_bf16(uint16_t* p, vf v) {
+  vu bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  const vh h = __builtin_convertvector((bits + 0x7fff + ((bits >> 16) & 1)) >> 16, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
 }  // namespace swiftkv

@@ -93,8 +93,9 @@ def bf16_kernel_available() -> bool:
 
 
 def use_cpu_attention(model: nn.Module) -> None:
-    """Select `NAME` for a model on CPU that runs transformers' SDPA (eager, flash, ... are left as they are)."""
-    if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+    """Select `NAME` for a model that runs transformers' SDPA (eager, flash, ... are left as they are): on CPU, where
+    its kernel runs (elsewhere it is SDPA itself)."""
+    if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(NAME)
 
 

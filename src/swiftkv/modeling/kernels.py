@@ -13,15 +13,21 @@ Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relat
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import mmap
+import os
+import sys
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
+from swiftkv.modeling import native
 from swiftkv.modeling.common import Switch
-from swiftkv.modeling.weights import native_product, rounded_product
+from swiftkv.modeling.weights import NATIVE_ROWS, native_product, product_weight, rounded_product
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _onednn_switch = Switch(_AVAILABLE)
@@ -75,6 +81,80 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return F.linear(x, weight, bias)
     return _FrozenWeightLinear.apply(x, weight, bias) if x.requires_grad else _onednn(x, weight, bias)
+
+
+def _prefill_rows(x: torch.Tensor) -> bool:
+    """x [..., n] is a CPU float32 prefill's activation that needs no gradient: more rows than the decode step's
+    products take natively (weights.NATIVE_ROWS), and the extension is there to fuse its elementwise work."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and rows > NATIVE_ROWS
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and native.allowed()
+        and native.extension() is not None
+    )
+
+
+class FusedRMSNorm:
+    """Mixed into a family's RMSNorm (weight * x / sqrt(mean(x^2) + eps) over the last dim): a prefill's norm in one
+    native pass (csrc/decode.cpp's rms_norm, rows in parallel) instead of eager PyTorch's five."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _prefill_rows(x) and self.weight.dtype == torch.float32 and not self.weight.requires_grad:
+            return native.extension().rms_norm(x, self.weight, float(self.variance_epsilon))
+        return super().forward(x)
+
+
+class FusedMLP:
+    """Mixed into a family's gated MLP (down(silu(gate(x)) * up(x)), no biases): a prefill's SiLU and multiply in
+    one native pass in the products' own dtype (csrc/elementwise.cpp), so bf16 products feed each other without
+    float32 round trips (the same rounding: gate and up come out of the product in bf16 either way)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if not (_prefill_rows(x) and all(p.bias is None for p in projections) and _is_silu(self.act_fn)):
+            return super().forward(x)
+        gate, up, down = (product_weight(p, x) for p in projections)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in (gate, up, down)):
+            return super().forward(x)
+        xin = x.to(gate.dtype)
+        act = native.extension().silu_mul(_product(xin, gate), _product(xin, up))
+        return _product(act.to(down.dtype), down).to(x.dtype)
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, (nn.SiLU, SiLUActivation))
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in their common dtype: oneDNN for float32 (see the module doc), F.linear (oneDNN) for bf16."""
+    if weight.dtype == torch.float32 and _AVAILABLE:
+        return _onednn(x, weight, None)
+    return F.linear(x, weight)
+
+
+def use_fused_elementwise(model: nn.Module) -> nn.Module:
+    """Give every RMSNorm and gated MLP of `model` the fused prefill forward above, in place (state dict, parameters
+    and every other path unchanged)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.__class__ = _fused_class(FusedRMSNorm, type(module))
+        elif all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            module.__class__ = _fused_class(FusedMLP, type(module))
+    return model
+
+
+@functools.cache
+def _fused_class(mixin: type, base: type) -> type:
+    """`mixin` over `base`, made once, and findable here by name (so pickling a whole model finds it)."""
+    if issubclass(base, mixin):
+        return base
+    name = f"{mixin.__name__[:5]}{base.__name__}"
+    cls = globals()[name] = type(name, (mixin, base), {"__module__": __name__})
+    return cls
 
 
 class FastLinear(nn.Linear):
@@ -137,3 +217,30 @@ def _huge_page_arena(nbytes: int) -> tuple[mmap.mmap, int]:
         with contextlib.suppress(OSError):
             arena.madvise(mmap.MADV_HUGEPAGE, start, nbytes + _HUGE_PAGE - start)
     return arena, start
+
+
+# glibc's mallopt parameters (malloc.h) and its ceiling on the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+_KEEP_FREED = 1 << 30  # bytes of freed heap top kept before returning memory to the OS
+MALLOC_TUNING_ENV = "SWIFTKV_MALLOC_TUNING"
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc serve blocks up to 32 MiB from its heap and keep up to 1 GiB of freed memory; True when
+    applied (once per process; Linux with glibc; `SWIFTKV_MALLOC_TUNING=0` leaves malloc as it is).
+
+    Why: eager PyTorch allocates every op's output anew ([T, intermediate] float32 is 12 MiB at 2048 tokens). Above
+    its mmap threshold glibc maps fresh pages for each and unmaps them when freed, so every op of a prefill paid
+    the kernel's page faults and page zeroing: 20-23% of a 2048-token prefill (docs/cpu.md). PyTorch's CPU tuning
+    guide prescribes the same cure as a preloaded jemalloc/tcmalloc. The cost: freed memory stays with the process.
+    """
+    off = os.environ.get(MALLOC_TUNING_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    if off or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no effect here either)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) & bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED))

@@ -121,10 +121,16 @@ class BlockLinear(nn.Module):
         `product_dtype`, the bias added in x's dtype."""
         if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
             return y
-        return rounded_product(x, self.dequantize(product_dtype(x)), self.bias)
+        return rounded_product(x, product_weight(self, x), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def product_weight(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The weight [out, in] a prefill product of x multiplies by: a Linear layer's own (float32 or bf16), a
+    BlockLinear's dequantized to `product_dtype(x)`."""
+    return proj.dequantize(product_dtype(x)) if isinstance(proj, BlockLinear) else proj.weight
 
 
 def rounded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""The prefill's fused elementwise work (kernels.FusedRMSNorm / FusedMLP, csrc/elementwise.cpp) and the allocator
+setting `swiftkv.load` applies (kernels.reuse_freed_memory)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, tiny_base
+
+from swiftkv.conversion import convert
+from swiftkv.modeling import kernels, native
+from swiftkv.modeling.weights import apply_format, native_bf16
+
+needs_extension = pytest.mark.skipif(native.extension() is None, reason="the native extension does not build here")
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(300, 96), (7, 37)])  # many vectors; a tail shorter than one
+def test_silu_mul_is_silu_times_u_rounded_once(shape):
+    """float32: SiLU times u to float32 rounding. bf16: the float32 result rounded to bf16 once, so at most one bf16
+    step (2^-8 relative) from PyTorch's float32 computation rounded the same way."""
+    torch.manual_seed(0)
+    g, u = 3 * torch.randn(shape), torch.randn(shape)
+    reference = F.silu(g.double()) * u.double()
+    assert torch.allclose(native.extension().silu_mul(g, u).double(), reference, rtol=1e-6, atol=1e-7)
+    gb, ub = g.bfloat16(), u.bfloat16()
+    out = native.extension().silu_mul(gb, ub)
+    rounded = (F.silu(gb.double()) * ub.double()).bfloat16()
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - rounded.double()).abs() <= 2**-8 * rounded.double().abs()).all()
+
+
+@needs_extension
+def test_rms_norm_equals_the_stock_norm():
+    norm = tiny_base("llama").model.norm
+    x = torch.randn(3, 50, norm.weight.shape[0])
+    with torch.no_grad():
+        assert torch.allclose(native.extension().rms_norm(x, norm.weight, norm.variance_epsilon), norm(x), atol=1e-6)
+
+
+def _unfused(model: torch.nn.Module) -> dict:
+    """Every fused module of `model` -> its fused class; the modules get their stock class back."""
+    fused = {m: type(m) for m in model.modules() if issubclass(type(m), (kernels.FusedRMSNorm, kernels.FusedMLP))}
+    for module, cls in fused.items():
+        module.__class__ = cls.__mro__[2]  # (Fused<Stock>, mixin, Stock, ...)
+    return fused
+
+
+@needs_extension
+@pytest.mark.parametrize("fmt", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_prefill_equals_the_stock_modules(family, fmt, monkeypatch):
+    """Every RMSNorm and MLP fused (counted: the native SiLU ran), logits as the stock modules': to float32
+    rounding, and for bf16 products within a bf16 step of the activations (the same rounding points; only exp's
+    last bits differ)."""
+    if fmt == "bf16" and not native_bf16():
+        pytest.skip("bf16 weights multiply in bf16 only on bf16 hardware")
+    model = apply_format(convert(tiny_base(family), 3, 1), fmt)
+    kernels.use_fused_elementwise(model)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all(isinstance(m, kernels.FusedRMSNorm) for m in norms)
+    assert all(isinstance(layer.mlp, kernels.FusedMLP) for layer in model.model.layers)
+    calls = []
+    ext = native.extension()
+    silu_mul = ext.silu_mul
+    monkeypatch.setattr(ext, "silu_mul", lambda g, u: calls.append(g.dtype) or silu_mul(g, u))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = model(ids).logits
+        assert len(calls) == model.config.num_hidden_layers
+        _unfused(model)
+        stock = model(ids).logits
+    tolerance = 1e-5 if fmt == "float32" or not native_bf16() else 2e-2
+    assert (fused - stock).abs().max() <= tolerance * stock.abs().max()
+
+
+@needs_extension
+def test_stock_forward_wherever_fusion_does_not_apply():
+    """Training (inputs that need gradients) and the few rows of a decode step run the stock modules: bit for bit."""
+    model = convert(tiny_base("llama"), 3, 1)
+    kernels.use_fused_elementwise(model)
+    norm, mlp = model.model.layers[0].input_layernorm, model.model.layers[0].mlp
+    x = torch.randn(2, 30, 32, requires_grad=True)
+    few = torch.randn(1, 1, 32)
+    fused = [norm(x), mlp(x), norm(few), mlp(few)]
+    _unfused(model)
+    assert all(torch.equal(a, b) for a, b in zip(fused, [norm(x), mlp(x), norm(few), mlp(few)], strict=True))
+    assert fused[0].requires_grad
+
+
+def test_fused_models_pickle():
+    """The fused classes are importable by name: a whole model saved with torch.save loads back."""
+    model = kernels.use_fused_elementwise(convert(tiny_base("llama"), 3, 1))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.model.norm) is type(model.model.norm)
+
+
+MMAPPED_BYTES = """
+import ctypes, sys
+import torch
+from swiftkv.modeling import kernels
+
+class MallInfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "tuned":
+    assert kernels.reuse_freed_memory()
+before = mallinfo2().hblkhd
+x = torch.empty(3 << 20)  # 12 MiB: a [2048, 1536] float32 activation
+print(mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_reuse_freed_memory_serves_prefill_tensors_from_the_heap():
+    """Measured by glibc itself (mallinfo2's mmapped bytes), each in a fresh process (the setting is per process):
+    a 12 MiB tensor is a fresh mapping by default, heap memory once tuned."""
+    mapped = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", MMAPPED_BYTES, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "tuned")
+    }
+    assert mapped["default"] >= 12 << 20
+    assert mapped["tuned"] == 0
+
+
+def test_reuse_freed_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(kernels.MALLOC_TUNING_ENV, "0")
+    kernels.reuse_freed_memory.cache_clear()
+    try:
+        assert kernels.reuse_freed_memory() is False
+    finally:
+        kernels.reuse_freed_memory.cache_clear()
