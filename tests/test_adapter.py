@@ -42,8 +42,8 @@ def _logits(model):
 
 def test_base_plus_adapter_equals_full_checkpoint(distilled):
     base_dir, run = distilled
-    full = AutoModelForCausalLM.from_pretrained(run / "model").eval()
-    applied, tokenizer = load(base_dir, adapter=run / "adapter", weights="float32")  # bit for bit: the same format
+    full, _ = load(run / "model", weights="float32")  # bit for bit: loaded the same way, the same format and kernels
+    applied, tokenizer = load(base_dir, adapter=run / "adapter", weights="float32")
     assert type(applied) is type(full) and applied.config.num_key_value_layers == 2
     assert torch.equal(_logits(applied), _logits(full))
     assert tokenizer.chat_template is not None

@@ -4,13 +4,14 @@ setting `swiftkv.load` applies (kernels.reuse_freed_memory)."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, tiny_base
+from conftest import FAMILIES, load_benchmark, tiny_base
 
 from swiftkv.conversion import convert
 from swiftkv.modeling import kernels, native
@@ -145,3 +146,23 @@ def test_reuse_freed_memory_can_be_turned_off(monkeypatch):
         assert kernels.reuse_freed_memory() is False
     finally:
         kernels.reuse_freed_memory.cache_clear()
+
+
+@needs_extension
+def test_prefill_ablation_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/prefill_ablation.py on a short prompt: every variant +/- malloc timed in child processes, the
+    pieces really switched (the child's model runs SDPA and stock modules for "stock"), JSON and PNG written."""
+    bench = load_benchmark("prefill_ablation")
+    model = convert(tiny_base("llama"), 3, 1)
+    kernels.use_fused_elementwise(model)
+    fused = {m: type(m) for m in model.modules() if isinstance(m, (kernels.FusedRMSNorm, kernels.FusedMLP))}
+    bench.set_pieces(model, fused, kernel=False, fuse=False)
+    assert model.config._attn_implementation == "sdpa" and not any(isinstance(m, kernels.FusedMLP) for m in fused)
+    out = tmp_path / "ablation.json"
+    argv = ["prefill_ablation.py", "--prompt", "16", "--reps", "1", "--threads", "1", "--formats", "float32"]
+    monkeypatch.setattr(sys, "argv", argv + ["--json", str(out), "--plot", str(tmp_path / "ablation.png")])
+    bench.main()
+    result = json.loads(out.read_text())["formats"]["float32"]
+    names = {f"{v}{m}malloc" for v in bench.VARIANTS for m in "+-"}
+    assert set(result["median_ms"]) == names and all(ms > 0 for ms in result["median_ms"].values())
+    assert (tmp_path / "ablation.png").stat().st_size > 0
