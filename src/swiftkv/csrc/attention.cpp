@@ -28,9 +28,12 @@ using Tensor = at::Tensor;
 
 namespace {
 
-constexpr int64_t KB = 4 * W;  // keys per block: 4 vectors of scores per query row
-constexpr int R = W >= 16 ? 6 : 3;  // query rows per tile: R * 4 score accumulators fit the registers
-constexpr int CH = 4;  // output vectors accumulated at once (R * CH registers)
+// Register blocking: R rows x NV vectors of scores (and R x CH output vectors) in flight, plus the NV (CH) vectors
+// loaded and one broadcast: 6 x 4 of AVX-512's 32 registers, 6 x 2 of AVX2's 16 (the classic 6x16 GEMM tile).
+constexpr int NV = W >= 16 ? 4 : 2;
+constexpr int64_t KB = NV * W;  // keys per block
+constexpr int R = 6;  // query rows per tile
+constexpr int CH = NV;  // output vectors accumulated at once
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // An arithmetic: how values sit in the `Slot`s the inner loops read (STEP values per slot along the reduction axis)
@@ -111,7 +114,7 @@ Packed<A> pack(const Tensor& q, const Tensor& k, const Tensor& v, float scale) {
 
 // Scores s of keys c * W .. c * W + W - 1 of a block, with those after `visible` set to -inf (a row's causal limit).
 // By value: an array of scores whose address escapes is kept in memory, every multiply-add then stores it.
-inline vf mask_after(vf s, int c, int64_t visible) {
+inline vf mask_after(vf s, int c, int64_t visible) {  // c < NV
   vi key;
   for (int i = 0; i < W; ++i) key[i] = W * c + i;
   return key <= static_cast<int32_t>(std::min<int64_t>(visible, KB)) ? s : vf{} + NEG_INF;
@@ -123,7 +126,7 @@ template <class A, int DH>
 void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
   using Slot = typename A::Slot;
-  constexpr int P = DH / A::STEP, KS = KB / A::STEP, NV = KB / W, DV = DH / W;
+  constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   alignas(64) float o[R][DH] = {};
   alignas(64) float scores[R][KB];  // this block's
   alignas(64) Slot weights[R][KS];  // this block's softmax numerators
