@@ -87,10 +87,10 @@ def load(
         use_cpu_attention(model)
         use_fused_elementwise(model)
         reuse_freed_memory()
+        if native.allowed():
+            native.extension()  # built now (once per machine), not inside the first prefill or generation
     if weights is None:
         print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
-    if is_swiftkv(model) or fmt in ("int8", "int4"):
-        native.prepare(model)  # compile the decode step (and quantized products) now, not inside the first generation
     return model.eval(), tokenizer
 
 

@@ -1,12 +1,13 @@
-"""The native decode step (csrc/decode.cpp): one C++ call per token for float32 models on CPU.
+"""The native extension (csrc/): the decode step, one C++ call per token on CPU, and the prefill's kernels.
 
 The extension is compiled once per machine with its own instruction set (`-march=native`; `SWIFTKV_NATIVE_MARCH=
 x86-64-v3` builds for any AVX2 CPU instead) into `<swiftkv cache>/native/<cpu tag>/` (`$SWIFTKV_NATIVE_DIR/<cpu tag>/`
-when set), and loaded from there afterwards (a fraction of a second). `prepare` builds it when a SwiftKV model is
-loaded, with a progress line, so no user's first generation pays for the compiler. If it cannot be built, decoding
-keeps the Python step (decode.py) and a warning says why once; so it does, building nothing, when the -march asks
-for features this CPU lacks (x86-64-v3 without AVX2: the build would die of an illegal instruction; `missing_isa`).
-`SWIFTKV_NATIVE=0` turns it off. Which step runs changes nothing but float32 rounding (tests/test_native.py).
+when set), and loaded from there afterwards (a fraction of a second). `swiftkv.load` builds it when it loads a
+model on CPU, with a progress line, so no user's first generation pays for the compiler. If it cannot be built,
+decoding keeps the Python step (decode.py), prefill PyTorch's ops, and a warning says why once; so they do,
+building nothing, when the -march asks for features this CPU lacks (x86-64-v3 without AVX2: the build would die
+of an illegal instruction; `missing_isa`). `SWIFTKV_NATIVE=0` turns it off. Which step runs changes nothing but
+float32 rounding (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -135,12 +136,6 @@ def _name() -> str:
     code = b"".join(path.read_bytes() for path in (SOURCE, *EXTRA_SOURCES, *HEADERS))
     digest = hashlib.sha256(code + " ".join(FLAGS).encode() + torch.__version__.encode())
     return f"swiftkv_decode_{digest.hexdigest()[:12]}"
-
-
-def prepare(causal_lm) -> None:
-    """Build (once per machine, with a progress line) or load the extension for a model that will use it."""
-    if enabled() and _supported(causal_lm) and causal_lm.device.type == "cpu":
-        extension()
 
 
 @functools.cache
