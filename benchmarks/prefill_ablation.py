@@ -37,7 +37,7 @@ def set_pieces(model, fused: dict, kernel: bool, fuse: bool) -> None:
     """The attention implementation (swiftkv's or SDPA) and the fused modules (on, or their stock classes)."""
     model.config._attn_implementation = attention.NAME if kernel else "sdpa"
     for module, cls in fused.items():
-        module.__class__ = cls if fuse else cls.__mro__[2]  # (Fused<Stock>, mixin, Stock, ...)
+        module.__class__ = cls if fuse else cls.stock_class
 
 
 def child(fmt: str, prompt: int, threads: int) -> dict[str, float]:

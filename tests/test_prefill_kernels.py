@@ -48,7 +48,7 @@ def _unfused(model: torch.nn.Module) -> dict:
     """Every fused module of `model` -> its fused class; the modules get their stock class back."""
     fused = {m: type(m) for m in model.modules() if issubclass(type(m), (kernels.FusedRMSNorm, kernels.FusedMLP))}
     for module, cls in fused.items():
-        module.__class__ = cls.__mro__[2]  # (Fused<Stock>, mixin, Stock, ...)
+        module.__class__ = cls.stock_class
     return fused
 
 

@@ -87,8 +87,7 @@ def load(
         use_cpu_attention(model)
         use_fused_elementwise(model)
         reuse_freed_memory()
-        if native.allowed():
-            native.extension()  # built now (once per machine), not inside the first prefill or generation
+        native.usable()  # built now (once per machine), not inside the first prefill or generation
     if weights is None:
         print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
     return model.eval(), tokenizer

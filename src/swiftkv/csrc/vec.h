@@ -1,4 +1,4 @@
-// Float32 vectors sized to the target's registers, shared by decode.cpp and attention.cpp.
+// Float32 vectors sized to the target's registers (and their bf16 conversions), shared by every source in csrc/.
 
 #pragma once
 

@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from swiftkv.modeling import native
-from swiftkv.modeling.weights import BlockLinear, native_bf16
+from swiftkv.modeling.weights import BlockLinear, layer_product_dtype
 
 NAME = "swiftkv_cpu"
 HEAD_DIMS = (64, 128)  # the kernel's instantiations
@@ -44,7 +44,7 @@ def attention_forward(
     plain = attention_mask is None and not dropout and causal and not _extras(kwargs)
     if plain and _kernel_applies(query, key, value):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        bf16 = _multiplies_in_bf16(module) and bf16_kernel_available()
+        bf16 = _multiplies_in_bf16(module, query) and bf16_kernel_available()
         return _run_kernel(query, key, value, scale, bf16), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -71,19 +71,16 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     )
 
 
-def _multiplies_in_bf16(module: nn.Module) -> bool:
-    """The attention layer's products run in bf16 (weights.py): its output projection says for the whole layer."""
+def _multiplies_in_bf16(module: nn.Module, x: torch.Tensor) -> bool:
+    """The attention layer's products of x run in bf16 (weights.py): its output projection says for the whole
+    layer."""
     proj = getattr(module, "o_proj", None)
-    if isinstance(proj, BlockLinear):
-        return native_bf16()
-    return isinstance(proj, nn.Linear) and proj.weight.dtype == torch.bfloat16
+    return isinstance(proj, (nn.Linear, BlockLinear)) and layer_product_dtype(proj, x) == torch.bfloat16
 
 
 def kernel_available() -> bool:
     """The native extension builds (or is built) here and has the kernel (SWIFTKV_NATIVE=0 turns it off)."""
-    if not native.allowed():
-        return False
-    ext = native.extension()
+    ext = native.usable()
     return ext is not None and hasattr(ext, "prefill_attention")
 
 

@@ -92,8 +92,7 @@ def _prefill_rows(x: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and rows > NATIVE_ROWS
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and native.allowed()
-        and native.extension() is not None
+        and native.usable() is not None
     )
 
 
@@ -149,11 +148,12 @@ def use_fused_elementwise(model: nn.Module) -> nn.Module:
 
 @functools.cache
 def _fused_class(mixin: type, base: type) -> type:
-    """`mixin` over `base`, made once, and findable here by name (so pickling a whole model finds it)."""
+    """`mixin` over `base` (kept as its `stock_class`), made once, and findable here by name (so pickling a whole
+    model finds it)."""
     if issubclass(base, mixin):
         return base
     name = f"{mixin.__name__[:5]}{base.__name__}"
-    cls = globals()[name] = type(name, (mixin, base), {"__module__": __name__})
+    cls = globals()[name] = type(name, (mixin, base), {"__module__": __name__, "stock_class": base})
     return cls
 
 

@@ -92,6 +92,11 @@ def allowed() -> bool:
     return os.environ.get("SWIFTKV_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def usable():
+    """The extension where it may run (`allowed`) and builds here (built on the first call), else None."""
+    return extension() if allowed() else None
+
+
 def _cpu_tag() -> str:
     """Binaries built with -march=native only run on the CPU they were built for: key them by its flags."""
     flags = platform.machine() + " " + " ".join(sorted(cpu.cpu_flags()))

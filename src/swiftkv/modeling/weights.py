@@ -127,9 +127,15 @@ class BlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
 
 
+def layer_product_dtype(proj: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a prefill product of x by `proj` runs in: a Linear layer's weight's (float32 or bf16), a
+    BlockLinear's `product_dtype(x)`."""
+    return product_dtype(x) if isinstance(proj, BlockLinear) else proj.weight.dtype
+
+
 def product_weight(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The weight [out, in] a prefill product of x multiplies by: a Linear layer's own (float32 or bf16), a
-    BlockLinear's dequantized to `product_dtype(x)`."""
+    """The weight [out, in] a prefill product of x multiplies by, in `layer_product_dtype`: a Linear layer's own,
+    a BlockLinear's dequantized."""
     return proj.dequantize(product_dtype(x)) if isinstance(proj, BlockLinear) else proj.weight
 
 
@@ -149,9 +155,9 @@ def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) ->
     from swiftkv.modeling import native  # native's step reads this module's formats
 
     rows = x.numel() // x.shape[-1]
-    if rows > NATIVE_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or not native.allowed():
+    if rows > NATIVE_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    if (torch.is_grad_enabled() and x.requires_grad) or (extension := native.extension()) is None:
+    if (torch.is_grad_enabled() and x.requires_grad) or (extension := native.usable()) is None:
         return None
     return extension.linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
 
