@@ -66,14 +66,18 @@ def test_fused_prefill_equals_the_stock_modules(family, fmt, monkeypatch):
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all(isinstance(m, kernels.FusedRMSNorm) for m in norms)
     assert all(isinstance(layer.mlp, kernels.FusedMLP) for layer in model.model.layers)
-    calls = []
+    calls, norm_calls, prefill_norms = [], [], []
     ext = native.extension()
-    silu_mul = ext.silu_mul
+    silu_mul, rms_norm = ext.silu_mul, ext.rms_norm
     monkeypatch.setattr(ext, "silu_mul", lambda g, u: calls.append(g.dtype) or silu_mul(g, u))
+    monkeypatch.setattr(ext, "rms_norm", lambda x, w, eps: norm_calls.append(x.shape) or rms_norm(x, w, eps))
+    for norm in norms:  # every norm call on prefill rows, whatever runs it
+        norm.register_forward_hook(lambda m, args, out: prefill_norms.append(1) if args[0][..., 0].numel() > 8 else None)
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad():  # the parameters still require gradients, as a loaded model's do
         fused = model(ids).logits
         assert len(calls) == model.config.num_hidden_layers
+        assert len(norm_calls) == len(prefill_norms) > 2 * model.config.num_hidden_layers
         _unfused(model)
         stock = model(ids).logits
     tolerance = 1e-5 if fmt == "float32" or not native_bf16() else 2e-2

@@ -101,7 +101,8 @@ class FusedRMSNorm:
     native pass (csrc/decode.cpp's rms_norm, rows in parallel) instead of eager PyTorch's five."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _prefill_rows(x) and self.weight.dtype == torch.float32 and not self.weight.requires_grad:
+        trains = torch.is_grad_enabled() and self.weight.requires_grad
+        if _prefill_rows(x) and self.weight.dtype == torch.float32 and not trains:
             return native.extension().rms_norm(x, self.weight, float(self.variance_epsilon))
         return super().forward(x)
 
