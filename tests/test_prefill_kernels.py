@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAMILIES, load_benchmark, tiny_base
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from swiftkv.conversion import convert
-from swiftkv.modeling import kernels, native
+from swiftkv.modeling import base, kernels, native
+from swiftkv.modeling.common import apply_rope
 from swiftkv.modeling.weights import apply_format, native_bf16
 
 needs_extension = pytest.mark.skipif(native.extension() is None, reason="the native extension does not build here")
@@ -66,18 +68,15 @@ def test_fused_prefill_equals_the_stock_modules(family, fmt, monkeypatch):
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all(isinstance(m, kernels.FusedRMSNorm) for m in norms)
     assert all(isinstance(layer.mlp, kernels.FusedMLP) for layer in model.model.layers)
-    calls, norm_calls, prefill_norms = [], [], []
-    ext = native.extension()
-    silu_mul, rms_norm = ext.silu_mul, ext.rms_norm
-    monkeypatch.setattr(ext, "silu_mul", lambda g, u: calls.append(g.dtype) or silu_mul(g, u))
-    monkeypatch.setattr(ext, "rms_norm", lambda x, w, eps: norm_calls.append(x.shape) or rms_norm(x, w, eps))
+    calls, norm_calls = _count_calls(monkeypatch, "silu_mul"), _count_calls(monkeypatch, "rms_norm")
+    prefill_norms = []
     for norm in norms:  # every norm call on prefill rows, whatever runs it
-        norm.register_forward_hook(lambda m, args, out: prefill_norms.append(1) if args[0][..., 0].numel() > 8 else None)
+        norm.register_forward_hook(lambda m, args, out: prefill_norms.append(args[0][..., 0].numel() > 8))
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the parameters still require gradients, as a loaded model's do
         fused = model(ids).logits
         assert len(calls) == model.config.num_hidden_layers
-        assert len(norm_calls) == len(prefill_norms) > 2 * model.config.num_hidden_layers
+        assert len(norm_calls) == sum(prefill_norms) > 2 * model.config.num_hidden_layers
         _unfused(model)
         stock = model(ids).logits
     tolerance = 1e-5 if fmt == "float32" or not native_bf16() else 2e-2
@@ -170,3 +169,45 @@ def test_prefill_ablation_benchmark_end_to_end(tmp_path, monkeypatch):
     names = {f"{v}{m}malloc" for v in bench.VARIANTS for m in "+-"}
     assert set(result["median_ms"]) == names and all(ms > 0 for ms in result["median_ms"].values())
     assert (tmp_path / "ablation.png").stat().st_size > 0
+
+
+@needs_extension
+@pytest.mark.parametrize("batch", [1, 2])
+def test_native_rope_is_the_families_rope_bit_for_bit(batch, monkeypatch):
+    """Queries as the attention forward hands them over (a transposed view of the product), cos/sin for one or every
+    sequence: apply_rope's native pass equals transformers' apply_rotary_pos_emb exactly."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 37, 5 * 64).view(2, 37, 5, 64).transpose(1, 2)  # [B, H, T, Dh], strided
+    cos, sin = torch.randn(batch, 37, 64), torch.randn(batch, 37, 64)
+    calls = _count_calls(monkeypatch, "prefill_rope")
+    with torch.no_grad():
+        ours = apply_rope(q, (cos, sin))
+    stock, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    assert calls and ours.is_contiguous() and torch.equal(ours, stock)
+
+
+@needs_extension
+@pytest.mark.parametrize("family", FAMILIES)
+def test_own_key_value_layers_prefill_as_the_stock_forward(family, monkeypatch):
+    """A CPU prefill through layers with their own K/V (SwiftKV off: all of them) runs swiftkv's forward with the
+    native RoPE, and gives the stock forward's logits and cache bit for bit."""
+    model = convert(tiny_base(family), 3, 1)
+    model.config.swiftkv = False
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    calls = _count_calls(monkeypatch, "prefill_rope")
+    with torch.no_grad():
+        ours = model(ids, use_cache=True)
+        assert len(calls) == 2 * model.config.num_hidden_layers
+        monkeypatch.setattr(base, "prefill_rows", lambda x: False)
+        stock = model(ids, use_cache=True)
+    assert torch.equal(ours.logits, stock.logits)
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(ours.cache.layers[layer].keys, stock.cache.layers[layer].keys)
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    """Calls to the native extension's function `name` from now on (the function still runs)."""
+    calls, ext = [], native.extension()
+    function = getattr(ext, name)
+    monkeypatch.setattr(ext, name, lambda *args: calls.append(1) or function(*args))
+    return calls

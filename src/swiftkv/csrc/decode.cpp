@@ -626,6 +626,7 @@ namespace swiftkv {  // attention.cpp, elementwise.cpp
 bool has_bf16_attention();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool bf16);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
+at::Tensor prefill_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 }  // namespace swiftkv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -639,5 +640,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
   m.def("prefill_attention", &swiftkv::prefill_attention);
   m.def("silu_mul", &swiftkv::silu_mul);
+  m.def("prefill_rope", &swiftkv::prefill_rope);
   m.def("rms_norm", &rms_norm_rows);
 }

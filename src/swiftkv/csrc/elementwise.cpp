@@ -42,7 +42,50 @@ void silu_mul_range(const T* g, const T* u, T* out, int64_t n) {
   }
 }
 
+// One row of RoPE: out = x * cos + rotate_half(x) * sin over Dh = 2 * half lanes. Each product and the sum rounded
+// on its own (no fused multiply-add), as PyTorch's separate ops round them: the families' apply_rotary_pos_emb bit for
+// bit. rotate_half(x) = (-x2, x1), and (-a) * b + c == c - a * b exactly.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void rope_row(const float* x, const float* cos, const float* sin, float* out, int64_t half) {
+  int64_t i = 0;
+  for (; i + W <= half; i += W) {  // vectors by hand: GCC leaves the loop below scalar under this pragma
+    const vf lo = loadv(x + i), hi = loadv(x + half + i);
+    storev(out + i, lo * loadv(cos + i) - hi * loadv(sin + i));
+    storev(out + half + i, hi * loadv(cos + half + i) + lo * loadv(sin + half + i));
+  }
+  for (; i < half; ++i) {
+    out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+  }
+}
+#pragma GCC pop_options
+
 }  // namespace
+
+// RoPE of a prefill's queries or keys: x [B, heads, T, Dh] (any strides but a contiguous last dim, float32), cos and
+// sin [B or 1, T, Dh] -> a new contiguous [B, heads, T, Dh], in one pass instead of eager PyTorch's six.
+Tensor prefill_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "prefill_rope: float32 x [B, heads, T, Dh] with a contiguous last dim of even size");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && (cos.size(0) == 1 || cos.size(0) == x.size(0)) &&
+                  cos.size(1) == x.size(2) && cos.size(2) == x.size(3),
+              "prefill_rope: float32 cos and sin [B or 1, T, Dh] matching x [B, heads, T, Dh]");
+  const Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), Dh = x.size(3);
+  Tensor out = at::empty({B, H, T, Dh}, x.options());
+  const auto st = x.strides();
+  const float *X = x.data_ptr<float>(), *C = c.data_ptr<float>(), *S = s.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B * H * T, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / (H * T), h = i / T % H, t = i % T, trig = ((c.size(0) == 1 ? 0 : b) * T + t) * Dh;
+      rope_row(X + b * st[0] + h * st[1] + t * st[2], C + trig, S + trig, O + i * Dh, Dh / 2);
+    }
+  });
+  return out;
+}
 
 // silu(g) * u for g, u of one shape, both float32 or both bf16; the result in their dtype (bf16: rounded once).
 Tensor silu_mul(const Tensor& g, const Tensor& u) {

@@ -28,7 +28,7 @@ from swiftkv.modeling import decode
 from swiftkv.modeling.attention import SKIPPABLE_ATTENTION
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.common import apply_rope, mask_function
-from swiftkv.modeling.kernels import copy_weights_to_process_memory, use_fast_linears
+from swiftkv.modeling.kernels import copy_weights_to_process_memory, prefill_rows, use_fast_linears
 
 
 def _linear_like(proj: nn.Linear) -> nn.Linear:
@@ -77,6 +77,22 @@ class SwiftKVAttentionMixin:
         keys = apply_rope(self.heads(self.k_proj_swiftkv(x), "k_norm"), position_embeddings)
         return keys, self.heads(self.v_proj_swiftkv(x))
 
+    def own_query_key_values(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q [B, H, T, Dh] and K, V [B, Hkv, P+T, Dh] (the cache updated) of a layer with its own K/V, as the stock
+        forward computes them (bit for bit), with apply_rope's native RoPE for CPU prefills."""
+        queries = apply_rope(self.heads(self.q_proj(hidden_states), "q_norm"), position_embeddings)
+        keys = apply_rope(self.heads(self.k_proj(hidden_states), "k_norm"), position_embeddings)
+        values = self.heads(self.v_proj(hidden_states))
+        if cache is not None:
+            keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
+        return queries, keys, values
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -86,11 +102,14 @@ class SwiftKVAttentionMixin:
         swiftkv_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if swiftkv_key_values is None:  # layers < L, and every layer of the base model: the stock forward
-            return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        # Later layer: only the kept tokens arrive here [B, K, D]; K/V cover every token [B, Hkv, P+T, Dh].
-        queries = apply_rope(self.heads(self.q_proj_swiftkv(hidden_states), "q_norm"), position_embeddings)
-        keys, values = swiftkv_key_values
+        if swiftkv_key_values is None:  # layers < L, and every layer of the base model: the stock forward's steps,
+            if not prefill_rows(hidden_states):  # its own code but for CPU prefills (apply_rope's native RoPE)
+                return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+            queries, keys, values = self.own_query_key_values(hidden_states, position_embeddings, cache, kwargs)
+            kwargs["sliding_window"] = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        else:  # later layer: only the kept tokens arrive here [B, K, D]; K/V cover every token [B, Hkv, P+T, Dh]
+            queries = apply_rope(self.heads(self.q_proj_swiftkv(hidden_states), "q_norm"), position_embeddings)
+            keys, values = swiftkv_key_values
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )

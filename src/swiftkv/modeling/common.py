@@ -26,9 +26,27 @@ class Switch:
 
 
 def apply_rope(x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """RoPE on one tensor [B, heads, T, Dh]; same arithmetic as the families' `apply_rotary_pos_emb`."""
+    """RoPE on one tensor [B, heads, T, Dh] with (cos, sin) [B|1, T, Dh]; the families' `apply_rotary_pos_emb` bit for
+    bit. A CPU prefill's runs as one native pass (csrc/elementwise.cpp) instead of six eager ops."""
+    from swiftkv.modeling import kernels  # kernels imports this module
+
+    if kernels.prefill_rows(x) and _native_rope_applies(x, *position_embeddings):
+        return kernels.native.extension().prefill_rope(x, *position_embeddings)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def _native_rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """The native RoPE's layouts: x [B, heads, T, Dh] with a contiguous last dim, cos and sin [B|1, T, Dh] like x."""
+    batch, _, tokens, dh = x.shape
+    return (
+        x.stride(-1) == 1
+        and cos.shape == sin.shape
+        and cos.dim() == 3
+        and cos.shape[0] in (1, batch)
+        and tuple(cos.shape[1:]) == (tokens, dh)
+        and cos.dtype == sin.dtype == x.dtype
+    )
 
 
 def mask_function(config) -> Callable:

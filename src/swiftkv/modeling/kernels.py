@@ -83,9 +83,10 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     return _FrozenWeightLinear.apply(x, weight, bias) if x.requires_grad else _onednn(x, weight, bias)
 
 
-def _prefill_rows(x: torch.Tensor) -> bool:
+def prefill_rows(x: torch.Tensor) -> bool:
     """x [..., n] is a CPU float32 prefill's activation that needs no gradient: more rows than the decode step's
-    products take natively (weights.NATIVE_ROWS), and the extension is there to fuse its elementwise work."""
+    products take natively (weights.NATIVE_ROWS), and the extension is there to fuse its elementwise work (these
+    modules, RoPE: common.apply_rope)."""
     rows = x.numel() // max(x.shape[-1], 1)
     return (
         x.device.type == "cpu"
@@ -102,7 +103,7 @@ class FusedRMSNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trains = torch.is_grad_enabled() and self.weight.requires_grad
-        if _prefill_rows(x) and self.weight.dtype == torch.float32 and not trains:
+        if prefill_rows(x) and self.weight.dtype == torch.float32 and not trains:
             return native.extension().rms_norm(x, self.weight, float(self.variance_epsilon))
         return super().forward(x)
 
@@ -114,7 +115,7 @@ class FusedMLP:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if not (_prefill_rows(x) and all(p.bias is None for p in projections) and _is_silu(self.act_fn)):
+        if not (prefill_rows(x) and all(p.bias is None for p in projections) and _is_silu(self.act_fn)):
             return super().forward(x)
         gate, up, down = (product_weight(p, x) for p in projections)
         if torch.is_grad_enabled() and any(w.requires_grad for w in (gate, up, down)):
