@@ -211,3 +211,25 @@ def _count_calls(monkeypatch, name: str) -> list:
     function = getattr(ext, name)
     monkeypatch.setattr(ext, name, lambda *args: calls.append(1) or function(*args))
     return calls
+
+
+def test_int8_activation_probe_computes_what_integer_products_would():
+    """benchmarks/int8_activations.py: its fake-quantized layer (float arithmetic on the int8 values) equals the
+    int8 product it stands for (torch._int_mm's int32 sums, rescaled) to float32 rounding; every decoder Linear but
+    the LM head and the skipped ones is replaced."""
+    bench = load_benchmark("int8_activations")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    x = 3 * torch.randn(40, 64)
+    wq, scale = bench.quantize_rows(linear.weight.detach())
+    with torch.no_grad():
+        fake = bench.FakeW8A8(linear)(x)
+    assert torch.allclose(fake, bench.int8_product(x, wq.t(), scale.view(-1)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fake, linear(x), rtol=1e-3, atol=1e-3)  # it does round
+    model = convert(tiny_base("llama"), 3, 1)
+    kernels.use_fused_elementwise(model)
+    replaced = bench.fake_w8a8(model, {"down_proj"})
+    layers = model.config.num_hidden_layers
+    assert replaced == sum(isinstance(m, bench.FakeW8A8) for m in model.modules()) == 6 * layers + 3 * (layers - 3)
+    assert not isinstance(model.get_output_embeddings(), bench.FakeW8A8)
+    assert set(bench.time_shape(32, 64, 48, 1)) >= {"bf16_ms", "int_mm_ms", "int8_with_quantize_ms"}
