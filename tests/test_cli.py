@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import tiny_base
 
 from swiftkv.adapter import CONFIG_NAME, QUALITY_NAME
 from swiftkv.cli import main
+from swiftkv.loading import load
+from swiftkv.modeling.weights import native_bf16, weight_format
 from swiftkv.modes import swiftkv_mode
 
 
@@ -237,3 +240,49 @@ def test_demo_quality_lines_name_the_worst_domain_its_interval_and_the_misses(tm
     table["sources"]["wiki"]["ppl_ratio_ci"] = [1.021, 1.093]
     (tmp_path / "L22" / QUALITY_NAME).write_text(json.dumps(table))
     assert "worst wiki +5.4% (95% interval +2.1% .. +9.3%);" in _quality_lines(tmp_path / "L22")[0]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_convert_stores_the_weight_format_and_load_reads_it_back(base_dir, tmp_path, capsys, fmt):
+    """`convert --weights F` writes F (bf16 weights, or int8/int4 blocks as BlockLinear's buffers, smaller than the
+    float32 file) and records it; `load` then gives, without being told F, the model converting in memory and
+    loading with weights=F gives: the same blocks bit for bit and the same logits (qwen2: biases too)."""
+    out, floats = tmp_path / "ck", tmp_path / "float"
+    assert main(["convert", str(base_dir), str(out), "-L", "3", "--weights", fmt]) == 0
+    assert main(["convert", str(base_dir), str(floats), "-L", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["swiftkv_weights"] == fmt
+    stored = safetensors.torch.load_file(out / "model.safetensors")
+    if fmt == "bf16":
+        assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+        if not native_bf16():  # loads in float32 here (with a warning): the bf16 values, widened
+            return
+    else:
+        assert "model.layers.0.self_attn.q_proj.qweight" in stored and "lm_head.qweight" in stored
+        size = (out / "model.safetensors").stat().st_size
+        assert size < 0.6 * (floats / "model.safetensors").stat().st_size
+    capsys.readouterr()
+    loaded, _ = load(out)
+    assert f"weights {fmt} (as the checkpoint stores them" in capsys.readouterr().err
+    reference, _ = load(floats, weights=fmt)
+    assert weight_format(loaded) == weight_format(reference) == fmt
+    ours, theirs = loaded.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+def test_a_block_checkpoint_loads_dequantized_but_not_requantized(base_dir, tmp_path, capsys):
+    """An int8 checkpoint loads as float32 (its blocks' exact values) but refuses int4 (rounding rounded weights):
+    one line naming the value and what is valid, exit 2, before the model loads."""
+    out = tmp_path / "ck"
+    assert main(["convert", str(base_dir), str(out), "-L", "3", "--weights", "int8"]) == 0
+    floats, _ = load(out, weights="float32")
+    blocks, _ = load(out)
+    q_proj = blocks.model.layers[0].self_attn.q_proj
+    assert torch.equal(floats.model.layers[0].self_attn.q_proj.weight, q_proj.dequantize())
+    with pytest.raises(ValueError, match="stores int8 blocks; load it as 'int8'"):
+        load(out, weights="int4")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w5 w6", "--weights", "int4", "--max-new-tokens", "2"]) == 2
+    assert "weights='int4': this checkpoint stores int8 blocks" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import safetensors.torch
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -22,7 +24,14 @@ from swiftkv.files import check_safetensors, portable_path, read_json_file
 from swiftkv.modeling import native
 from swiftkv.modeling.attention import use_cpu_attention
 from swiftkv.modeling.kernels import copy_weights_to_process_memory, reuse_freed_memory, use_fused_elementwise
-from swiftkv.modeling.weights import apply_format, format_reason, resolve_format
+from swiftkv.modeling.weights import (
+    SAVED_FORMAT_KEY,
+    apply_format,
+    dequantized_state,
+    format_reason,
+    resolve_format,
+    saved_blocks,
+)
 from swiftkv.modes import is_swiftkv
 
 # The *_swiftkv types the Auto classes below read are registered by swiftkv/__init__.py, which Python runs before
@@ -74,22 +83,24 @@ def load(
     layout = num_key_value_layers is not None or skip is not None
     if adapter is not None and layout:
         raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
-    fmt = resolve_format(weights)  # before any weight is read: a bad value fails fast
+    saved = saved_format(name_or_path)
+    fmt = checked_format(weights, saved)  # before any weight is read: a bad value fails fast
     source = gguf_blocks.source(name_or_path, fmt)  # int8/int4 of a GGUF: its blocks as they are; refuses types now
-    model, tokenizer = load_model(name_or_path, dtype)
+    model, tokenizer, blocks = _load_model(name_or_path, dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     elif layout:
         layers = resolve_num_key_value_layers(model.config.num_hidden_layers, num_key_value_layers, skip)
         model = convert(model, layers, key_value_group_size)
-    apply_format(model, fmt, None if source is None else gguf_blocks.blocks_for(source, model))
+    apply_format(model, fmt, gguf_blocks.blocks_for(source, model) if source is not None else blocks)
     if model.device.type == "cpu":  # swiftkv's prefill kernels (docs/cpu.md)
         use_cpu_attention(model)
         use_fused_elementwise(model)
         reuse_freed_memory()
         native.usable()  # built now (once per machine), not inside the first prefill or generation
     if weights is None:
-        print(f"swiftkv: weights {fmt} ({format_reason(fmt)}; choose with weights=/--weights)", file=sys.stderr)
+        reason = f"as the checkpoint stores them ({SAVED_FORMAT_KEY})" if fmt == saved else format_reason(fmt)
+        print(f"swiftkv: weights {fmt} ({reason}; choose with weights=/--weights)", file=sys.stderr)
     return model.eval(), tokenizer
 
 
@@ -108,19 +119,63 @@ def origin(name: str | os.PathLike, adapter, model: PreTrainedModel, converted: 
 
 
 def load_model(name: str | os.PathLike, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer or None) of a checkpoint as it is; a `.gguf` file is dequantised by
-    transformers' GGUF loader. Most callers want `load`, which also applies adapters and layouts."""
+    """(model in eval mode, tokenizer or None) of a checkpoint as it is, its Linear layers in float: a `.gguf` file
+    is dequantised by transformers' GGUF loader, so are the blocks of an int8/int4 checkpoint (`swiftkv convert
+    --weights`). Most callers want `load`, which also applies adapters, layouts and weight formats."""
+    model, tokenizer, _ = _load_model(name, dtype)
+    return model, tokenizer
+
+
+def _load_model(name: str | os.PathLike, dtype: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict | None]:
+    """`load_model`'s (model, tokenizer) and an int8/int4 checkpoint's blocks by weight name (else None)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     path = resolve_model_path(name)
     if path.suffix == ".gguf":
         model, tokenizer = embedded.load_gguf(path)
-        return model.to(DTYPES[dtype]).eval(), tokenizer
+        return model.to(DTYPES[dtype]).eval(), tokenizer, None
     check_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    state = block_checkpoint_state(path)
+    if state is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    else:  # transformers takes given tensors with a config and the model class, not beside a checkpoint's path
+        config = AutoConfig.from_pretrained(path)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model = model_class.from_pretrained(None, config=config, state_dict=dequantized_state(state), dtype=DTYPES[dtype])
+        model.eval()
     if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
         copy_weights_to_process_memory(model)
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path), None if state is None else saved_blocks(state, model)
+
+
+def saved_format(name: str | os.PathLike) -> str | None:
+    """The weight format a checkpoint directory's config records (`swiftkv convert --weights`), else None."""
+    path = resolve_model_path(name)
+    if path.suffix == ".gguf" or not (path / "config.json").is_file():
+        return None
+    return read_json_file(path / "config.json", f"checkpoint {path}").get(SAVED_FORMAT_KEY)
+
+
+def checked_format(weights: str | None, saved: str | None) -> str:
+    """The format to load in: `weights` (None: the saved one, else the CPU's default). A checkpoint of int8/int4
+    blocks loads in its own format or dequantized (float32, bf16), never re-quantized to the other block format
+    (rounding rounded weights again)."""
+    if saved in ("int8", "int4") and weights in ("int8", "int4") and weights != saved:
+        raise ValueError(
+            f"weights={weights!r}: this checkpoint stores {saved} blocks; load it as {saved!r} (or 'float32' / "
+            f"'bf16', dequantized), or convert the float model again with `swiftkv convert --weights {weights}`."
+        )
+    return resolve_format(weights if weights is not None or saved is None else saved)
+
+
+def block_checkpoint_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a checkpoint whose config records int8/int4 blocks (`swiftkv convert --weights`), else None."""
+    if read_json_file(path / "config.json", f"checkpoint {path}").get(SAVED_FORMAT_KEY) not in ("int8", "int4"):
+        return None
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state |= safetensors.torch.load_file(file)
+    return state
 
 
 def check_checkpoint(path: Path) -> None:

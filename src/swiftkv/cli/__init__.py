@@ -24,6 +24,7 @@ from swiftkv.cli import commands
 from swiftkv.cli import distill as distill_commands
 from swiftkv.cli import evaluate as evaluate_commands
 from swiftkv.cli.args import add_layout_args, add_model_args, layout_arg, positive_int
+from swiftkv.modeling.weights import FORMATS
 
 # Bad input: what the user named is wrong (a value, a missing file, an output that exists, a missing package). Any
 # other OSError is the system failing (ENOSPC, EACCES, EIO, ...), not the input: a different exit status.
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="base checkpoint directory, .gguf file, or 'default'")
     p.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument(
+        "--weights",
+        choices=FORMATS,
+        default="float32",
+        help="format OUT stores its Linear layers in: float32 (default), bf16, or int8/int4 blocks (GGUF Q8_0/Q4_1, "
+        "loaded as they are)",
+    )
     add_calibration_arguments(p)
     add_layout_args(p)
 

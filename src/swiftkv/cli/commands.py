@@ -22,7 +22,7 @@ from swiftkv.evaluate.scoring import SWIFTKV, variants_stats
 from swiftkv.evaluate.text import MAX_PPL_INCREASE, MIN_AGREEMENT, format_interval, quality_shortfalls
 from swiftkv.files import prepare_output_dir, read_json_file
 from swiftkv.loading import DEFAULT_MODEL, load, load_model, load_model_config, resolve_model_path
-from swiftkv.modeling.weights import resolve_format
+from swiftkv.modeling.weights import resolve_format, store_format
 from swiftkv.modes import is_swiftkv, set_swiftkv, swiftkv_mode
 
 DEMO_QUESTION = "In two sentences: what changed in the valley after the railway arrived, and what do people remember?"
@@ -49,8 +49,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.calibrate:
         seen = calibrate(swift, tokenizer, args.calibrate, args.calibration_tokens)
         print(f"calibrated the K/V projections by least squares on {seen:,} tokens of {', '.join(args.calibrate)}")
+    store_format(swift, args.weights)
     out = save_atomic(args.out, args.overwrite, swift, *([tokenizer] if tokenizer is not None else []))
-    print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}")
+    print(f"wrote {out}: {swift.config.model_type}, L={num_kv_layers}, g={args.key_value_group_size}, {args.weights}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -243,3 +243,57 @@ def weight_format(model: nn.Module) -> str:
     if isinstance(proj, BlockLinear):
         return proj.format
     return "bf16" if proj.weight.dtype == torch.bfloat16 else "float32"
+
+
+# A checkpoint written by `swiftkv convert --weights F` records F in its config under this key. For int8/int4 its
+# quantized layers are stored as BlockLinear's buffers (`P.qweight`, `P.scales`, `P.mins`, as `state_dict` names them)
+# instead of `P.weight`: the file keeps the blocks (~1.06 / 0.63 bytes per weight), and loading reuses them as they are.
+SAVED_FORMAT_KEY = "swiftkv_weights"
+BLOCK_BUFFERS = ("qweight", "scales", "mins")
+
+
+def store_format(model: nn.Module, fmt: str) -> nn.Module:
+    """`model` put in format `fmt` for saving (`swiftkv convert --weights`), its config recording it: bf16 Linear
+    weights, or int8/int4 blocks (SAVED_FORMAT_KEY above), the LM head untied (`apply_format`). float32: unchanged."""
+    if fmt == "float32":
+        return model
+    apply_format(model, fmt)
+    setattr(model.config, SAVED_FORMAT_KEY, fmt)
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def dequantized_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block checkpoint's tensors with every block layer's `P.weight` (its blocks dequantized to float32, exact) in
+    place of its buffers: what the model is built from, before `saved_blocks` puts the blocks back."""
+    blocks = _stored_blocks(state)
+    buffers = {f"{name.removesuffix('.weight')}.{buffer}" for name in blocks for buffer in BLOCK_BUFFERS}
+    return {name: t for name, t in state.items() if name not in buffers} | {
+        name: block.dequantize() for name, block in blocks.items()
+    }
+
+
+def saved_blocks(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, BlockLinear]:
+    """{"P.weight": BlockLinear} of a block checkpoint's tensors, each with the bias of `model`'s layer P (as
+    `apply_format` takes given blocks)."""
+    linears = dict(model.named_modules())
+    blocks = _stored_blocks(state)
+    for name, block in blocks.items():
+        bias = getattr(linears.get(name.removesuffix(".weight")), "bias", None)
+        block.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+    return blocks
+
+
+def _stored_blocks(state: Mapping[str, torch.Tensor]) -> dict[str, BlockLinear]:
+    """{"P.weight": BlockLinear without bias} for every `P.qweight` in `state`; the format follows the buffers:
+    int4 (uint8 nibbles, with minimums) or int8."""
+    blocks = {}
+    for name in state:
+        if not name.endswith(".qweight"):
+            continue
+        prefix = name.removesuffix(".qweight")
+        qweight, scales, mins = (state.get(f"{prefix}.{buffer}") for buffer in BLOCK_BUFFERS)
+        if scales is None:
+            raise ValueError(f"block checkpoint: {prefix}.qweight has no {prefix}.scales; the file is damaged.")
+        blocks[f"{prefix}.weight"] = BlockLinear("int4" if mins is not None else "int8", qweight, scales, mins, None)
+    return blocks
