@@ -141,7 +141,9 @@ def _load_model(name: str | os.PathLike, dtype: str) -> tuple[PreTrainedModel, P
     else:  # transformers takes given tensors with a config and the model class, not beside a checkpoint's path
         config = AutoConfig.from_pretrained(path)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        model = model_class.from_pretrained(None, config=config, state_dict=dequantized_state(state), dtype=DTYPES[dtype])
+        model = model_class.from_pretrained(
+            None, config=config, state_dict=dequantized_state(state), dtype=DTYPES[dtype]
+        )
         model.eval()
     if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
         copy_weights_to_process_memory(model)
