@@ -7,7 +7,8 @@ instruction. Integer products with int8 activations (W8A8: `vpdpbusd`, 64 per in
 that, if the quality held.
 - Speed: every product shape of one decoder layer of the default model at --prompt tokens, `torch._int_mm` (int8 x
   int8 -> int32) against the bf16 product swiftkv runs (`F.linear`), each alone and with the int8 path's eager
-  quantize-and-rescale around it; medians of --reps.
+  quantize-and-rescale around it; medians of --reps. `int_mm_exact` in the JSON says whether `torch._int_mm` sums
+  exactly on this CPU (not without VNNI: see `int_mm_exact`).
 - Quality: `swiftkv eval default --adapter A --tasks domains@N` in float32, then with every decoder Linear but the
   LM head and the --skip ones fake-quantized as such a prefill would compute them (weights per output channel,
   activations per token, symmetric int8; float arithmetic on the rounded values), each source's perplexity against
@@ -101,6 +102,15 @@ def int8_product(x: torch.Tensor, wq_t: torch.Tensor, w_scale: torch.Tensor) -> 
     return torch._int_mm(xq, wq_t).float() * x_scale * w_scale
 
 
+def int_mm_exact() -> bool:
+    """torch._int_mm's int32 sums are exact here. Without VNNI oneDNN multiplies int8 through `vpmaddubsw`, whose
+    int16 pair sums saturate: in CI's AVX2 environment its products came out wrong."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (64, 32), dtype=torch.int8, generator=generator)
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
 def speed(prompt: int, reps: int) -> dict:
     """ms per product shape of one decoder layer of the default model: bf16 (x rounded, output back in float32, as
     the prefill runs it) against int8, the integer product alone and with its quantize/rescale."""
@@ -187,6 +197,7 @@ def main() -> None:
     increase = {s: {m: w8a8[s][m] / reference[s][m] - 1 for m in MODES} for s in reference}
     worst = max(v for row in increase.values() for v in row.values())
     result = {
+        "int_mm_exact": int_mm_exact(),
         "adapter": args.adapter,
         "skip": args.skip,
         "limit": args.limit,

@@ -222,9 +222,13 @@ def test_int8_activation_probe_computes_what_integer_products_would():
     linear = torch.nn.Linear(64, 48, bias=False)
     x = 3 * torch.randn(40, 64)
     wq, scale = bench.quantize_rows(linear.weight.detach())
+    xq, x_scale = bench.quantize_rows(x)
+    integer = (xq.double() @ wq.double().t()) * x_scale.double() * scale.double().view(-1)  # exact int sums, scaled
     with torch.no_grad():
         fake = bench.FakeW8A8(linear)(x)
-    assert torch.allclose(fake, bench.int8_product(x, wq.t(), scale.view(-1)), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fake.double(), integer, rtol=1e-5, atol=1e-5)
+    if bench.int_mm_exact():  # VNNI: torch._int_mm is the integer product (without it its int16 pair sums saturate)
+        assert torch.allclose(bench.int8_product(x, wq.t(), scale.view(-1)).double(), integer, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fake, linear(x), rtol=1e-3, atol=1e-3)  # it does round
     model = convert(tiny_base("llama"), 3, 1)
     kernels.use_fused_elementwise(model)
