@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from swiftkv.modeling.weights import BLOCK, BlockLinear
+from swiftkv.modeling.weights import BLOCK, BLOCK_FORMATS, BlockLinear, frozen_bias
 
 Q = gguf.GGMLQuantizationType
 EXACT = {Q.Q8_0: "int8", Q.Q4_0: "int4", Q.Q4_1: "int4"}  # GGUF block type -> the format holding it byte for byte
@@ -50,7 +50,7 @@ def source(name_or_path: str | os.PathLike, fmt: str) -> gguf.GGUFReader | None:
     from swiftkv.embedded import smollm2_gguf
     from swiftkv.loading import DEFAULT_MODEL  # loading calls this module: imported at call time
 
-    if fmt not in ("int8", "int4"):
+    if fmt not in BLOCK_FORMATS:
         return None
     if str(name_or_path) == DEFAULT_MODEL:
         path = smollm2_gguf()
@@ -132,8 +132,7 @@ def _block_linear(rows: np.ndarray, tensor: gguf.ReaderTensor, linear: nn.Linear
         )
     if tensor.tensor_type == Q.Q4_0 and mins.isinf().any():  # m = -8 d past float16's range (split_blocks)
         raise ValueError(f"GGUF tensor {tensor.name} has a Q4_0 scale over 8188: -8 d does not fit a float16 minimum.")
-    bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-    return BlockLinear(EXACT[tensor.tensor_type], qweight, scales, mins, bias)
+    return BlockLinear(EXACT[tensor.tensor_type], qweight, scales, mins, frozen_bias(linear))
 
 
 def split_blocks(rows: np.ndarray, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -25,12 +25,14 @@ from swiftkv.modeling import native
 from swiftkv.modeling.attention import use_cpu_attention
 from swiftkv.modeling.kernels import copy_weights_to_process_memory, reuse_freed_memory, use_fused_elementwise
 from swiftkv.modeling.weights import (
+    BLOCK_FORMATS,
     SAVED_FORMAT_KEY,
     apply_format,
     dequantized_state,
     format_reason,
     resolve_format,
-    saved_blocks,
+    stored_blocks,
+    with_model_biases,
 )
 from swiftkv.modes import is_swiftkv
 
@@ -136,18 +138,19 @@ def _load_model(name: str | os.PathLike, dtype: str) -> tuple[PreTrainedModel, P
         return model.to(DTYPES[dtype]).eval(), tokenizer, None
     check_checkpoint(path)
     state = block_checkpoint_state(path)
+    blocks = None if state is None else stored_blocks(state)
     if state is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     else:  # transformers takes given tensors with a config and the model class, not beside a checkpoint's path
         config = AutoConfig.from_pretrained(path)
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
         model = model_class.from_pretrained(
-            None, config=config, state_dict=dequantized_state(state), dtype=DTYPES[dtype]
+            None, config=config, state_dict=dequantized_state(state, blocks), dtype=DTYPES[dtype]
         )
         model.eval()
     if not is_swiftkv(model):  # SwiftKV classes' own from_pretrained already copied them
         copy_weights_to_process_memory(model)
-    return model, load_tokenizer(path), None if state is None else saved_blocks(state, model)
+    return model, load_tokenizer(path), None if blocks is None else with_model_biases(blocks, model)
 
 
 def saved_format(name: str | os.PathLike) -> str | None:
@@ -162,7 +165,7 @@ def checked_format(weights: str | None, saved: str | None) -> str:
     """The format to load in: `weights` (None: the saved one, else the CPU's default). A checkpoint of int8/int4
     blocks loads in its own format or dequantized (float32, bf16), never re-quantized to the other block format
     (rounding rounded weights again)."""
-    if saved in ("int8", "int4") and weights in ("int8", "int4") and weights != saved:
+    if saved in BLOCK_FORMATS and weights in BLOCK_FORMATS and weights != saved:
         raise ValueError(
             f"weights={weights!r}: this checkpoint stores {saved} blocks; load it as {saved!r} (or 'float32' / "
             f"'bf16', dequantized), or convert the float model again with `swiftkv convert --weights {weights}`."
@@ -172,7 +175,7 @@ def checked_format(weights: str | None, saved: str | None) -> str:
 
 def block_checkpoint_state(path: Path) -> dict[str, torch.Tensor] | None:
     """Every tensor of a checkpoint whose config records int8/int4 blocks (`swiftkv convert --weights`), else None."""
-    if read_json_file(path / "config.json", f"checkpoint {path}").get(SAVED_FORMAT_KEY) not in ("int8", "int4"):
+    if saved_format(path) not in BLOCK_FORMATS:
         return None
     state = {}
     for file in sorted(path.glob("*.safetensors")):

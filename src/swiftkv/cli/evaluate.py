@@ -18,7 +18,7 @@ from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evalu
 from swiftkv.evaluate.text import token_samples
 from swiftkv.files import portable_path, write_json
 from swiftkv.loading import load, origin
-from swiftkv.modeling.weights import resolve_format
+from swiftkv.modeling.weights import BLOCK_FORMATS, resolve_format
 
 BUDGET_LADDER = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # KL budgets (nats/token) shown next to the recommendation
 
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     # the candidates are converted from float Linear weights: int8/int4 blocks are made after (analyze's `weights`)
-    blocks = resolve_format(args.weights) in ("int8", "int4")
+    blocks = resolve_format(args.weights) in BLOCK_FORMATS
     model, tokenizer = load(args.model, dtype=args.dtype, weights="float32" if blocks else args.weights)
     samples = token_samples(tokenizer, args.text, args.samples, args.max_tokens)
     result = layer_analysis.analyze(

@@ -33,6 +33,7 @@ from torch import nn
 from swiftkv import cpu
 
 FORMATS = ("float32", "bf16", "int8", "int4")
+BLOCK_FORMATS = ("int8", "int4")  # the formats kept as blocks (BlockLinear)
 BLOCK = 32  # inputs per scale: GGUF's Q8_0 / Q4_0 / Q4_1 block
 NATIVE_ROWS = 8  # up to this many rows, a quantized product reads the blocks natively instead of dequantizing
 
@@ -191,6 +192,12 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return q[..., :half] | (q[..., half:] << 4)
 
 
+def frozen_bias(linear: nn.Module | None) -> nn.Parameter | None:
+    """The bias a BlockLinear takes over from the layer it replaces: float32, no gradient (None without one)."""
+    bias = getattr(linear, "bias", None)
+    return None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+
 def block_linear(linear: nn.Module, fmt: str) -> BlockLinear:
     """`linear` (nn.Linear or one of its subclasses) quantized to `fmt` ("int8" or "int4")."""
     weight = linear.weight
@@ -199,7 +206,7 @@ def block_linear(linear: nn.Module, fmt: str) -> BlockLinear:
             f"weights={fmt!r} needs every Linear layer's input width to be a multiple of {BLOCK}; a layer of this "
             f"model has {weight.shape[1]} inputs: use weights='bf16' or 'float32' for it."
         )
-    bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    bias = frozen_bias(linear)
     if fmt == "int8":
         return BlockLinear(fmt, *quantize_int8(weight), None, bias)
     return BlockLinear(fmt, *quantize_int4(weight), bias)
@@ -263,30 +270,9 @@ def store_format(model: nn.Module, fmt: str) -> nn.Module:
     return model
 
 
-def dequantized_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A block checkpoint's tensors with every block layer's `P.weight` (its blocks dequantized to float32, exact) in
-    place of its buffers: what the model is built from, before `saved_blocks` puts the blocks back."""
-    blocks = _stored_blocks(state)
-    buffers = {f"{name.removesuffix('.weight')}.{buffer}" for name in blocks for buffer in BLOCK_BUFFERS}
-    return {name: t for name, t in state.items() if name not in buffers} | {
-        name: block.dequantize() for name, block in blocks.items()
-    }
-
-
-def saved_blocks(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, BlockLinear]:
-    """{"P.weight": BlockLinear} of a block checkpoint's tensors, each with the bias of `model`'s layer P (as
-    `apply_format` takes given blocks)."""
-    linears = dict(model.named_modules())
-    blocks = _stored_blocks(state)
-    for name, block in blocks.items():
-        bias = getattr(linears.get(name.removesuffix(".weight")), "bias", None)
-        block.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-    return blocks
-
-
-def _stored_blocks(state: Mapping[str, torch.Tensor]) -> dict[str, BlockLinear]:
-    """{"P.weight": BlockLinear without bias} for every `P.qweight` in `state`; the format follows the buffers:
-    int4 (uint8 nibbles, with minimums) or int8."""
+def stored_blocks(state: Mapping[str, torch.Tensor]) -> dict[str, BlockLinear]:
+    """{"P.weight": BlockLinear without bias} for every `P.qweight` of a block checkpoint's tensors; the format
+    follows the buffers: int4 (uint8 nibbles, with minimums) or int8."""
     blocks = {}
     for name in state:
         if not name.endswith(".qweight"):
@@ -296,4 +282,21 @@ def _stored_blocks(state: Mapping[str, torch.Tensor]) -> dict[str, BlockLinear]:
         if scales is None:
             raise ValueError(f"block checkpoint: {prefix}.qweight has no {prefix}.scales; the file is damaged.")
         blocks[f"{prefix}.weight"] = BlockLinear("int4" if mins is not None else "int8", qweight, scales, mins, None)
+    return blocks
+
+
+def dequantized_state(state: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockLinear]) -> dict[str, torch.Tensor]:
+    """A block checkpoint's tensors with every block layer's `P.weight` (`blocks`, its `stored_blocks`, dequantized
+    to float32: exact) in place of its buffers: what the model is built from before `apply_format` takes the blocks."""
+    buffers = {f"{name.removesuffix('.weight')}.{buffer}" for name in blocks for buffer in BLOCK_BUFFERS}
+    return {name: t for name, t in state.items() if name not in buffers} | {
+        name: block.dequantize() for name, block in blocks.items()
+    }
+
+
+def with_model_biases(blocks: dict[str, BlockLinear], model: nn.Module) -> dict[str, BlockLinear]:
+    """`blocks` ({"P.weight": BlockLinear}), each given the bias of `model`'s layer P, as `apply_format` takes them."""
+    layers = dict(model.named_modules())
+    for name, block in blocks.items():
+        block.bias = frozen_bias(layers.get(name.removesuffix(".weight")))
     return blocks
