@@ -4,11 +4,12 @@ causal prefills, in float32 or, for layers that multiply in bf16, bf16; transfor
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import left_padded_batch, tiny_base
+from conftest import left_padded_batch, load_benchmark, tiny_base
 
 from swiftkv.conversion import convert
 from swiftkv.modeling import attention, native
@@ -126,3 +127,21 @@ def test_load_selects_it_on_cpu_and_checkpoints_do_not_keep_it(tmp_path):
     model.save_pretrained(tmp_path)
     assert attention.NAME not in (tmp_path / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@needs_kernel
+def test_attention_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/attention_kernel.py on a short prompt: every call timed, ratios against SDPA, JSON written; a
+    prompt the benchmark cannot time is refused (exit 2) before anything runs."""
+    bench = load_benchmark("attention_kernel")
+    out = tmp_path / "attention.json"
+    argv = ["attention_kernel.py", "--reps", "1", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and not out.exists()
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt", "70"])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert {"kernel_float32", "sdpa_float32"} <= set(result["median_ms"]) and result["vs_sdpa"]["sdpa_float32"] == 1
+    assert all(rate > 0 for rate in result["gflops"].values())

@@ -30,8 +30,13 @@ namespace {
 
 // Register blocking: R rows x NV vectors of scores (and R x CH output vectors) in flight, plus the NV (CH) vectors
 // loaded and one broadcast: 6 x 4 of AVX-512's 32 registers, 6 x 2 of AVX2's 16 (the classic 6x16 GEMM tile).
+// A block of KB keys is scored NV vectors at a time and then takes one online-softmax update per row (a horizontal
+// maximum and sum, a rescale of the row's output): 64 keys on every build, so narrower vectors do not pay that
+// update more often per key.
 constexpr int NV = W >= 16 ? 4 : 2;
-constexpr int64_t KB = NV * W;  // keys per block
+constexpr int64_t KB = 64;  // keys per block
+constexpr int KV = KB / W;  // vectors per block
+static_assert(KV % NV == 0, "a block is scored NV vectors at a time");
 constexpr int R = 6;  // query rows per tile
 constexpr int CH = NV;  // output vectors accumulated at once
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -47,7 +52,7 @@ struct F32 {
   static vf mac(vf acc, Vec v, Slot s) { return acc + v * s; }
   static void put_value(Slot* v, int64_t t, int64_t d, int64_t dh, float x) { v[t * dh + d] = x; }
   static void store_weights(Slot* row, const vf* e) {  // KB weights
-    for (int c = 0; c < KB / W; ++c) storev(row + W * c, e[c]);
+    for (int c = 0; c < KV; ++c) storev(row + W * c, e[c]);
   }
 };
 
@@ -67,7 +72,7 @@ struct BF16 {  // a slot is a pair of bf16 (low half first), what `vdpbf16ps` mu
     v[t / 2 * dh + d] |= bf16_bits(x) << (16 * (t % 2));
   }
   static void store_weights(Slot* row, const vf* e) {
-    for (int c = 0; c < KB / W; c += 2) _mm512_storeu_si512(row + W * c / 2, (__m512i)_mm512_cvtne2ps_pbh(e[c + 1], e[c]));
+    for (int c = 0; c < KV; c += 2) _mm512_storeu_si512(row + W * c / 2, (__m512i)_mm512_cvtne2ps_pbh(e[c + 1], e[c]));
   }
 };
 #endif
@@ -114,7 +119,7 @@ Packed<A> pack(const Tensor& q, const Tensor& k, const Tensor& v, float scale) {
 
 // Scores s of keys c * W .. c * W + W - 1 of a block, with those after `visible` set to -inf (a row's causal limit).
 // By value: an array of scores whose address escapes is kept in memory, every multiply-add then stores it.
-inline vf mask_after(vf s, int c, int64_t visible) {  // c < NV
+inline vf mask_after(vf s, int c, int64_t visible) {  // c < KV
   vi key;
   for (int i = 0; i < W; ++i) key[i] = W * c + i;
   return key <= static_cast<int32_t>(std::min<int64_t>(visible, KB)) ? s : vf{} + NEG_INF;
@@ -135,13 +140,13 @@ void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot
   std::fill(total, total + R, 0.f);
   const int64_t blocks = (last_key + rows - 1) / KB + 1;
   for (int64_t kb = 0; kb < blocks; ++kb) {
-    {
+    const Slot* kblock = k + kb * P * KB;
+    for (int c0 = 0; c0 < KV; c0 += NV) {
       vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
-      const Slot* kblock = k + kb * P * KB;
       for (int p = 0; p < P; ++p) {
         typename A::Vec keys[NV];
 #pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) keys[c] = A::load(kblock + p * KB + W * c);
+        for (int c = 0; c < NV; ++c) keys[c] = A::load(kblock + p * KB + W * (c0 + c));
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -150,22 +155,22 @@ void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) storev(&scores[r][W * c], s[r][c]);
+        for (int c = 0; c < NV; ++c) storev(&scores[r][W * (c0 + c)], s[r][c]);
     }
     const bool diagonal = (kb + 1) * KB - 1 > last_key;
     for (int r = 0; r < R; ++r) {
-      vf row[NV];
-      for (int c = 0; c < NV; ++c) {
+      vf row[KV];
+      for (int c = 0; c < KV; ++c) {
         row[c] = loadv(&scores[r][W * c]);
         if (diagonal) row[c] = mask_after(row[c], c, last_key + r - kb * KB);
       }
       vf block_top = row[0];
-      for (int c = 1; c < NV; ++c) block_top = block_top > row[c] ? block_top : row[c];
+      for (int c = 1; c < KV; ++c) block_top = block_top > row[c] ? block_top : row[c];
       const float new_top = std::max(top[r], hmax(block_top));
       const float rescale = std::exp(top[r] - new_top);  // 0 on the first block (top = -inf)
       top[r] = new_top;
-      vf e[NV], sum = {};
-      for (int c = 0; c < NV; ++c) sum += (e[c] = expv(row[c] - new_top));
+      vf e[KV], sum = {};
+      for (int c = 0; c < KV; ++c) sum += (e[c] = expv(row[c] - new_top));
       A::store_weights(weights[r], e);
       total[r] = total[r] * rescale + hsum(sum);
       if (rescale != 1.f)

@@ -1,0 +1,71 @@
+"""One causal prefill attention layer: swiftkv's kernel (csrc/attention.cpp) against PyTorch's SDPA, side by side.
+
+    python benchmarks/attention_kernel.py --prompt 2048 --reps 9 --json results/attention_kernel.json
+
+The default model's layer shape (q [1, 9, T, 64], k and v [1, 3, T, 64], GQA), float32 and, where the build has
+AVX512-BF16, the bf16 arithmetic; SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash attention).
+The three run in rotation (`bench.rotated`, drift cancels), medians of --reps, and GFLOP/s of the causal triangle
+(2 * 2 * T^2 / 2 * H * Dh). Run it in CI's AVX2 environment (ATEN_CPU_CAPABILITY=avx2 ...
+SWIFTKV_NATIVE_MARCH=x86-64-v3) for the AVX2 builds of both. Writes --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from swiftkv.bench import machine_info, num_threads, rotated, timed
+from swiftkv.files import write_json
+from swiftkv.modeling import native
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
+
+
+def runs(prompt: int) -> dict:
+    """The timed calls by name, on one random layer's q [1, H, T, Dh] (strided, as transformers passes it), k, v."""
+    torch.manual_seed(0)
+    q = torch.randn(1, prompt, HEADS, HEAD_DIM).transpose(1, 2)
+    k, v = torch.randn(1, KV_HEADS, prompt, HEAD_DIM), torch.randn(1, KV_HEADS, prompt, HEAD_DIM)
+    k_all, v_all = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
+    ext, scale = native.extension(), HEAD_DIM**-0.5
+    calls = {
+        "kernel_float32": lambda: ext.prefill_attention(q, k, v, scale, False),
+        "sdpa_float32": lambda: F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, scale=scale),
+    }
+    if ext.has_bf16_attention():
+        calls["kernel_bf16"] = lambda: ext.prefill_attention(q, k, v, scale, True)
+    return {name: (lambda call=call: timed(call)) for name, call in calls.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="results/attention_kernel.json")
+    args = parser.parse_args()
+    if args.prompt < 2 or args.reps < 1 or args.threads < 1:
+        parser.error(f"--prompt >= 2, --reps >= 1, --threads >= 1 (got {args.prompt}, {args.reps}, {args.threads})")
+    with num_threads(args.threads), torch.inference_mode():
+        times = rotated(runs(args.prompt), args.reps)
+    flop = 2 * 2 * args.prompt**2 / 2 * HEADS * HEAD_DIM
+    median_ms = {name: statistics.median(r.wall_s for r in rs) * 1e3 for name, rs in times.items()}
+    result = {
+        "machine": machine_info(args.threads),
+        "prompt": args.prompt,
+        "reps": args.reps,
+        "median_ms": median_ms,
+        "gflops": {name: flop / ms / 1e6 for name, ms in median_ms.items()},
+        "vs_sdpa": {name: ms / median_ms["sdpa_float32"] for name, ms in median_ms.items()},
+        "runs_ms": {name: [r.wall_s * 1e3 for r in rs] for name, rs in times.items()},
+    }
+    write_json(result, args.json)
+    for name, ms in median_ms.items():
+        print(f"{name}: {ms:.1f} ms, {result['gflops'][name]:.0f} GFLOP/s, {result['vs_sdpa'][name]:.2f}x SDPA's time")
+
+
+if __name__ == "__main__":
+    main()
