@@ -8,6 +8,10 @@ A middle variant (shared prefix, all logits) separates the two savings. Same los
 Timings are interleaved (naive, shared, ... per repetition) on one model object and one real micro-batch of
 chat data (assistant-only targets). Prints a few lines and writes JSON.
 
+`--weights int8 int4` times the recipe's step with the frozen Linear layers in those formats (`swiftkv distill
+weights=F`: teacher and student share them), float32 activations, and measures the same teacher fidelity; every
+column also gives its frozen tensors' bytes.
+
 `--dtypes float32 bfloat16` also times the recipe's step ("shared") with the frozen weights in bf16, as
 `swiftkv distill dtype=bfloat16` runs it (its own model object, autocast, trainable weights float32), interleaved
 with the others, and measures what bf16 does to the teacher: KL(fp32 teacher || bf16 teacher) per token,
@@ -30,10 +34,11 @@ from swiftkv.bench import machine_info
 from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
-from swiftkv.distill.recipe import freeze_all_but_swiftkv, frozen_dtype_autocast
+from swiftkv.distill.recipe import format_frozen_layers, freeze_all_but_swiftkv, frozen_dtype_autocast
 from swiftkv.evaluate.scoring import BASE, final_hidden, logits_of, summarize_text, token_stats
 from swiftkv.files import portable_path
 from swiftkv.loading import load_model
+from swiftkv.modeling.weights import FORMATS
 from swiftkv.sequences import collate, encode_chat
 
 MODES = ("naive", "shared_all_logits", "shared")
@@ -76,12 +81,21 @@ def step(model, batch, mode: str, hidden_layer: int, n_targets: int, n_tokens: i
     return loss.item()
 
 
-def student(name: str, dtype: str, num_key_value_layers: int, group_size: int, device: str):
-    """(model, tokenizer) as the recipe trains it: frozen weights in `dtype`, `*_swiftkv` float32 and trainable."""
+def student(name: str, dtype: str, num_key_value_layers: int, group_size: int, device: str, weights: str = "float32"):
+    """(model, tokenizer) as the recipe trains it: frozen weights in `dtype`, their Linear layers in format `weights`,
+    `*_swiftkv` float32 and trainable."""
     base, tokenizer = load_model(name, dtype)
-    model = convert(base, num_key_value_layers, group_size).eval().to(device)
+    model = convert(base, num_key_value_layers, group_size).eval()
+    format_frozen_layers(model, weights, recipe_start=True)
+    model = model.to(device)
     freeze_all_but_swiftkv(model)
     return model, tokenizer
+
+
+def frozen_bytes(model) -> int:
+    """Bytes of the tensors that do not train (frozen parameters and buffers: float weights or blocks)."""
+    tensors = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.inference_mode()
@@ -132,6 +146,13 @@ def main() -> None:
         choices=list(DTYPES),
         help="frozen-weight dtypes: float32 runs every mode; each other dtype runs the recipe's step ('shared')",
     )
+    parser.add_argument(
+        "--weights",
+        nargs="*",
+        default=[],
+        choices=[fmt for fmt in FORMATS if fmt != "float32"],
+        help="frozen Linear layers' formats (distill weights=F): each runs the recipe's step ('shared') in float32",
+    )
     parser.add_argument("--json", type=Path, default=Path("distill_step.json"))
     args = parser.parse_args()
 
@@ -142,6 +163,10 @@ def main() -> None:
         for dtype in args.dtypes
         if dtype != "float32"
     }
+    formats = {
+        fmt: student(args.model, "float32", args.num_key_value_layers, args.key_value_group_size, args.device, fmt)[0]
+        for fmt in args.weights
+    }
     batch = chat_batch(tokenizer, args.data, args.seq_len, args.micro_batch)
     batch = type(batch)(*(t.to(args.device) for t in (batch.input_ids, batch.attention_mask, batch.labels)))
     n_targets = int((batch.labels[:, 1:] != -100).sum())
@@ -150,6 +175,7 @@ def main() -> None:
     # column name -> (model, its step mode, its frozen weights' dtype)
     columns = {mode: (model, mode, torch.float32) for mode in MODES}
     columns |= {f"shared_{dtype}": (other, "shared", DTYPES[dtype]) for dtype, other in others.items()}
+    columns |= {f"shared_weights_{fmt}": (other, "shared", torch.float32) for fmt, other in formats.items()}
 
     def timed(column: str) -> tuple[float, float]:
         net, mode, dtype = columns[column]
@@ -186,7 +212,10 @@ def main() -> None:
         "theoretical_ratio": theory,
         "tokens_per_s": {column: n_tokens / median[column] for column in columns},
         "loss": losses,
-        "teacher_vs_float32": {dtype: teacher_fidelity(model, other, batch) for dtype, other in others.items()},
+        "frozen_bytes": {column: frozen_bytes(net) for column, (net, _, _) in columns.items()},
+        "teacher_vs_float32": {
+            name: teacher_fidelity(model, other, batch) for name, other in (others | formats).items()
+        },
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -197,12 +226,13 @@ def main() -> None:
         theory_note = f" (FLOPs theory {theory[column]:.2f})" if column in theory else ""
         print(
             f"  {column:<18} {median[column] * 1000:7.0f} ms/step  {result['tokens_per_s'][column]:6.0f} tok/s  "
-            f"ratio {result['ratio_vs_naive'][column]:.3f}{theory_note}  loss {losses[column]:.5f}"
+            f"ratio {result['ratio_vs_naive'][column]:.3f}{theory_note}  loss {losses[column]:.5f}  "
+            f"frozen {result['frozen_bytes'][column] / 2**20:.0f} MiB"
         )
-    for dtype, fidelity in result["teacher_vs_float32"].items():
+    for name, fidelity in result["teacher_vs_float32"].items():
         ratio = fidelity["swiftkv"]["ppl"] / fidelity["base"]["ppl"]
         print(
-            f"  teacher {dtype} vs float32 on {fidelity['tokens']} tokens: KL {fidelity['kl']:.5f}/token, "
+            f"  teacher {name} vs float32 on {fidelity['tokens']} tokens: KL {fidelity['kl']:.5f}/token, "
             f"perplexity ratio {ratio:.4f}, top-1 agreement {fidelity['agreement']:.1%}"
         )
     print(f"wrote {args.json}")

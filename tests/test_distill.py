@@ -12,7 +12,9 @@ from conftest import FAMILIES, load_benchmark, tiny_base
 from safetensors.torch import load_file
 from test_distill_helpers import char_tokenizer, chat_file, tiny_config, tiny_model_dir
 
+import swiftkv
 from swiftkv import cpu
+from swiftkv.adapter import REFERENCE_NAME, reference_logits
 from swiftkv.conversion import convert
 from swiftkv.distill import recipe as recipe_module
 from swiftkv.distill.checkpoint import latest_checkpoint
@@ -25,6 +27,9 @@ from swiftkv.distill.recipe import (
     format_eval_table,
     lr_multiplier,
 )
+from swiftkv.loading import load_model
+from swiftkv.modeling.weights import BlockLinear, apply_format, block_linear, weight_format
+from swiftkv.modes import swiftkv_mode
 from swiftkv.sequences import IGNORE, BatchPlan, build_sequences, collate, encode_chat, pack_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -481,6 +486,8 @@ def test_cli_reports_bad_input_as_a_clear_error(tmp_path, capsys):
     assert "Unknown config key 'lrr' in the overrides. Did you mean 'lr'?" in capsys.readouterr().err
     assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["distill", str(config), "weights=int5"]) == 2
+    assert "weights='int5' is invalid; choose one of float32, bf16, int8, int4." in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -551,3 +558,46 @@ def test_export_writes_the_latest_checkpoints_adapter_without_training(model_dir
 def test_export_needs_a_checkpoint(model_dir, chats, tmp_path):
     with pytest.raises(FileNotFoundError, match="--export: no checkpoint"):
         DistillRecipe(tiny_config(model_dir, chats, tmp_path / "new"), export=True, quiet=True).setup()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_distilling_against_quantized_weights(model_dir, chats, tmp_path, fmt):
+    """weights=F: every Linear layer but the trained *_swiftkv projections is in F, and the teacher (SwiftKV off) is
+    exactly the base model put in F; only the projections train; the final evaluation runs; output_dir/model loads
+    back in F with the very blocks it trained against, and the adapter records F."""
+    eval_data = [str(chat_file(tmp_path / "eval.jsonl", conversations=300, seed=1))]
+    config = tiny_config(
+        model_dir, chats, tmp_path / "run", weights=fmt, save_full_checkpoint=True, eval_data=eval_data
+    )
+    recipe = DistillRecipe(config, quiet=True).setup()
+    model = recipe.model
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert name.endswith("_swiftkv") and module.weight.dtype == torch.float32, name
+    base, _ = load_model(str(model_dir))
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad(), swiftkv_mode(model, False):
+        assert torch.equal(model(ids).logits, apply_format(base, fmt)(ids).logits)
+    frozen = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if "swiftkv" not in n}
+    recipe.train()
+    assert all(torch.equal(t, dict([*model.named_parameters(), *model.named_buffers()])[n]) for n, t in frozen.items())
+    result = recipe.finish()
+    assert {"undistilled_ppl", "distilled_ppl"} <= result["eval"][eval_data[0]].keys()
+    assert json.loads((Path(result["adapter"]) / "adapter_config.json").read_text())["distill"]["weights"] == fmt
+    served, _ = swiftkv.load(result["model"])
+    assert weight_format(served) == fmt
+    for name, module in served.named_modules():
+        if name.endswith("_swiftkv") and isinstance(module, BlockLinear):  # trained in float32, served as int8
+            trained = model.get_submodule(name)
+            assert torch.equal(module.qweight, block_linear(trained, "int8").qweight), name
+        elif isinstance(module, BlockLinear):
+            assert torch.equal(module.qweight, model.get_submodule(name).qweight), name
+
+
+def test_distilled_adapters_reference_is_a_float32_load(model_dir, chats, tmp_path):
+    # Bug fixed: reference.json was recorded from a load in the CPU's default format (bf16 where the CPU has bf16
+    # hardware), while its check (tests/test_bundled_adapters.py) and its docstring say float32.
+    adapter = DistillRecipe(tiny_config(model_dir, chats, tmp_path / "run"), quiet=True).run()["adapter"]
+    recorded = json.loads((Path(adapter) / REFERENCE_NAME).read_text())
+    fresh, tokenizer = swiftkv.load(str(model_dir), adapter=adapter, weights="float32")
+    assert reference_logits(fresh, tokenizer) == recorded

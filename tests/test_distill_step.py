@@ -1,4 +1,4 @@
-"""benchmarks/distill_step.py: the bf16 comparison runs the recipe's step in bf16 and measures the bf16 teacher."""
+"""benchmarks/distill_step.py: the bf16 and weight-format comparisons run the recipe's step and measure the teacher."""
 
 from __future__ import annotations
 
@@ -28,10 +28,14 @@ def test_bfloat16_column_and_teacher_fidelity(prefix_chat_dir, tmp_path, monkeyp
     bench = load_benchmark("distill_step")
     out = tmp_path / "step.json"
     argv = ["distill_step.py", "--model", str(prefix_chat_dir), "-L", "3", "--seq-len", "24", "--reps", "1"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--threads", "1", "--dtypes", "float32", "bfloat16", "--json", str(out)])
+    argv += ["--threads", "1", "--dtypes", "float32", "bfloat16", "--weights", "int8", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     result = json.loads(out.read_text())
-    assert set(result["median_s"]) == {"naive", "shared_all_logits", "shared", "shared_bfloat16"}
+    assert set(result["median_s"]) == {"naive", "shared_all_logits", "shared", "shared_bfloat16", "shared_weights_int8"}
+    # int8 blocks: ~1.06 bytes per Linear weight instead of 4 (the float32 embedding and norms stay)
+    assert result["frozen_bytes"]["shared_weights_int8"] < 0.8 * result["frozen_bytes"]["shared"]
+    assert 0 < result["teacher_vs_float32"]["int8"]["kl"] < 0.01
     # Same loss up to bf16 rounding of the frozen weights and activations.
     assert abs(result["loss"]["shared_bfloat16"] - result["loss"]["shared"]) < 0.05 * result["loss"]["shared"]
     fidelity = result["teacher_vs_float32"]["bfloat16"]

@@ -120,6 +120,22 @@ def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
         torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_training_through_blocks_keeps_no_float_weight(fmt):
+    """With a gradient to pass back to x (distillation through frozen blocks): the forward's product, x's gradient
+    grad @ W of the same dequantized W in the same product dtype, and no [out, in] tensor kept for backward."""
+    layer = block_linear(_linear(), fmt)
+    x = torch.randn(weights.NATIVE_ROWS + 13, layer.in_features, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert torch.equal(y, layer(x.detach())) and layer.out_features * layer.in_features not in saved  # W or W^T
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w = layer.dequantize(weights.product_dtype(x))
+    assert torch.equal(x.grad, (grad.to(w.dtype) @ w).to(x.dtype))
+
+
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
 def test_every_linear_takes_the_format(fmt):
     """The SwiftKV projections and the LM head too (int4 keeps both at int8); the embedding stays float32."""

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from swiftkv.config import swiftkv_config_class, validate_attention_types, validate_swiftkv_layout
 from swiftkv.files import prepare_output_dir, staged
 from swiftkv.modeling import MODEL_FOR_FAMILY
+from swiftkv.modeling.weights import BlockLinear
 
 # Fields that describe the SwiftKV layout or the class, never copied from the base config.
 _OWN_FIELDS = ("model_type", "architectures", "swiftkv", "num_key_value_layers", "key_value_group_size")
@@ -53,12 +54,17 @@ def swiftkv_config_for(base_config, num_key_value_layers: int, key_value_group_s
 def convert(model: PreTrainedModel, num_key_value_layers: int, key_value_group_size: int = 1) -> PreTrainedModel:
     """A SwiftKV model that reuses `model`'s weight tensors (no copy) and adds recipe-initialised projections.
 
-    `model` may be a stock model of a supported family or a SwiftKV model (its base weights are taken).
+    `model` may be a stock model of a supported family or a SwiftKV model (its base weights are taken), its layers in
+    any weight format (modeling/weights.py): a layer kept as blocks (BlockLinear) is shared as it is, and the recipe
+    reads its dequantized values.
     """
     config = swiftkv_config_for(model.config, num_key_value_layers, key_value_group_size)
     causal_lm = MODEL_FOR_FAMILY[config.model_type.removesuffix("_swiftkv")]
     with torch.device("meta"):
         swift = causal_lm(config)
+    for name, module in model.named_modules():
+        if isinstance(module, BlockLinear) and "swiftkv" not in name:
+            swift.set_submodule(name, module)
     base_state = {k: v for k, v in model.state_dict().items() if "swiftkv" not in k}
     missing, unexpected = swift.load_state_dict(base_state, strict=False, assign=True)
     if unexpected or any("swiftkv" not in k for k in missing):
@@ -92,8 +98,10 @@ def init_swiftkv_parameters(model: PreTrainedModel) -> None:
 
 
 def _set_linear(target: nn.Linear, sources: list[nn.Linear]) -> None:
-    """target <- mean of sources (weights, and biases when present); works on meta-device targets."""
-    target.weight = nn.Parameter(torch.stack([s.weight.detach() for s in sources]).mean(0))
+    """target <- mean of sources (weights, a BlockLinear's dequantized; biases when present); works on meta-device
+    targets."""
+    weights = [s.dequantize() if isinstance(s, BlockLinear) else s.weight.detach() for s in sources]
+    target.weight = nn.Parameter(torch.stack(weights).mean(0))
     if target.bias is not None:
         target.bias = nn.Parameter(torch.stack([s.bias.detach() for s in sources]).mean(0))
 

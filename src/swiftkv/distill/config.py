@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from swiftkv.config import DTYPES
+from swiftkv.modeling.weights import FORMATS
 
 SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -28,6 +29,10 @@ class DistillConfig:
     num_key_value_layers: int | None = None  # L: layers 0..L-1 keep their own K/V (None: half the layers)
     key_value_group_size: int = 1  # g: AcrossKV group size for layers >= L (1: off)
     dtype: str = "float32"  # dtype of the frozen weights; trainable weights and optimizer state stay float32
+    # format of the frozen Linear layers, which teacher and student share: 'float32' (as `dtype` loads them), 'bf16',
+    # 'int8', 'int4' (modeling/weights.py: distil against the weights you will serve); the trained *_swiftkv
+    # projections stay float32, the full checkpoint (output_dir/model) is saved in this format
+    weights: str = "float32"
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda'
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
     init: str = "recipe"  # new projections' start: 'recipe' (copies, as in the paper) or 'least_squares' (K/V fit)
@@ -92,6 +97,8 @@ class DistillConfig:
             raise ValueError(f"init={self.init!r} is invalid; choose one of {', '.join(INITS)}.")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed={self.distributed!r} is invalid; choose one of {', '.join(DISTRIBUTED)}.")
+        if self.weights not in FORMATS:
+            raise ValueError(f"weights={self.weights!r} is invalid; choose one of {', '.join(FORMATS)}.")
         for name in ("dtype", "adapter_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; choose one of {', '.join(DTYPES)}.")

@@ -34,7 +34,7 @@ from swiftkv import adapter as adapters
 from swiftkv import cpu
 from swiftkv.calibration import fit_key_value_projections, sample_tokens
 from swiftkv.config import DTYPES
-from swiftkv.conversion import convert, save_atomic
+from swiftkv.conversion import convert, init_swiftkv_parameters, save_atomic
 from swiftkv.distill.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
@@ -49,6 +49,7 @@ from swiftkv.distill.loss import distill_loss
 from swiftkv.evaluate.scoring import add_sums, summarize_text, variants_stats
 from swiftkv.files import prepare_output_dir, save_figure, staged, write_json
 from swiftkv.loading import load, load_model
+from swiftkv.modeling.weights import apply_format, resolve_format, store_format
 from swiftkv.sequences import IGNORE, BatchPlan, DataStats, build_mixture, build_sequences
 
 
@@ -80,6 +81,18 @@ def freeze_all_but_swiftkv(model: torch.nn.Module) -> None:
 def frozen_dtype_autocast(device_type: str, dtype: torch.dtype) -> torch.autocast:
     """Frozen weights in bf16/fp16 meet the float32 trainable ones: run both in the frozen dtype (off for float32)."""
     return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def format_frozen_layers(model: torch.nn.Module, fmt: str, recipe_start: bool) -> None:
+    """Put every Linear layer of the SwiftKV `model` but its `*_swiftkv` projections in weight format `fmt`
+    (modeling/weights.py), in place: the teacher (SwiftKV off) and the student run those layers, as a model served in
+    that format does. `recipe_start`: take the projections' recipe start again from those layers' values, as the
+    final evaluation's undistilled variant (`convert` of this model) has it."""
+    if fmt == "float32":
+        return
+    apply_format(model, fmt, train_swiftkv=True)
+    if recipe_start:
+        init_swiftkv_parameters(model)
 
 
 def cpu_capability() -> str:
@@ -149,6 +162,7 @@ class DistillRecipe:
         num_layers = base.config.num_hidden_layers
         self.model = self._student(base, cfg.resolved_num_key_value_layers(num_layers)).eval()
         del base
+        self._format_frozen_layers()
         self.hidden_layer = cfg.resolved_hidden_loss_layer(num_layers)
         freeze_all_but_swiftkv(self.model)
         self.model.to(self.device)
@@ -224,6 +238,13 @@ class DistillRecipe:
                 "the same layout (or set num_key_value_layers / key_value_group_size to match it)."
             )
         return adapters.apply_adapter(base, cfg.init_adapter)
+
+    def _format_frozen_layers(self) -> None:
+        """The run's `weights` format for the frozen layers (`format_frozen_layers`); bf16 on a CPU without bf16
+        hardware runs float32, with a warning."""
+        cfg = self.config
+        self.weight_format = resolve_format(cfg.weights) if self.device.type == "cpu" else cfg.weights
+        format_frozen_layers(self.model, self.weight_format, recipe_start=cfg.init_adapter is None)
 
     def _starts_off_recipe(self) -> bool:
         """Whether training starts from other weights than the recipe's (least squares, or an adapter)."""
@@ -462,6 +483,7 @@ class DistillRecipe:
         cfg = self.config
         weights = self.trainable_state()
         summary = {"steps": self.step, "tokens_seen": self.tokens_seen, "data": cfg.data, "seed": cfg.seed}
+        summary["weights"] = self.weight_format  # the frozen layers' format it was distilled against
         result = {"adapter": None, "model": None, "eval": None}
         if self.rank == 0:
             result["adapter"] = str(
@@ -476,24 +498,38 @@ class DistillRecipe:
                 )
             )
             # what a user's fresh float32 load of base + this (bf16) adapter must reproduce (tests, `reference.json`)
-            fresh, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"])
+            fresh, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"], weights="float32")
             adapters.write_reference(result["adapter"], fresh, self.tokenizer)
             del fresh
             if cfg.save_full_checkpoint:
-                if self.fsdp:  # rebuild on CPU from the base weights: the live model is sharded
-                    model, _ = load(os.path.expanduser(cfg.model), adapter=result["adapter"], dtype=cfg.dtype)
-                    adapters_weights = {n: p for n, p in model.named_parameters() if "swiftkv" in n}
-                    with torch.no_grad():  # full precision weights, not the adapter's bf16 copy
-                        for name, value in weights.items():
-                            adapters_weights[name].copy_(value)
-                else:
-                    model = self.model
+                model = self._full_model(weights)
                 result["model"] = str(save_atomic(self.out / "model", True, model, self.tokenizer))
             if cfg.eval_data and not self.fsdp:
                 result["eval"] = self.evaluate_before_after()
         if self.world > 1:
             dist.barrier()
         return result
+
+    def _full_model(self, weights: dict[str, torch.Tensor]):
+        """The model output_dir/model holds: the base weights with the trained `weights` (full precision, not the
+        adapter's copy), in the run's format (`store_format`: a non-float32 one is recorded in its config and loads
+        back as it is). Under FSDP rebuilt on CPU from the base weights (the live model is sharded); else it shares
+        the live model's frozen tensors."""
+        cfg, config = self.config, self.model.config
+        if self.fsdp:
+            model, _ = load(
+                os.path.expanduser(cfg.model),
+                num_key_value_layers=config.num_key_value_layers,
+                key_value_group_size=config.key_value_group_size,
+                dtype=cfg.dtype,
+                weights="float32",
+            )
+        elif self.weight_format == "float32":
+            return self.model
+        else:  # a copy to put in the format: the live model is evaluated next, its projections as they trained
+            model = convert(self.model, config.num_key_value_layers, config.key_value_group_size)
+        model.load_state_dict(weights, strict=False)
+        return store_format(model, self.weight_format)
 
     def evaluate_before_after(self) -> dict:
         """Held-out perplexity, KL and top-1 agreement of the base model, the undistilled conversion (the recipe's

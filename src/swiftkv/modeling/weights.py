@@ -119,13 +119,33 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]: `native_product` for a few rows, else the dequantized weight times x in
-        `product_dtype`, the bias added in x's dtype."""
+        `product_dtype`, the bias added in x's dtype. With a gradient to pass back to x (distillation trains
+        through frozen blocks), `_BlockProduct`: the same product, the weight dequantized again in backward."""
         if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
             return y
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _BlockProduct.apply(x, self)
         return rounded_product(x, product_weight(self, x), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+class _BlockProduct(torch.autograd.Function):
+    """A BlockLinear's product of x [..., in] for training through it: backward gives x's gradient only, grad
+    [..., out] @ W [out, in], with W dequantized again there instead of kept from forward. So between forward and
+    backward every frozen layer holds its blocks, not a float copy of its weight (the float copies of all layers
+    together would be the float model)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return rounded_product(x, product_weight(layer, x), layer.bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return rounded_product(grad, product_weight(ctx.layer, grad).t(), None), None
 
 
 def layer_product_dtype(proj: nn.Module, x: torch.Tensor) -> torch.dtype:
@@ -212,13 +232,16 @@ def block_linear(linear: nn.Module, fmt: str) -> BlockLinear:
     return BlockLinear(fmt, *quantize_int4(weight), bias)
 
 
-def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] | None = None) -> nn.Module:
+def apply_format(
+    model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] | None = None, train_swiftkv: bool = False
+) -> nn.Module:
     """Put every Linear layer of `model` (SwiftKV projections and LM head included) in format `fmt`, in place.
 
-    Runs after adapters and conversion, on inference models: quantized layers keep no float weight to train. A tied
-    LM head is untied (the embedding keeps its float32 rows; a token's lookup reads one row, so it costs no speed).
-    `blocks`: layers already in blocks, by weight name (a GGUF file's: gguf_blocks.blocks_for); a layer takes its
-    own as they are where they are in the format it gets, instead of quantizing its float weight.
+    Quantized layers keep no float weight to train. A tied LM head is untied, and the config says so (the embedding
+    keeps its float32 rows; a token's lookup reads one row, so it costs no speed). `blocks`: layers already in
+    blocks, by weight name (a GGUF file's: gguf_blocks.blocks_for); a layer takes its own as they are where they are
+    in the format it gets, instead of quantizing its float weight. `train_swiftkv`: the `*_swiftkv` projections stay
+    as they are (distillation trains them in float32 against the other layers in `fmt`).
     """
     from swiftkv.modeling.kernels import move_to_huge_pages, use_fast_linears  # kernels dispatches on BlockLinear
 
@@ -229,7 +252,7 @@ def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] |
     new: list[torch.Tensor] = []
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, nn.Linear) or (train_swiftkv and name.endswith("_swiftkv")):
                 continue
             if fmt == "bf16":
                 child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
@@ -241,6 +264,8 @@ def apply_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] |
                 setattr(parent, name, quantized)
                 new += [t for t in (quantized.qweight, quantized.scales, quantized.mins) if t is not None]
     move_to_huge_pages(new)  # streamed per decoded token, like float weights (kernels.copy_weights_to_process_memory)
+    if lm_head is not None:  # its own tensors now: a later `tie_weights` (conversion, saving) must not re-tie it
+        model.config.tie_word_embeddings = False
     return model
 
 
@@ -266,7 +291,6 @@ def store_format(model: nn.Module, fmt: str) -> nn.Module:
         return model
     apply_format(model, fmt)
     setattr(model.config, SAVED_FORMAT_KEY, fmt)
-    model.config.tie_word_embeddings = False
     return model
 
 
