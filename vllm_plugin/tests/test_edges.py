@@ -106,6 +106,15 @@ def test_a_layout_that_cannot_be_split_fails_while_the_config_is_built(
         engine_config("llama/g3", hf_overrides=overrides, **parallel)
 
 
+def test_a_checkpoint_of_swiftkv_blocks_is_refused_with_what_to_convert_to():
+    """`swiftkv convert --weights int8/int4` writes BlockLinear buffers vLLM's loader has no weights for: refused while
+    the config is built, naming the value and the conversion that serves. bf16 weights load as any bf16 checkpoint."""
+    for stored in ("int8", "int4"):
+        with pytest.raises(ValueError, match=rf"swiftkv's {stored} blocks.*--weights bf16"):
+            engine_config("llama/g3", hf_overrides={"swiftkv_weights": stored})
+    engine_config("llama/g3", hf_overrides={"swiftkv_weights": "bf16"})
+
+
 @pytest.mark.parametrize(
     ("parallel", "partition"),
     [

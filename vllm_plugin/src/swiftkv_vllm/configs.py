@@ -198,6 +198,19 @@ def check_pipeline_stages(layout: SwiftKVLayout, stages: list[tuple[int, int]]) 
         )
 
 
+def check_stored_weights(config) -> None:
+    """A checkpoint `swiftkv convert --weights int8/int4` wrote keeps BlockLinear buffers that vLLM's loader has no
+    weights for: refused before any worker starts, with the conversion that serves."""
+    stored = getattr(config, "swiftkv_weights", "float32")  # how `swiftkv convert --weights` stored the Linears
+    if stored not in ("float32", "bf16"):
+        raise ValueError(
+            f"This checkpoint stores its Linear layers as swiftkv's {stored} blocks (swiftkv_weights={stored!r} "
+            "in config.json), which vLLM cannot load. Convert it for vLLM with float weights: `swiftkv convert SRC "
+            "OUT --weights bf16` (or float32), and use vLLM's own quantization (e.g. --quantization fp8) for "
+            "smaller weights."
+        )
+
+
 class _SwiftKVConfigMixin:
     num_hidden_layers: int
     num_key_value_layers: int | None

@@ -28,6 +28,7 @@ from swiftkv_vllm.configs import (
     FAST_PREFILL_OVERRIDE,
     SwiftKVLayout,
     check_parallel_layout,
+    check_stored_weights,
 )
 
 # Under "vllm." so vLLM's handler prints these lines with its level, time and source (it configures only the "vllm"
@@ -96,6 +97,7 @@ class SwiftKVConfigHook(VerifyAndUpdateConfig):
         hf_config = vllm_config.model_config.hf_config
         parallel = vllm_config.parallel_config
         check_parallel_layout(hf_config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        check_stored_weights(hf_config)
         layout = SwiftKVLayout.of(hf_config)
         cache_config = vllm_config.cache_config
         if not layout.skips:
