@@ -15,9 +15,11 @@ import yaml
 from safetensors.torch import load_file
 from test_distill_helpers import chat_file, tiny_config, tiny_model_dir
 
+import swiftkv
 from swiftkv.adapter import read_adapter
 from swiftkv.distill.checkpoint import latest_checkpoint
 from swiftkv.distill.recipe import DistillRecipe
+from swiftkv.modeling.weights import quantize_int8, weight_format
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, mod
         _, adapter = read_adapter(tmp_path / "two" / "adapter")
         for name in double:
             torch.testing.assert_close(adapter[name], double[name], atol=0, rtol=0)
+
+
+def test_fsdp_against_int8_weights_saves_the_model_in_int8(setup, tmp_path):
+    """FSDP2 shards the float parameters; the int8 blocks (buffers) stay whole in every process. The full checkpoint
+    is rebuilt from the base weights with the trained projections, in int8, as one process would save it."""
+    model_dir, chats = setup
+    settings = dict(micro_batch_size=1, max_steps=1, split="all", distributed="fsdp", weights="int8")
+    config = tiny_config(model_dir, chats, tmp_path / "run", save_full_checkpoint=True, **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "swiftkv.cli", "distill", str(_yaml(config, tmp_path / "c.yaml"))]
+    run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model, _ = swiftkv.load(tmp_path / "run" / "model")
+    assert weight_format(model) == "int8"
+    trained = _weights(tmp_path / "run")
+    projection = model.model.layers[3].self_attn.k_proj_swiftkv  # stored as int8 blocks of the trained weight
+    expected = quantize_int8(trained["model.layers.3.self_attn.k_proj_swiftkv.weight"])
+    assert torch.equal(projection.qweight, expected[0]) and torch.equal(projection.scales, expected[1])
 
 
 def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
