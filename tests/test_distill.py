@@ -580,7 +580,8 @@ def test_distilling_against_quantized_weights(model_dir, chats, tmp_path, fmt):
         assert torch.equal(model(ids).logits, apply_format(base, fmt)(ids).logits)
     frozen = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if "swiftkv" not in n}
     recipe.train()
-    assert all(torch.equal(t, dict([*model.named_parameters(), *model.named_buffers()])[n]) for n, t in frozen.items())
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(t, after[n]) for n, t in frozen.items())
     result = recipe.finish()
     assert {"undistilled_ppl", "distilled_ppl"} <= result["eval"][eval_data[0]].keys()
     assert json.loads((Path(result["adapter"]) / "adapter_config.json").read_text())["distill"]["weights"] == fmt
