@@ -159,6 +159,16 @@ def test_a_file_in_the_other_format_is_quantized_from_its_values(tmp_path):
         assert torch.equal(layer.dequantize(), block_linear(floats[name], layer.format).dequantize()), name
 
 
+def test_a_q4_0_file_loads_into_int8_exactly(tmp_path):
+    """Q4_0's values d (q - 8) lie on int8's grid at scale d (weights.grid_scale): asked as int8, every layer keeps
+    the file's values exactly, where llama.cpp's own scale (max|w| / 127) would round them again."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "llama", Q.Q4_0)
+    floats = dict(load_model(path)[0].named_modules())
+    for name, layer in _block_layers(load(path, weights="int8")[0]).items():
+        assert layer.format == "int8" and torch.equal(layer.dequantize(), floats[name].weight.detach()), name
+
+
 def test_a_type_no_format_holds_is_refused(tmp_path):
     """Q5_0 layers as int8/int4: one error naming a tensor, its type and the types that load, before loading;
     float32 loads the file dequantized."""

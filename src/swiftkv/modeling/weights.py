@@ -4,7 +4,9 @@
 - `bf16`: every Linear weight rounded to bfloat16. Products run on bf16 kernels (oneDNN: AMX or AVX512-BF16 tiles),
   float32 accumulation; activations, norms, attention and the residual stream stay float32.
 - `int8`: GGUF Q8_0's blocks. Each run of 32 inputs of a weight row has one float16 scale d: w = d * q, q int8 in
-  [-127, 127] (symmetric, round to nearest, as llama.cpp quantizes).
+  [-127, 127] (symmetric, round to nearest). d is llama.cpp's max|w| / 127, except for a block whose values already
+  lie on a uniform grid (the default model's Q4_1 layers): there a fraction of the grid's step, which keeps most of
+  its points exact instead of rounding them a second time (`grid_scale`; docs/cpu.md, "int8 on the Q4_1 grid").
 - `int4`: GGUF Q4_1's blocks. Each run of 32 inputs has a float16 scale d and minimum m: w = d * q + m, q in [0, 15]
   (Q4_0's w = d * (q - 8) is m = -8 d, exactly). The LM head stays int8, as llama.cpp keeps its output matrix at
   higher precision: it is ~20% of a small model's weights and the logits are what every token is read from. So do
@@ -26,6 +28,7 @@ import os
 import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,14 +187,58 @@ def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) ->
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [out, in], d float16 [out, in / BLOCK]) of `weight` [out, in]: llama.cpp's Q8_0 rule, d = max|w| / 127
-    rounded to float16, q = round(w / d)."""
+    """(q int8 [out, in], d float16 [out, in / BLOCK]) of `weight` [out, in]: GGUF Q8_0 blocks, q = round(w / d) in
+    [-127, 127]. Each block's d is llama.cpp's Q8_0 rule, max|w| / 127, unless `grid_scale`'s (for a block already
+    on a uniform grid) leaves a smaller squared error; both rounded to float16. The grids are searched only in a
+    weight whose first row has one: a dequantized checkpoint's tensor is on grids throughout, a float one nowhere
+    (the search costs ~8x the rest)."""
     out, blocks = weight.shape[0], weight.shape[1] // BLOCK
     w = weight.detach().float().view(out, blocks, BLOCK)
-    d = (w.abs().amax(-1) / 127).half()
-    inverse = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
-    q = (w * inverse.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    amax = w.abs().amax(-1)
+    q, d, error = _int8_blocks(w, (amax / 127).half())
+    if not grid_scale(w[:1], amax[:1]).any():  # a float weight: its first row has no grid, so none is searched
+        return q.view(out, -1), d
+    grid = grid_scale(w, amax).half()
+    if grid.any():
+        q_grid, _, error_grid = _int8_blocks(w, grid)
+        better = error_grid < error  # [out, blocks]; a block without a grid has d = 0, q = 0: never better
+        q, d = torch.where(better.unsqueeze(-1), q_grid, q), torch.where(better, grid, d)
     return q.view(out, -1), d
+
+
+def _int8_blocks(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q int8 [out, blocks, BLOCK], d, squared error [out, blocks]) of blocks w [out, blocks, BLOCK] at float16
+    scales d [out, blocks] (0: q = 0)."""
+    scale = d.float().unsqueeze(-1)
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros(()))
+    q = (w * inverse).round().clamp(-127, 127)
+    return q.to(torch.int8), d, (q * scale - w).square().sum(-1)
+
+
+GRID_MULTIPLES = 32  # the finest int8 step tried for a grid block: its own step / 32
+
+
+def grid_scale(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The int8 scale [out, blocks] for blocks w [out, blocks, BLOCK] (amax: max|w| per block) whose values lie on
+    a uniform grid origin + step * n: a block dequantized from an int4 or any other affine format (every layer of
+    the default model is Q4_1, w = m + d4 * n), which absmax's scale would round a second time. 0 where none fits.
+
+    A scale step / k puts every grid point on int8's grid shifted by one amount, frac(k * origin / step) of the new
+    step: the k with the least shift is taken, among those keeping |q| <= 127 (k <= 127 step / max|w|). Q4_0's grid
+    (origin -8 d4) fits exactly at k = 1. The step is the block's smallest gap between distinct values (gaps under
+    2^-12 max|w| are equal values apart by float32 rounding); float weights' gaps are far below max|w| / 127, so no k
+    fits them. Sorting through numpy: its vectorised sort is ~8x torch's for these 32-value rows."""
+    s = torch.from_numpy(np.sort(w.cpu().numpy(), axis=-1)).to(w.device)  # [out, blocks, BLOCK]
+    gaps = s.diff(dim=-1)
+    step = torch.where(gaps > amax.unsqueeze(-1) * 2**-12, gaps, torch.inf).amin(-1)  # [out, blocks]
+    multiples = torch.where(step.isfinite(), 127 * step / amax, 0).floor().clamp(max=GRID_MULTIPLES)  # largest k
+    if (top := int(multiples.max())) < 1:
+        return torch.zeros_like(amax)
+    k = torch.arange(1, top + 1, dtype=w.dtype, device=w.device)
+    shift = (s[..., :1] / step.unsqueeze(-1)) * k  # [out, blocks, top]: the origin in units of step / k
+    error = torch.where(k <= multiples.unsqueeze(-1), (shift - shift.round()).abs() / k, torch.inf)  # in steps
+    best, index = error.min(-1)
+    return torch.where(best.isfinite(), step / (index + 1), torch.zeros(()))
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
