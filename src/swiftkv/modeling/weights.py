@@ -191,28 +191,29 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     [-127, 127]. Each block's d is llama.cpp's Q8_0 rule, max|w| / 127, unless `grid_scale`'s (for a block already
     on a uniform grid) leaves a smaller squared error; both rounded to float16. The grids are searched only in a
     weight whose first row has one: a dequantized checkpoint's tensor is on grids throughout, a float one nowhere
-    (the search costs ~8x the rest)."""
+    (the search costs ~10x the rest)."""
     out, blocks = weight.shape[0], weight.shape[1] // BLOCK
     w = weight.detach().float().view(out, blocks, BLOCK)
     amax = w.abs().amax(-1)
-    q, d, error = _int8_blocks(w, (amax / 127).half())
+    d = (amax / 127).half()
+    q, error = _int8_blocks(w, d)
     if not grid_scale(w[:1], amax[:1]).any():  # a float weight: its first row has no grid, so none is searched
         return q.view(out, -1), d
     grid = grid_scale(w, amax).half()
     if grid.any():
-        q_grid, _, error_grid = _int8_blocks(w, grid)
+        q_grid, error_grid = _int8_blocks(w, grid)
         better = error_grid < error  # [out, blocks]; a block without a grid has d = 0, q = 0: never better
         q, d = torch.where(better.unsqueeze(-1), q_grid, q), torch.where(better, grid, d)
     return q.view(out, -1), d
 
 
-def _int8_blocks(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q int8 [out, blocks, BLOCK], d, squared error [out, blocks]) of blocks w [out, blocks, BLOCK] at float16
-    scales d [out, blocks] (0: q = 0)."""
+def _int8_blocks(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, blocks, BLOCK], squared error [out, blocks]) of blocks w [out, blocks, BLOCK] at float16 scales
+    d [out, blocks] (0: q = 0)."""
     scale = d.float().unsqueeze(-1)
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros(()))
     q = (w * inverse).round().clamp(-127, 127)
-    return q.to(torch.int8), d, (q * scale - w).square().sum(-1)
+    return q.to(torch.int8), (q * scale - w).square().sum(-1)
 
 
 GRID_MULTIPLES = 32  # the finest int8 step tried for a grid block: its own step / 32
