@@ -82,8 +82,8 @@ def test_int8_of_a_q4_0_weight_is_exact():
 
 def test_int8_of_a_q4_1_weight_keeps_its_grid():
     """Q4_1's values m + d q: each block's error is at most absmax's (the better of the two scales is kept), and the
-    whole weight's is a fraction of it (measured 0.17 of absmax's squared error; the default model's 211 Q4_1
-    layers: 0.17 too, 0.41 in RMS). Fails with absmax's scale alone (ratio 1)."""
+    whole weight's is a fraction of it (measured 0.17 of absmax's squared error; the default model's 210 Q4_1
+    layers: 0.17 too). Fails with absmax's scale alone (ratio 1)."""
     weight = _grid_weight("q4_1")
     ours, absmax = _int8_error(weight, *weights.quantize_int8(weight)), _int8_error(weight, *_absmax_int8(weight))
     assert (ours <= absmax).all()

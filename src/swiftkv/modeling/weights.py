@@ -200,10 +200,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not grid_scale(w[:1], amax[:1]).any():  # a float weight: its first row has no grid, so none is searched
         return q.view(out, -1), d
     grid = grid_scale(w, amax).half()
-    if grid.any():
-        q_grid, error_grid = _int8_blocks(w, grid)
-        better = error_grid < error  # [out, blocks]; a block without a grid has d = 0, q = 0: never better
-        q, d = torch.where(better.unsqueeze(-1), q_grid, q), torch.where(better, grid, d)
+    q_grid, error_grid = _int8_blocks(w, grid)
+    better = error_grid < error  # [out, blocks]; a block without a grid has d = 0, q = 0: never better
+    q, d = torch.where(better.unsqueeze(-1), q_grid, q), torch.where(better, grid, d)
     return q.view(out, -1), d
 
 
