@@ -16,7 +16,7 @@ from test_bad_input import _fails
 from swiftkv import embedded, gguf_blocks
 from swiftkv.loading import load, load_model
 from swiftkv.modeling import weights
-from swiftkv.modeling.weights import BlockLinear, block_linear
+from swiftkv.modeling.weights import BlockLinear, apply_format, block_linear
 
 Q = gguf.GGMLQuantizationType
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
@@ -206,3 +206,23 @@ def test_default_model_int4_is_its_gguf_blocks(default_model_dir, quantized_agai
     for name, layer in blocks.items():
         assert torch.equal(layer.dequantize(), floats[name].weight), name
     assert_the_files_bytes(embedded.smollm2_gguf(), quantized, gguf.MODEL_ARCH.LLAMA)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_default_model_blocks_load_from_the_cache_as_the_gguf_gives_them(default_model_dir, fmt, monkeypatch):
+    """The default model's blocks are written once as a block checkpoint in the cache; a load then reads that, not the
+    GGUF (whose metadata parse cost ~7 s a load), and holds exactly the blocks the GGUF route makes."""
+    model = load_model("default")[0]
+    direct = _block_layers(apply_format(model, fmt, gguf_blocks.blocks_for(gguf_blocks.source("default", fmt), model)))
+    load("default", weights=fmt)  # writes the checkpoint unless an earlier test did
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("a load from the cache opened the GGUF")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_gguf)
+    cached = _block_layers(load("default", weights=fmt)[0])
+    assert cached.keys() == direct.keys()
+    for name, layer in cached.items():
+        for buffer in ("qweight", "scales", "mins"):
+            a, b = getattr(layer, buffer), getattr(direct[name], buffer)
+            assert (a is None and b is None) or torch.equal(a, b), f"{name}.{buffer}"

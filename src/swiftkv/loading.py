@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from transformers import (
 
 from swiftkv import embedded, gguf_blocks
 from swiftkv.config import DTYPES
-from swiftkv.files import check_safetensors, portable_path, read_json_file
+from swiftkv.files import cache_dir, check_safetensors, portable_path, read_json_file, staged
 from swiftkv.modeling import native
 from swiftkv.modeling.attention import use_cpu_attention
 from swiftkv.modeling.kernels import copy_weights_to_process_memory, reuse_freed_memory, use_fused_elementwise
@@ -31,6 +33,7 @@ from swiftkv.modeling.weights import (
     dequantized_state,
     format_reason,
     resolve_format,
+    store_format,
     stored_blocks,
     with_model_biases,
 )
@@ -87,8 +90,9 @@ def load(
         raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
     saved = saved_format(name_or_path)
     fmt = checked_format(weights, saved)  # before any weight is read: a bad value fails fast
-    source = gguf_blocks.source(name_or_path, fmt)  # int8/int4 of a GGUF: its blocks as they are; refuses types now
-    model, tokenizer, blocks = _load_model(name_or_path, dtype)
+    stored = default_model_blocks(fmt) if str(name_or_path) == DEFAULT_MODEL and fmt in BLOCK_FORMATS else name_or_path
+    source = gguf_blocks.source(stored, fmt)  # int8/int4 of a GGUF: its blocks as they are; refuses types now
+    model, tokenizer, blocks = _load_model(stored, dtype)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     elif layout:
@@ -104,6 +108,27 @@ def load(
         reason = f"as the checkpoint stores them ({SAVED_FORMAT_KEY})" if fmt == saved else format_reason(fmt)
         print(f"swiftkv: weights {fmt} ({reason}; choose with weights=/--weights)", file=sys.stderr)
     return model.eval(), tokenizer
+
+
+def default_model_blocks(fmt: str) -> Path:
+    """The default model with its Linear layers in `fmt`'s blocks (int8/int4) as a block checkpoint in the cache (what
+    `swiftkv convert --weights` writes), made on first use from its GGUF's own blocks (`gguf_blocks`).
+
+    Why: reading the GGUF took ~7 s per load (gguf-py parses the tokenizer's ~100k metadata strings one at a time)
+    and int8's grid search (`weights.grid_scale`) seconds more; the checkpoint loads like the float one. Its name
+    carries a digest of the code that computes the blocks, so a changed quantizer never serves blocks it would no
+    longer write."""
+    code = b"".join(Path(inspect.getfile(o)).read_bytes() for o in (apply_format, gguf_blocks))  # weights.py too
+    name = f"{embedded.default_model_dir().name}-{fmt}-{hashlib.sha256(code).hexdigest()[:12]}"
+    out = cache_dir() / "models" / name
+    if not out.exists():
+        print(f"swiftkv: writing the default model's {fmt} blocks to {out} (once, ~15 s)...", file=sys.stderr)
+        model, tokenizer, _ = _load_model(DEFAULT_MODEL, "float32")
+        store_format(model, fmt, gguf_blocks.blocks_for(gguf_blocks.source(DEFAULT_MODEL, fmt), model))
+        with staged(out) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    return out
 
 
 def origin(name: str | os.PathLike, adapter, model: PreTrainedModel, converted: bool) -> str:

@@ -331,12 +331,13 @@ SAVED_FORMAT_KEY = "swiftkv_weights"
 BLOCK_BUFFERS = ("qweight", "scales", "mins")
 
 
-def store_format(model: nn.Module, fmt: str) -> nn.Module:
+def store_format(model: nn.Module, fmt: str, blocks: Mapping[str, BlockLinear] | None = None) -> nn.Module:
     """`model` put in format `fmt` for saving (`swiftkv convert --weights`), its config recording it: bf16 Linear
-    weights, or int8/int4 blocks (SAVED_FORMAT_KEY above), the LM head untied (`apply_format`). float32: unchanged."""
+    weights, or int8/int4 blocks (SAVED_FORMAT_KEY above), the LM head untied (`apply_format`, which takes `blocks`
+    too). float32: unchanged."""
     if fmt == "float32":
         return model
-    apply_format(model, fmt)
+    apply_format(model, fmt, blocks)
     setattr(model.config, SAVED_FORMAT_KEY, fmt)
     return model
 
