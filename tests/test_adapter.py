@@ -16,6 +16,7 @@ from swiftkv.cli import main
 from swiftkv.conversion import convert
 from swiftkv.distill.recipe import DistillRecipe
 from swiftkv.loading import load
+from swiftkv.modeling.weights import BlockLinear
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,16 @@ def test_distillation_can_start_from_an_adapter(distilled, tmp_path):
     mismatched = dataclasses.replace(config, key_value_group_size=1, output_dir=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="key_value_group_size=2, but this run trains L=2, g=1"):
         DistillRecipe(mismatched, quiet=True).setup()
+
+
+def test_an_adapter_saved_from_a_model_in_blocks_applies_to_the_float_base(distilled, tmp_path):
+    """A model loaded in int8 (the default without bf16 hardware) holds its base and SwiftKV layers as blocks: its
+    adapter carries the projections' values, and its base fingerprint matches the float base it came from."""
+    base_dir, run = distilled
+    blocks, _ = load(base_dir, adapter=run / "adapter", weights="int8")
+    saved = adapters.save_adapter(blocks, tmp_path / "a", dtype="float32")
+    again, _ = load(base_dir, adapter=saved, weights="float32")
+    projections = {n: m for n, m in blocks.named_modules() if "swiftkv" in n and isinstance(m, BlockLinear)}
+    assert projections
+    for name, layer in projections.items():
+        assert torch.equal(again.get_submodule(name).weight, layer.dequantize()), name

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_base
+from torch import nn
 
 from swiftkv.calibration import fit_key_value_projections
 from swiftkv.conversion import convert
+from swiftkv.modeling.weights import apply_format, block_linear
 
 L = 3  # of 6 layers
 
@@ -83,3 +87,24 @@ def test_no_tokens_is_an_error():
     model = convert(tiny_base("llama"), L)
     with pytest.raises(ValueError, match="no tokens"):
         fit_key_value_projections(model, [], progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_model_in_blocks_gets_the_fit_in_its_format(fmt):
+    """A model loaded in int8/int4 (the default without bf16 hardware) keeps its projections as blocks: the fit is
+    quantized into them, as a float copy of the same model fits them and quantization rounds that fit."""
+    blocks = apply_format(convert(tiny_base("llama"), L, 1), fmt)
+    floats = copy.deepcopy(blocks)
+    for layer in floats.model.layers[L:]:  # the same int8/int4 base, float projections
+        for name in ("k_proj_swiftkv", "v_proj_swiftkv"):
+            proj = getattr(layer.self_attn, name)
+            linear = nn.Linear(proj.in_features, proj.out_features, bias=False)
+            linear.weight.data = proj.dequantize()
+            setattr(layer.self_attn, name, linear)
+    for model in (blocks, floats):
+        fit_key_value_projections(model, _sequences())
+    for fitted, reference in zip(blocks.model.layers[L:], floats.model.layers[L:], strict=True):
+        for name in ("k_proj_swiftkv", "v_proj_swiftkv"):
+            layer = getattr(fitted.self_attn, name)  # int8 in both formats (int4 keeps the projections at int8)
+            expected = block_linear(getattr(reference.self_attn, name), layer.format)
+            assert torch.equal(layer.qweight, expected.qweight) and torch.equal(layer.scales, expected.scales), name

@@ -236,16 +236,27 @@ def test_int4_on_a_width_that_is_not_a_multiple_of_the_block():
 
 def test_bf16_on_a_cpu_without_bf16_hardware_runs_float32(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert weights.default_format() == "float32"
     with pytest.warns(UserWarning, match="neither AVX512-BF16 nor AMX.*running float32 weights instead"):
         assert resolve_format("bf16") == "float32"
+
+
+@pytest.mark.parametrize("native_step", [True, False])
+def test_the_default_without_bf16_hardware_is_int8_where_the_native_step_runs(monkeypatch, native_step):
+    """int8 decodes natively (integer block products); without the native step it would dequantize whole matrices
+    per token, so float32 is the default there."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(native, "usable", lambda: object() if native_step else None)
+    fmt = weights.default_format()
+    assert fmt == ("int8" if native_step else "float32")
+    assert "without bf16 hardware" in weights.format_reason(fmt)
 
 
 def test_onednn_capped_below_bf16_counts_as_no_bf16_hardware(monkeypatch):
     """CI's AVX2 pass (ONEDNN_MAX_CPU_ISA=AVX2) stands for an AVX2-only CPU: it gets that CPU's default."""
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "amx_tile"}))
+    monkeypatch.setattr(native, "usable", lambda: object())
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not weights.native_bf16() and weights.default_format() == "float32"
+    assert not weights.native_bf16() and weights.default_format() == "int8"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert weights.native_bf16() and weights.default_format() == "bf16"
 

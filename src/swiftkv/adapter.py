@@ -25,6 +25,7 @@ from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
 from swiftkv.modeling.kernels import move_to_huge_pages
+from swiftkv.modeling.weights import BlockLinear
 
 FORMAT = "swiftkv-adapter"
 FORMAT_VERSION = 1
@@ -54,13 +55,19 @@ def _fingerprint_names(config) -> list[str]:
 @torch.no_grad()
 def fingerprint(model: PreTrainedModel) -> dict[str, list[float]]:
     """{parameter name: `_SAMPLES` values at evenly spaced flat positions} of a few base weights."""
-    params = dict(model.named_parameters())
     samples = {}
     for name in _fingerprint_names(model.config):
-        flat = params[name].detach().reshape(-1)
+        flat = _float_weight(model, name).detach().reshape(-1)
         index = (torch.arange(_SAMPLES) * (flat.numel() - 1) // (_SAMPLES - 1)).to(flat.device)
         samples[name] = [float(v) for v in flat[index].float().cpu()]
     return samples
+
+
+def _float_weight(model: PreTrainedModel, name: str) -> torch.Tensor:
+    """The values of weight `name` ("P.weight"): the parameter, or layer P's blocks dequantized (a base loaded in
+    int8/int4, whose quantization error is far inside the fingerprint's tolerance)."""
+    module = model.get_submodule(name.removesuffix(".weight"))
+    return module.dequantize() if isinstance(module, BlockLinear) else module.weight
 
 
 def base_identity(model: PreTrainedModel, name_or_path: str | None = None) -> dict:
@@ -75,8 +82,13 @@ def base_identity(model: PreTrainedModel, name_or_path: str | None = None) -> di
 
 
 def swiftkv_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: every parameter whose name contains 'swiftkv'."""
-    return {name: p.detach() for name, p in model.named_parameters() if "swiftkv" in name}
+    """The adapter's tensors: every parameter whose name contains 'swiftkv', and the dequantized weight of such a
+    layer kept as blocks (a model loaded in int8/int4)."""
+    state = {name: p.detach() for name, p in model.named_parameters() if "swiftkv" in name}
+    for name, module in model.named_modules():
+        if "swiftkv" in name and isinstance(module, BlockLinear):
+            state[f"{name}.weight"] = module.dequantize()
+    return state
 
 
 def save_adapter(

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from swiftkv.modeling.weights import BlockLinear
+
 PROJECTIONS = ("k_proj", "v_proj")
 MAX_LENGTH = 2048  # tokens per calibration sequence (the model's context if shorter)
 
@@ -132,6 +134,10 @@ def _solve_into(decoder: nn.Module, gram: torch.Tensor, cross: dict, ridge: floa
         a = gram[:keep, :keep]
         a = a + ridge * a.diagonal().mean() * torch.eye(keep, dtype=a.dtype, device=a.device)
         solution = torch.linalg.solve(a, xty[:keep])  # [keep, out]
-        linear.weight.copy_(solution[: dim - 1].T)
+        fitted = solution[: dim - 1].T  # [out, in]
+        if isinstance(linear, BlockLinear):  # a model loaded in int8/int4: the fit stored in the layer's format
+            linear.quantize_from(fitted)
+        else:
+            linear.weight.copy_(fitted)
         if linear.bias is not None:
             linear.bias.copy_(solution[dim - 1])

@@ -10,7 +10,7 @@ import argparse
 
 from swiftkv.config import DTYPES, parse_layout
 from swiftkv.loading import DEFAULT_MODEL, EMBEDDED_MODELS
-from swiftkv.modeling.weights import FORMATS, default_format
+from swiftkv.modeling.weights import FORMATS
 
 DEFAULT_SKIP = 0.5  # the paper's headline layout: prompt tokens skip the later half of the layers
 
@@ -46,7 +46,8 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = True, wei
         parser.add_argument(
             "--weights",
             choices=FORMATS,
-            help=f"Linear weights' format (default here: {default_format()}, the fastest keeping quality here)",
+            help="Linear weights' format (default: the fastest keeping quality on this CPU: bf16 with bf16 "
+            "hardware, else int8 where the native step builds, else float32; the load line names it)",
         )
 
 
