@@ -25,7 +25,7 @@ from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.files import check_safetensors, prepare_output_dir, read_json_file, staged
 from swiftkv.modeling.kernels import move_to_huge_pages
-from swiftkv.modeling.weights import BlockLinear
+from swiftkv.modeling.weights import BlockLinear, float_weight
 
 FORMAT = "swiftkv-adapter"
 FORMAT_VERSION = 1
@@ -57,17 +57,10 @@ def fingerprint(model: PreTrainedModel) -> dict[str, list[float]]:
     """{parameter name: `_SAMPLES` values at evenly spaced flat positions} of a few base weights."""
     samples = {}
     for name in _fingerprint_names(model.config):
-        flat = _float_weight(model, name).detach().reshape(-1)
+        flat = float_weight(model.get_submodule(name.removesuffix(".weight"))).reshape(-1)  # blocks: their values
         index = (torch.arange(_SAMPLES) * (flat.numel() - 1) // (_SAMPLES - 1)).to(flat.device)
         samples[name] = [float(v) for v in flat[index].float().cpu()]
     return samples
-
-
-def _float_weight(model: PreTrainedModel, name: str) -> torch.Tensor:
-    """The values of weight `name` ("P.weight"): the parameter, or layer P's blocks dequantized (a base loaded in
-    int8/int4, whose quantization error is far inside the fingerprint's tolerance)."""
-    module = model.get_submodule(name.removesuffix(".weight"))
-    return module.dequantize() if isinstance(module, BlockLinear) else module.weight
 
 
 def base_identity(model: PreTrainedModel, name_or_path: str | None = None) -> dict:
@@ -87,7 +80,7 @@ def swiftkv_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     state = {name: p.detach() for name, p in model.named_parameters() if "swiftkv" in name}
     for name, module in model.named_modules():
         if "swiftkv" in name and isinstance(module, BlockLinear):
-            state[f"{name}.weight"] = module.dequantize()
+            state[f"{name}.weight"] = float_weight(module)
     return state
 
 

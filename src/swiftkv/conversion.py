@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from swiftkv.config import swiftkv_config_class, validate_attention_types, validate_swiftkv_layout
 from swiftkv.files import prepare_output_dir, staged
 from swiftkv.modeling import MODEL_FOR_FAMILY
-from swiftkv.modeling.weights import BlockLinear
+from swiftkv.modeling.weights import BlockLinear, float_weight
 
 # Fields that describe the SwiftKV layout or the class, never copied from the base config.
 _OWN_FIELDS = ("model_type", "architectures", "swiftkv", "num_key_value_layers", "key_value_group_size")
@@ -100,7 +100,7 @@ def init_swiftkv_parameters(model: PreTrainedModel) -> None:
 def _set_linear(target: nn.Linear, sources: list[nn.Linear]) -> None:
     """target <- mean of sources (weights, a BlockLinear's dequantized; biases when present); works on meta-device
     targets."""
-    weights = [s.dequantize() if isinstance(s, BlockLinear) else s.weight.detach() for s in sources]
+    weights = [float_weight(s) for s in sources]
     target.weight = nn.Parameter(torch.stack(weights).mean(0))
     if target.bias is not None:
         target.bias = nn.Parameter(torch.stack([s.bias.detach() for s in sources]).mean(0))

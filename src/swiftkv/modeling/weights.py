@@ -132,7 +132,7 @@ class BlockLinear(nn.Module):
         """Replace the blocks by `weight` [out, in] quantized in this layer's format (a weight fitted after load:
         calibration)."""
         parts = quantize_int8(weight) if self.format == "int8" else quantize_int4(weight)
-        for name, part in zip(("qweight", "scales", "mins"), parts, strict=False):
+        for name, part in zip(BLOCK_BUFFERS, parts, strict=False):  # int8 has no mins
             setattr(self, name, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +170,12 @@ def layer_product_dtype(proj: nn.Module, x: torch.Tensor) -> torch.dtype:
     """The dtype a prefill product of x by `proj` runs in: a Linear layer's weight's (float32 or bf16), a
     BlockLinear's `product_dtype(x)`."""
     return product_dtype(x) if isinstance(proj, BlockLinear) else proj.weight.dtype
+
+
+def float_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight values without gradient (a Linear's [out, in]): its parameter, or a BlockLinear's blocks
+    dequantized to float32 (exact)."""
+    return layer.dequantize() if isinstance(layer, BlockLinear) else layer.weight.detach()
 
 
 def product_weight(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
