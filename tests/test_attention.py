@@ -37,8 +37,15 @@ def _reference(q, k, v, scale, bf16: bool, shift: int = 0) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-# (B, H, Hkv, Tq, Tk, Dh): GQA and MHA, lengths off the key blocks and the row tiles, a cache ahead of the queries
-SHAPES = [(1, 9, 3, 200, 200, 64), (2, 4, 2, 37, 50, 128), (1, 2, 2, 5, 5, 64), (1, 4, 1, 70, 130, 64)]
+# (B, H, Hkv, Tq, Tk, Dh): GQA and MHA, lengths off the key blocks, the row tiles (6) and their groups (48 rows), a
+# cache ahead of the queries
+SHAPES = [
+    (1, 9, 3, 200, 200, 64),
+    (2, 4, 2, 37, 50, 128),
+    (1, 2, 2, 5, 5, 64),
+    (1, 4, 1, 70, 130, 64),
+    (1, 2, 1, 101, 230, 128),
+]
 
 
 @needs_kernel

@@ -38,6 +38,7 @@ constexpr int64_t KB = 64;  // keys per block
 constexpr int KV = KB / W;  // vectors per block
 static_assert(KV % NV == 0, "a block is scored NV vectors at a time");
 constexpr int R = 6;  // query rows per tile
+constexpr int G = 8;  // tiles per pass over a head's keys
 constexpr int CH = NV;  // output vectors accumulated at once
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -125,77 +126,100 @@ inline vf mask_after(vf s, int c, int64_t visible) {  // c < KV
   return key <= static_cast<int32_t>(std::min<int64_t>(visible, KB)) ? s : vf{} + NEG_INF;
 }
 
-// R consecutive query rows of one head (`rows` <= R of them real) against every key they see: row r sees keys
-// 0 .. last_key + r. Running maximum `top`, sum `total` and output `o` per row; scores in registers.
+// The online softmax's state for R query rows: running maximum `top`, sum `total` and output `o` per row.
+template <int DH>
+struct Rows {
+  alignas(64) float o[R][DH] = {};
+  float top[R], total[R];
+  Rows() {
+    std::fill(top, top + R, NEG_INF);
+    std::fill(total, total + R, 0.f);
+  }
+};
+
+// R consecutive query rows against one block of KB keys: row r sees the block's keys 0 .. visible + r (all of them
+// unless `diagonal`). Scores in registers.
+template <class A, int DH>
+void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, const typename A::Slot* vblock,
+                  int64_t visible, bool diagonal, Rows<DH>& st) {
+  using Slot = typename A::Slot;
+  constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
+  alignas(64) float scores[R][KB];
+  alignas(64) Slot weights[R][KS];  // softmax numerators
+  for (int c0 = 0; c0 < KV; c0 += NV) {
+    vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
+    for (int p = 0; p < P; ++p) {
+      typename A::Vec keys[NV];
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) keys[c] = A::load(kblock + p * KB + W * (c0 + c));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < NV; ++c) s[r][c] = A::mac(s[r][c], keys[c], q[r * P + p]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NV; ++c) storev(&scores[r][W * (c0 + c)], s[r][c]);
+  }
+  for (int r = 0; r < R; ++r) {
+    vf row[KV];
+    for (int c = 0; c < KV; ++c) {
+      row[c] = loadv(&scores[r][W * c]);
+      if (diagonal) row[c] = mask_after(row[c], c, visible + r);
+    }
+    vf block_top = row[0];
+    for (int c = 1; c < KV; ++c) block_top = block_top > row[c] ? block_top : row[c];
+    const float new_top = std::max(st.top[r], hmax(block_top));
+    const float rescale = std::exp(st.top[r] - new_top);  // 0 on the first block (top = -inf)
+    st.top[r] = new_top;
+    vf e[KV], sum = {};
+    for (int c = 0; c < KV; ++c) sum += (e[c] = expv(row[c] - new_top));
+    A::store_weights(weights[r], e);
+    st.total[r] = st.total[r] * rescale + hsum(sum);
+    if (rescale != 1.f)
+      for (int c = 0; c < DV; ++c) storev(&st.o[r][W * c], loadv(&st.o[r][W * c]) * rescale);
+  }
+  for (int c0 = 0; c0 < DV; c0 += CH) {
+    vf acc[R][CH];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c) acc[r][c] = loadv(&st.o[r][W * (c0 + c)]);
+    for (int j = 0; j < KS; ++j) {
+      typename A::Vec values[CH];
+#pragma GCC unroll 8
+      for (int c = 0; c < CH; ++c) values[c] = A::load(vblock + j * DH + W * (c0 + c));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int c = 0; c < CH; ++c) acc[r][c] = A::mac(acc[r][c], values[c], weights[r][j]);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c) storev(&st.o[r][W * (c0 + c)], acc[r][c]);
+  }
+}
+
+// `rows` <= G * R consecutive query rows of one head, as tiles of R, against every key they see: row i sees keys
+// 0 .. last_key + i. Blocks outermost, so a block of keys and values, once fetched, serves all G tiles from L1/L2:
+// a head's packed K and V (1 MiB at 2048 tokens in float32) outgrow a Zen 3 core's 512 KiB L2, and a tile per pass
+// over them left the FMAs waiting on L3.
 template <class A, int DH>
 void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
-  using Slot = typename A::Slot;
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
-  alignas(64) float o[R][DH] = {};
-  alignas(64) float scores[R][KB];  // this block's
-  alignas(64) Slot weights[R][KS];  // this block's softmax numerators
-  float top[R], total[R];
-  std::fill(top, top + R, NEG_INF);
-  std::fill(total, total + R, 0.f);
-  const int64_t blocks = (last_key + rows - 1) / KB + 1;
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const Slot* kblock = k + kb * P * KB;
-    for (int c0 = 0; c0 < KV; c0 += NV) {
-      vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
-      for (int p = 0; p < P; ++p) {
-        typename A::Vec keys[NV];
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) keys[c] = A::load(kblock + p * KB + W * (c0 + c));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-          for (int c = 0; c < NV; ++c) s[r][c] = A::mac(s[r][c], keys[c], q[r * P + p]);
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) storev(&scores[r][W * (c0 + c)], s[r][c]);
+  Rows<DH> tiles[G];
+  const int64_t n = (rows + R - 1) / R, blocks = (last_key + rows - 1) / KB + 1;
+  for (int64_t kb = 0; kb < blocks; ++kb)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t first = last_key + t * R, last = first + std::min<int64_t>(R, rows - t * R) - 1;
+      if (kb * KB > last) continue;  // the tile's rows see none of this block
+      attend_block<A, DH>(q + t * R * P, k + kb * P * KB, v + kb * KS * DH, first - kb * KB,
+                          (kb + 1) * KB - 1 > first, tiles[t]);
     }
-    const bool diagonal = (kb + 1) * KB - 1 > last_key;
-    for (int r = 0; r < R; ++r) {
-      vf row[KV];
-      for (int c = 0; c < KV; ++c) {
-        row[c] = loadv(&scores[r][W * c]);
-        if (diagonal) row[c] = mask_after(row[c], c, last_key + r - kb * KB);
-      }
-      vf block_top = row[0];
-      for (int c = 1; c < KV; ++c) block_top = block_top > row[c] ? block_top : row[c];
-      const float new_top = std::max(top[r], hmax(block_top));
-      const float rescale = std::exp(top[r] - new_top);  // 0 on the first block (top = -inf)
-      top[r] = new_top;
-      vf e[KV], sum = {};
-      for (int c = 0; c < KV; ++c) sum += (e[c] = expv(row[c] - new_top));
-      A::store_weights(weights[r], e);
-      total[r] = total[r] * rescale + hsum(sum);
-      if (rescale != 1.f)
-        for (int c = 0; c < DV; ++c) storev(&o[r][W * c], loadv(&o[r][W * c]) * rescale);
-    }
-    const Slot* vblock = v + kb * KS * DH;
-    for (int c0 = 0; c0 < DV; c0 += CH) {
-      vf acc[R][CH];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < CH; ++c) acc[r][c] = loadv(&o[r][W * (c0 + c)]);
-      for (int j = 0; j < KS; ++j) {
-        typename A::Vec values[CH];
-#pragma GCC unroll 8
-        for (int c = 0; c < CH; ++c) values[c] = A::load(vblock + j * DH + W * (c0 + c));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-          for (int c = 0; c < CH; ++c) acc[r][c] = A::mac(acc[r][c], values[c], weights[r][j]);
-      }
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < CH; ++c) storev(&o[r][W * (c0 + c)], acc[r][c]);
-    }
+  for (int64_t i = 0; i < rows; ++i) {
+    const Rows<DH>& st = tiles[i / R];
+    for (int c = 0; c < DV; ++c)
+      storev(out + i * out_stride + W * c, loadv(&st.o[i % R][W * c]) * (1.f / st.total[i % R]));
   }
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < DV; ++c) storev(out + r * out_stride + W * c, loadv(&o[r][W * c]) * (1.f / total[r]));
 }
 
 template <class A, int DH>
@@ -206,12 +230,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   const int64_t kv_size = packed.nb * P * KB;  // slots per key/value head, both packings
   Tensor out = at::empty({B, Tq, H, DH}, q.options());
   float* o = out.data_ptr<float>();
-  const int64_t tiles = (Tq + R - 1) / R;
+  const int64_t groups = (Tq + G * R - 1) / (G * R);
   // Heads outermost: with B * H >= threads every thread gets a similar share of the causal triangle.
-  at::parallel_for(0, B * H * tiles, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * H * groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const int64_t bh = i / tiles, row = i % tiles * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
-      attend_rows<A, DH>(packed.q.data() + (bh * Tq + row) * P, std::min<int64_t>(R, Tq - row),
+      const int64_t bh = i / groups, row = i % groups * G * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
+      attend_rows<A, DH>(packed.q.data() + (bh * Tq + row) * P, std::min<int64_t>(G * R, Tq - row),
                          packed.k.data() + kvh * kv_size, packed.v.data() + kvh * kv_size, Tk - Tq + row,
                          o + ((b * Tq + row) * H + h) * DH, H * DH);
     }
