@@ -67,6 +67,21 @@ def test_kernel_equals_float64_attention(shape, bf16):
 
 
 @needs_kernel
+def test_kernel_masks_exactly_and_survives_scores_far_apart():
+    """Masked keys weigh exactly 0: the first query, which sees only the first key, returns that key's value bit for
+    bit. Scores hundreds apart (a one-hot softmax, weights underflowing far below float32's range) stay finite and
+    return the top key's value."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 70, 64), torch.randn(1, 1, 70, 64), torch.randn(1, 1, 70, 64)
+    out = native.extension().prefill_attention(q, k, v, 0.125, False)
+    assert torch.equal(out[0, 0], v[0, 0, :1].expand(2, 64))
+    sharp = native.extension().prefill_attention(q, k, v, 1000.0, False)  # [1, 70, 2, 64]
+    top = (q @ k.transpose(2, 3)).tril().masked_fill(torch.ones(70, 70).triu(1).bool(), -torch.inf).argmax(-1)
+    assert torch.isfinite(sharp).all()
+    assert torch.allclose(sharp[0].transpose(0, 1), v[0, 0][top[0]], atol=1e-6)
+
+
+@needs_kernel
 def test_kernel_refuses_shapes_it_has_no_code_for():
     ext = native.extension()
     q = torch.randn(1, 2, 4, 32)

@@ -174,7 +174,7 @@ void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, con
     const float rescale = std::exp(st.top[r] - new_top);  // 0 on the first block (top = -inf)
     st.top[r] = new_top;
     vf e[KV], sum = {};
-    for (int c = 0; c < KV; ++c) sum += (e[c] = expv(row[c] - new_top));
+    for (int c = 0; c < KV; ++c) sum += (e[c] = exp_nonpositive(row[c] - new_top));
     A::store_weights(weights[r], e);
     st.total[r] = st.total[r] * rescale + hsum(sum);
     if (rescale != 1.f)

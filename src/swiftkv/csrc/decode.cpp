@@ -56,12 +56,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return r;
 }
 
-// x [n] = exp(x - shift), returns the sum.
+// x [n] = exp(x - shift) for a shift no smaller than any x (a softmax's maximum), returns the sum.
 inline float exp_shifted(float* x, int64_t n, float shift) {
   vf total = {};
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    const vf e = expv(loadv(x + i) - shift);
+    const vf e = exp_nonpositive(loadv(x + i) - shift);
     storev(x + i, e);
     total += e;
   }
