@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import left_padded_batch, tiny_base
 from transformers import DynamicCache
 
 from swiftkv.conversion import convert
-from swiftkv.modeling import decode
+from swiftkv.modeling import decode, kernels
 from swiftkv.modeling.cache import PreallocatedLayer, SwiftKVCache, measured_kv_bytes
 from swiftkv.modeling.kernels import FastLinear, onednn_linears
 from swiftkv.modes import swiftkv_mode
@@ -130,7 +131,24 @@ def test_generate_uses_the_fast_step_and_picks_the_same_tokens(family, layout, m
     assert torch.equal(fast.sequences, stock)
 
 
-def test_linears_use_onednn_only_where_no_gradient_flows():
+def test_onednn_products_only_where_aten_runs_avx512(monkeypatch):
+    """oneDNN's float32 products beat MKL's where oneDNN runs AVX-512 (this MKL does not use it on AMD CPUs); on an
+    AVX2-only CPU (or CI's AVX2 environment) MKL's are faster, so `linear` keeps to F.linear there."""
+    assert kernels.ONEDNN_PREFERRED == (kernels._AVAILABLE and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    proj = convert(tiny_base("llama"), 3, 1).requires_grad_(False).model.layers[0].self_attn.q_proj
+    calls = []
+    monkeypatch.setattr(kernels, "_onednn", lambda *args: calls.append(1) or F.linear(*args))
+    for preferred in (False, True):
+        monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", preferred)
+        with torch.no_grad():
+            proj(torch.randn(2, 5, proj.in_features))
+        assert len(calls) == preferred
+
+
+def test_linears_use_onednn_only_where_no_gradient_flows(monkeypatch):
+    if not kernels._AVAILABLE:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", True)  # the AVX-512 choice, on any CPU
     model = convert(tiny_base("llama"), 3, 1).requires_grad_(False)
     proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(proj, FastLinear) and set(dict(model.named_parameters())) == set(model.state_dict()) - {

@@ -1,10 +1,13 @@
 """Which matrix-multiply kernel the SwiftKV models' Linear layers use on CPU.
 
 PyTorch's CPU `F.linear` goes through MKL; oneDNN's `_linear_pointwise` (the kernel `torch.compile` uses for CPU
-linears) measured about 2x its throughput on both prefill-sized products and decoding's matrix-vector products
-(figures and machine in docs/decode.md, benchmarks/vs_llamacpp.py). So in float32 on CPU, SwiftKV models multiply
-with oneDNN wherever the weight needs no gradient: inference, and in distillation the frozen layers, whose input
-gradient is one more oneDNN product. Trainable weights use `F.linear`.
+linears) measured about 2x its throughput on an AVX-512 AMD CPU (Zen 4), on prefill-sized products and on decoding's
+matrix-vector products (docs/decode.md): oneDNN runs AVX-512 there, this PyTorch's MKL does not. So where ATen's
+kernels run AVX-512, SwiftKV models multiply in float32 with oneDNN wherever the weight needs no gradient:
+inference, and in distillation the frozen layers, whose input gradient is one more oneDNN product. Trainable weights
+use `F.linear`. Where ATen tops out at AVX2 (an AVX2-only CPU, or CI's AVX2 environment) MKL's products are the
+faster ones (a 2048-token float32 prefill 4% faster at 2 threads on an AVX2 Zen 3, docs/cpu.md), so every product stays
+on `F.linear` there.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.
@@ -30,12 +33,19 @@ from swiftkv.modeling.common import Switch
 from swiftkv.modeling.weights import NATIVE_ROWS, native_product, product_weight, rounded_product
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_onednn_switch = Switch(_AVAILABLE)
+# float32 CPU products through oneDNN (else MKL's F.linear): where it is there and ATen runs AVX-512 (module doc)
+ONEDNN_PREFERRED = _AVAILABLE and torch.backends.cpu.get_cpu_capability() == "AVX512"
+_onednn_switch = Switch(True)
 
 
 def onednn_linears(enabled: bool) -> contextlib.AbstractContextManager:
-    """Use oneDNN for CPU float32 linears inside the block (False: the stock MKL path), then restore."""
-    return _onednn_switch(enabled and _AVAILABLE)
+    """Allow oneDNN for CPU float32 linears inside the block where it is the faster kernel (False: the stock MKL
+    path everywhere), then restore."""
+    return _onednn_switch(enabled)
+
+
+def _use_onednn() -> bool:
+    return _onednn_switch.on and ONEDNN_PREFERRED
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,7 +84,7 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         if (y := native_product(x, (weight, None, None), bias)) is not None:
             return y
         return rounded_product(x, weight, bias)
-    if not _onednn_switch.on or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if not _use_onednn() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():
         return _onednn(x, weight, bias)
@@ -130,8 +140,8 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T in their common dtype: oneDNN for float32 (see the module doc), F.linear (oneDNN) for bf16."""
-    if weight.dtype == torch.float32 and _AVAILABLE:
+    """x @ weight^T in their common dtype: float32 by the kernel `linear` picks (module doc), bf16 by F.linear."""
+    if weight.dtype == torch.float32 and _use_onednn():
         return _onednn(x, weight, None)
     return F.linear(x, weight)
 
