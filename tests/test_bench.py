@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import load_benchmark, tiny_base
 from transformers import AutoTokenizer, DynamicCache
 
 from swiftkv import bench, theory
@@ -164,3 +165,22 @@ def test_measure_workload_schema():
     for mode in ("transformers", "base", "swiftkv"):
         assert len(result[mode]["times_s"]) == 1 and result[mode]["tokens_per_s"] > 0
     assert result["throughput_ratio"] == result["swiftkv"]["tokens_per_s"] / result["base"]["tokens_per_s"]
+
+
+def test_products_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/products_vs_openvino.py on a few rows: every engine timed (OpenVINO where installed), JSON
+    written; bad sizes are refused (exit 2) before anything runs."""
+    products = load_benchmark("products_vs_openvino")
+    out = tmp_path / "products.json"
+    argv = ["products_vs_openvino.py", "--reps", "1", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rows", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        products.main()
+    assert exit_info.value.code == 2 and not out.exists()
+    monkeypatch.setattr(sys, "argv", [*argv, "--rows", "8"])
+    products.main()
+    result = json.loads(out.read_text())
+    assert {"mkl"} <= set(result["median_ms"]) and result["vs_mkl"]["mkl"] == 1.0
+    assert result["onednn_preferred"] == (
+        torch.backends.cpu.get_cpu_capability() == "AVX512" and "onednn" in result["median_ms"]
+    )
