@@ -12,12 +12,11 @@ SWIFTKV_NATIVE_MARCH=x86-64-v3) for the AVX2 builds of both. Writes --json.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from swiftkv.bench import machine_info, num_threads, rotated, timed
+from swiftkv.bench import machine_info, num_threads, rates, rotated, timed
 from swiftkv.files import write_json
 from swiftkv.modeling import native
 
@@ -52,18 +51,14 @@ def main() -> None:
     with num_threads(args.threads), torch.inference_mode():
         times = rotated(runs(args.prompt), args.reps)
     flop = 2 * 2 * args.prompt**2 / 2 * HEADS * HEAD_DIM
-    median_ms = {name: statistics.median(r.wall_s for r in rs) * 1e3 for name, rs in times.items()}
     result = {
         "machine": machine_info(args.threads),
         "prompt": args.prompt,
         "reps": args.reps,
-        "median_ms": median_ms,
-        "gflops": {name: flop / ms / 1e6 for name, ms in median_ms.items()},
-        "vs_sdpa": {name: ms / median_ms["sdpa_float32"] for name, ms in median_ms.items()},
-        "runs_ms": {name: [r.wall_s * 1e3 for r in rs] for name, rs in times.items()},
+        **rates(times, flop, "sdpa_float32", "sdpa"),
     }
     write_json(result, args.json)
-    for name, ms in median_ms.items():
+    for name, ms in result["median_ms"].items():
         print(f"{name}: {ms:.1f} ms, {result['gflops'][name]:.0f} GFLOP/s, {result['vs_sdpa'][name]:.2f}x SDPA's time")
 
 

@@ -12,14 +12,13 @@ its output out (~5% of it). Writes --json.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swiftkv.bench import machine_info, num_threads, rotated, timed
+from swiftkv.bench import machine_info, num_threads, rates, rotated, timed
 from swiftkv.files import write_json
 from swiftkv.modeling import kernels
 
@@ -68,20 +67,16 @@ def main() -> None:
     with num_threads(args.threads), torch.inference_mode():
         calls = engines(args.rows, args.threads)
         times = rotated({name: (lambda call=call: timed(call)) for name, call in calls.items()}, args.reps)
-    median_ms = {name: statistics.median(r.wall_s for r in rs) * 1e3 for name, rs in times.items()}
     flop = sum(2 * args.rows * out * inp for out, inp in SHAPES.values())
     result = {
         "machine": machine_info(args.threads),
         "rows": args.rows,
         "reps": args.reps,
         "onednn_preferred": kernels.ONEDNN_PREFERRED,
-        "median_ms": median_ms,
-        "gflops": {name: flop / ms / 1e6 for name, ms in median_ms.items()},
-        "vs_mkl": {name: ms / median_ms["mkl"] for name, ms in median_ms.items()},
-        "runs_ms": {name: [r.wall_s * 1e3 for r in rs] for name, rs in times.items()},
+        **rates(times, flop, "mkl", "mkl"),
     }
     write_json(result, args.json)
-    for name, ms in median_ms.items():
+    for name, ms in result["median_ms"].items():
         print(
             f"{name}: {ms:.1f} ms per layer, {result['gflops'][name]:.0f} GFLOP/s, {result['vs_mkl'][name]:.2f}x MKL's"
         )
