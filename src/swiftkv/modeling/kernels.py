@@ -5,9 +5,8 @@ linears) measured about 2x its throughput on an AVX-512 AMD CPU (Zen 4), on pref
 matrix-vector products (docs/decode.md): oneDNN runs AVX-512 there, this PyTorch's MKL does not. So where ATen's
 kernels run AVX-512, SwiftKV models multiply in float32 with oneDNN wherever the weight needs no gradient:
 inference, and in distillation the frozen layers, whose input gradient is one more oneDNN product. Trainable weights
-use `F.linear`. Where ATen tops out at AVX2 (an AVX2-only CPU, or CI's AVX2 environment) MKL's products are the
-faster ones (a 2048-token float32 prefill 4% faster at 2 threads on an AVX2 Zen 3, docs/cpu.md), so every product stays
-on `F.linear` there.
+use `F.linear`. Where ATen tops out at AVX2 (an AVX2-only CPU, or CI's AVX2 environment) MKL's products measured
+the faster ones (docs/cpu.md, benchmarks/products_vs_openvino.py), so every product stays on `F.linear` there.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.
