@@ -82,6 +82,25 @@ def test_kernel_masks_exactly_and_survives_scores_far_apart():
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_kernel_output_does_not_depend_on_the_thread_count(threads):
+    """Threads take row groups round-robin; each row is still one thread's work in one order, so any thread count
+    (more than the groups, uneven shares) gives the single thread's output bit for bit, every row written."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 100, 4, 64).transpose(1, 2)  # 2 x 4 heads x 3 groups of 48 rows: 24 items
+    k, v = torch.randn(2, 2, 130, 64), torch.randn(2, 2, 130, 64)
+    ext, previous = native.extension(), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.prefill_attention(q, k, v, 0.125, False)
+        torch.set_num_threads(threads)
+        assert torch.equal(ext.prefill_attention(q, k, v, 0.125, False), one)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.allclose(one.double(), _reference(q, k, v, 0.125, False), atol=1e-5)
+
+
+@needs_kernel
 def test_kernel_refuses_shapes_it_has_no_code_for():
     ext = native.extension()
     q = torch.randn(1, 2, 4, 32)

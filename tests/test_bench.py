@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from swiftkv import bench, theory
 from swiftkv.conversion import convert
+from swiftkv.modeling import native
 from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 
 
@@ -184,3 +185,32 @@ def test_products_benchmark_end_to_end(tmp_path, monkeypatch):
     assert result["onednn_preferred"] == (
         torch.backends.cpu.get_cpu_capability() == "AVX512" and "onednn" in result["median_ms"]
     )
+
+
+def test_roofline_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/prefill_roofline.py on a short prompt: the peak and the three parts timed, their operations
+    counted by hand for the default model, JSON and PNG written; a bad size is refused (exit 2) before any load."""
+    roofline = load_benchmark("prefill_roofline")
+    out = tmp_path / "roofline.json"
+    argv = ["prefill_roofline.py", "--reps", "1", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        roofline.main()
+    assert exit_info.value.code == 2 and not out.exists()
+    if native.usable() is None:
+        pytest.skip("the native extension does not build here")
+    monkeypatch.setattr(roofline, "PEAK_ITERATIONS", 1000)
+    monkeypatch.setattr(sys, "argv", [*argv, "--prompt", "16"])
+    roofline.main()
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert set(result["median_ms"]) == set(roofline.PARTS) and result["fraction_of_peak"]["peak"] == 1.0
+    # SmolLM2-135M: 7 products of 16 rows, 9 heads of 64 over a 16-token triangle, 30 layers, the LM head's row
+    products = 2 * 16 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    attention = 2 * 2 * 16**2 / 2 * 9 * 64
+    assert result["gflop"]["products"] * 1e9 == pytest.approx(products)
+    assert result["gflop"]["prefill"] * 1e9 == pytest.approx(30 * (products + attention) + 2 * 576 * 49152)
+    lanes = result["gflop"]["peak"] * 1e9 / (1000 * 12 * 2)  # one thread's 12 vectors of the build's width
+    assert lanes in (4, 8, 16)
+    layer = result["layer_ms"]
+    assert layer["total"] == pytest.approx(layer["products"] + layer["attention"] + layer["rest"])

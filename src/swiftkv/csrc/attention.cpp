@@ -231,14 +231,17 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   Tensor out = at::empty({B, Tq, H, DH}, q.options());
   float* o = out.data_ptr<float>();
   const int64_t groups = (Tq + G * R - 1) / (G * R);
-  // Heads outermost: with B * H >= threads every thread gets a similar share of the causal triangle.
-  at::parallel_for(0, B * H * groups, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t bh = i / groups, row = i % groups * G * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
-      attend_rows<A, DH>(packed.q.data() + (bh * Tq + row) * P, std::min<int64_t>(G * R, Tq - row),
-                         packed.k.data() + kvh * kv_size, packed.v.data() + kvh * kv_size, Tk - Tq + row,
-                         o + ((b * Tq + row) * H + h) * DH, H * DH);
-    }
+  // Work items (a head's group of rows) dealt round-robin, not in contiguous runs: a head's groups cost more the
+  // later their rows (causal), and contiguous runs could give one thread the dearer half of a head.
+  const int64_t items = B * H * groups, threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t)
+      for (int64_t i = t; i < items; i += threads) {
+        const int64_t bh = i / groups, row = i % groups * G * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
+        attend_rows<A, DH>(packed.q.data() + (bh * Tq + row) * P, std::min<int64_t>(G * R, Tq - row),
+                           packed.k.data() + kvh * kv_size, packed.v.data() + kvh * kv_size, Tk - Tq + row,
+                           o + ((b * Tq + row) * H + h) * DH, H * DH);
+      }
   });
   return out;
 }

@@ -607,6 +607,29 @@ int64_t parallel_threads() {
   return threads.load();
 }
 
+// Multiply-adds per second this build's vectors reach on every thread at once, all operands in registers: the
+// roofline the prefill's products and attention are held to (benchmarks/prefill_roofline.py). 12 independent
+// accumulators per thread: enough to cover an FMA's latency on two pipes (4 cycles x 2 on Zen and Intel cores).
+// Returns the floating-point operations done (2 per lane per multiply-add); the caller times the call.
+double fma_peak(int64_t iterations) {
+  constexpr int CHAINS = 12;
+  std::atomic<int64_t> done{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      vf acc[CHAINS];
+      for (int c = 0; c < CHAINS; ++c) acc[c] = vf{} + 1.f / (c + 2);
+      const vf mul = vf{} + 0.999999f, add = vf{} + 1e-7f;
+      for (int64_t i = 0; i < iterations; ++i)
+#pragma GCC unroll 12
+        for (int c = 0; c < CHAINS; ++c) acc[c] = acc[c] * mul + add;
+      volatile float sink = 0.f;  // a result stored, so that the loop cannot be optimized away
+      for (int c = 0; c < CHAINS; ++c) sink = sink + hsum(acc[c]);
+      done += iterations * CHAINS * W * 2;
+    }
+  });
+  return static_cast<double>(done.load());
+}
+
 // y [rows, out] = x [rows, in] @ W^T (+ bias) for a weight in any format: the product of a quantized layer on a few
 // rows (the LM head after prefill, the Python decode step), where dequantizing the whole weight would cost more.
 Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
@@ -636,6 +659,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Runtime::add_layer)
       .def("step", &Runtime::step);
   m.def("parallel_threads", &parallel_threads);
+  m.def("fma_peak", &fma_peak);
   m.def("linear", &linear);
   m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
   m.def("prefill_attention", &swiftkv::prefill_attention);
