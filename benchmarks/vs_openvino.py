@@ -21,7 +21,8 @@ Engines, all greedy, exactly --new-tokens tokens per call (EOS ignored), --threa
 Token ids go in directly (no tokenizer in the timed path); every call gets a FRESH prompt of --prompt-length tokens
 (natural text rotated by the call's index), so OpenVINO's prefix cache never holds any of it. TTFT: call start to
 the first token; decode tokens/s: the other new-tokens - 1 tokens over the rest of the call. Every repetition runs
-every engine once, rotating the order; medians and min-max over --reps.
+every engine once, rotating the order; medians and min-max over --reps. Ratios: of two engines' medians, and
+(`paired_ttft`) the median of the ratios within each repetition, which cancels drift between repetitions.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ def comparisons(results: dict, weights: list[str]) -> dict:
         name: {
             other: {
                 "ttft": row["ttft_s"] / results[other]["ttft_s"],
+                "paired_ttft": paired(row["ttfts_s"], results[other]["ttfts_s"]),
                 "decode": row["decode_tokens_per_s"] / results[other]["decode_tokens_per_s"],
             }
             for other in openvino
@@ -240,6 +242,12 @@ def comparisons(results: dict, weights: list[str]) -> dict:
     }
 
 
+def paired(times: list[float], others: list[float]) -> float:
+    """Median over repetitions of times[i] / others[i]. A repetition runs every engine back to back, so its ratio
+    cancels the host's drift between repetitions, which the ratio of two engines' medians keeps."""
+    return statistics.median(a / b for a, b in zip(times, others, strict=True))
+
+
 def targets(results: dict, ratios: dict, weights: list[str]) -> list[dict]:
     """Issue 33's targets, each with the engines it compares; a target whose engine did not run says so."""
     default = default_format()
@@ -252,12 +260,14 @@ def targets(results: dict, ratios: dict, weights: list[str]) -> list[dict]:
     out = []
     for metric, engine, against, op, target in wanted:
         row = {"metric": metric, "engine": engine, "against": against, "target": f"{op} {target}"}
-        if engine not in results:
-            out.append({**row, "ratio": None, "met": None, "note": f"{engine} not measured (--weights {weights})"})
+        if (missing := next((name for name in (engine, against) if name not in results), None)) is not None:
+            out.append({**row, "ratio": None, "met": None, "note": f"{missing} not measured (--weights {weights})"})
             continue
         pair = ratios[engine][against]
         ratio = {"ttft": pair["ttft"], "prefill speed": 1 / pair["ttft"], "decode": pair["decode"]}[metric]
-        out.append({**row, "ratio": ratio, "met": ratio <= target if op == "<=" else ratio >= target})
+        paired_ratio = {"ttft": pair["paired_ttft"], "prefill speed": 1 / pair["paired_ttft"]}.get(metric)
+        met = ratio <= target if op == "<=" else ratio >= target
+        out.append({**row, "ratio": ratio, "paired_ratio": paired_ratio, "met": met})
     return out
 
 
@@ -308,6 +318,8 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{name:<22} {1e3 * row['ttft_s']:>9.1f} {row['decode_tokens_per_s']:>13.1f}  {row['tokens'][:8]}")
     for t in result["targets"]:
         ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}"
+        if t.get("paired_ratio") is not None:
+            ratio += f" (paired by repetition: {t['paired_ratio']:.3f})"
         lines.append(f"target {t['metric']}: {t['engine']} / {t['against']} = {ratio} (want {t['target']})")
     return lines
 

@@ -83,6 +83,7 @@ def load_benchmark(name: str):
         sys.path.insert(0, str(script.parent))
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: dataclasses look their module up there while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -214,3 +214,28 @@ def test_roofline_benchmark_end_to_end(tmp_path, monkeypatch):
     assert lanes in (4, 8, 16)
     layer = result["layer_ms"]
     assert layer["total"] == pytest.approx(layer["products"] + layer["attention"] + layer["rest"])
+
+
+def test_openvino_comparison_pairs_ttfts_by_repetition():
+    """benchmarks/vs_openvino.py's ratios: of medians, and paired within repetitions, where a host that slows down
+    for a whole repetition (both engines 2x slower) does not move the paired ratio; targets report both."""
+    vs_openvino = load_benchmark("vs_openvino")
+
+    def row(ttfts):
+        return {"ttft_s": sorted(ttfts)[1], "ttfts_s": ttfts, "decode_tokens_per_s": 10.0, "tokens": [1, 2]}
+
+    results = {
+        "openvino/default": row([1.0, 2.0, 1.1]),
+        "openvino/f32": row([1.0, 2.0, 1.1]),
+        "swiftkv-L15/float32": row([0.5, 1.0, 0.55]),  # half of OpenVINO's time in every repetition
+        "swiftkv-off/float32": row([1.0, 1.0, 1.0]),
+    }
+    compared = vs_openvino.comparisons(results, ["float32"])
+    ratios = compared["ratios"]
+    assert ratios["swiftkv-L15/float32"]["openvino/default"]["paired_ttft"] == pytest.approx(0.5)
+    assert ratios["swiftkv-off/float32"]["openvino/default"]["ttft"] == pytest.approx(1.0 / 1.1)
+    assert ratios["swiftkv-off/float32"]["openvino/default"]["paired_ttft"] == pytest.approx(1.0 / 1.1)
+    assert vs_openvino.paired([3.0, 2.0], [1.0, 4.0]) == pytest.approx(1.75)
+    by_engine = {t["engine"]: t for t in compared["targets"]}
+    assert by_engine["swiftkv-off/float32"]["paired_ratio"] == pytest.approx(1.1)  # a speed: OpenVINO's time / ours
+    assert by_engine["swiftkv-L15/int8"]["met"] is None  # int8 and OpenVINO's int8 export did not run
