@@ -88,6 +88,15 @@ def load_benchmark(name: str):
     return module
 
 
+def refused(main, monkeypatch, argv: list[str], *outputs: Path) -> None:
+    """A script's `main()` run with `argv` stops with exit status 2 (argparse's usage error) and writes none of
+    `outputs`."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and not any(path.exists() for path in outputs)
+
+
 def tiny_base(family: str, num_layers: int = 6, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
     """A stock transformers model of `family` with random weights (non-trivial norms and biases)."""
     config_class, model_class, extra = _STOCK[family]

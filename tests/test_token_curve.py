@@ -7,7 +7,7 @@ import math
 import sys
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, refused
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,5 @@ def test_bad_series_exits_2_naming_the_value_and_writes_nothing(curve, tmp_path,
     source.write_text(json.dumps(tables()))
     out = tmp_path / "curve.json"
     argv = ["token_curve.py", "--json", str(source), "--series", *series, "--out", str(out), "--plot", "x.png"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        curve.main()
-    assert exit_info.value.code == 2
+    refused(curve.main, monkeypatch, argv, out)
     assert says in capsys.readouterr().err
-    assert not out.exists()
