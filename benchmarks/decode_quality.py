@@ -29,7 +29,7 @@ from swiftkv.bench import num_threads
 from swiftkv.corpora import DOMAIN_SOURCES
 from swiftkv.evaluate.scoring import MODES, SWIFTKV
 from swiftkv.evaluate.text import token_samples
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load
 from swiftkv.modeling.cache import SwiftKVCache
 from swiftkv.modeling.weights import FORMATS
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=ROOT / "out" / "decode_quality")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "decode_quality.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "decode_quality.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     if args.prompt < 1 or args.tokens <= args.prompt + 1:
         parser.error(f"--tokens ({args.tokens}) must exceed --prompt ({args.prompt}) + 1, and --prompt be >= 1")
@@ -151,7 +151,7 @@ def main() -> None:
         "compare": compare(scores),
     }
     write_json(result, args.json)
-    plot(result, args.plot)
+    plot(result, figure_beside(args.json, args.plot))
     for fmt, row in result["compare"].items():
         low = min(v for r in row["agreement"].values() for v in r.values())
         high_kl = max(v for r in row["kl"].values() for v in r.values())

@@ -30,7 +30,7 @@ from torch import nn
 from swiftkv.bench import machine_info, num_threads
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import EvalOptions, evaluate
-from swiftkv.files import save_figure, write_json
+from swiftkv.files import figure_beside, save_figure, write_json
 from swiftkv.loading import load, load_model_config
 from swiftkv.modeling import kernels
 
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "int8_activations.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "int8_activations.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     if args.limit < 1 or args.prompt < 17 or args.reps < 1 or args.threads < 1:
         parser.error("--limit, --reps and --threads must be >= 1, --prompt >= 17 (torch._int_mm's smallest M)")
@@ -213,7 +213,7 @@ def main() -> None:
         "met": worst <= TARGET,
     }
     write_json(result, args.json)
-    plot(result, args.plot)
+    plot(result, figure_beside(args.json, args.plot))
     for name, row in timings.items():
         print(
             f"{name:<8} bf16 {row['bf16_ms']:.2f} ms, int8 {row['int_mm_ms']:.2f} ms "

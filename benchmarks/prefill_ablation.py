@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from swiftkv.bench import machine_info, num_threads, prefill, rotated, timed
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load
 from swiftkv.modeling import attention, kernels
 from swiftkv.modeling.weights import FORMATS
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=["float32", "bf16"])
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "prefill_ablation.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "prefill_ablation.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     parser.add_argument("--child", choices=FORMATS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -115,7 +115,8 @@ def main() -> None:
         }
         for name, ms in medians.items():
             print(f"{fmt:8s} {name:16s} {ms:7.0f} ms  x{ms / base:.2f}")
-    result["json"], result["plot"] = portable_path(args.json), portable_path(plot(result, args.plot))
+    figure = plot(result, figure_beside(args.json, args.plot))
+    result["json"], result["plot"] = portable_path(args.json), portable_path(figure)
     write_json(result, args.json)
 
 

@@ -26,6 +26,7 @@ import torch
 from swiftkv.bench import run_benchmark, summary_lines
 from swiftkv.cli.args import layout_arg
 from swiftkv.config import DTYPES
+from swiftkv.files import figure_beside
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,8 +53,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per decode run (0: skip)")
     parser.add_argument("--decode-prompt-len", type=int, help="prompt before decoding (default: longest)")
     parser.add_argument("--json", type=Path, default=out / "prefill_decode.json")
-    parser.add_argument("--plot", type=Path, default=out / "prefill_decode.png")
-    return parser.parse_args()
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
+    args = parser.parse_args()
+    args.plot = figure_beside(args.json, args.plot)
+    return args
 
 
 def random_model(config_path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:

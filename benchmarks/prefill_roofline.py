@@ -23,7 +23,7 @@ import torch
 
 import swiftkv
 from swiftkv.bench import machine_info, num_threads, prefill, rotated, timed
-from swiftkv.files import save_figure, write_json
+from swiftkv.files import figure_beside, save_figure, write_json
 from swiftkv.modeling import kernels, native
 
 PEAK_ITERATIONS = 10_000_000  # ~19 ms of multiply-adds per thread on a 3 GHz core: long enough to time
@@ -133,7 +133,7 @@ def main() -> None:
         times = rotated(calls(model, args.prompt), args.reps)
     result = {**summary(model.config.num_hidden_layers, args.prompt, flop, times, args.threads), "reps": args.reps}
     write_json(result, args.json)
-    plot(result, args.plot or str(args.json).removesuffix(".json") + ".png")
+    plot(result, figure_beside(args.json, args.plot))
     for part in PARTS:
         print(
             f"{part}: {result['median_ms'][part]:.1f} ms, {result['gflops'][part]:.0f} GFLOP/s, "

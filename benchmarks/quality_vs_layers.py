@@ -19,7 +19,7 @@ from pathlib import Path
 
 from swiftkv.distill import distill
 from swiftkv.distill.config import load_config, parse_overrides
-from swiftkv.files import save_figure
+from swiftkv.files import figure_beside, save_figure
 from swiftkv.loading import load_model_config
 
 GOAL_AGREEMENT, GOAL_PPL_INCREASE = 0.92, 0.03  # the 50% targets, drawn as reference lines
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", required=True, help="the L values to distil")
     parser.add_argument("--out", type=Path, default=Path("out/sweep"))
     parser.add_argument("--json", type=Path, default=Path("out/sweep/quality_vs_layers.json"))
-    parser.add_argument("--plot", type=Path, default=Path("out/sweep/quality_vs_layers.png"))
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
 
     overrides = parse_overrides(args.overrides)
@@ -99,7 +99,7 @@ def main() -> None:
     result = {"config": args.config, "overrides": args.overrides, "num_hidden_layers": num_layers, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, args.plot)
+    plot(rows, figure_beside(args.json, args.plot))
     for r in rows:
         cells = "  ".join(
             f"{s}: agree {v['distilled_agreement']:.1%} ppl {v['ppl_increase']:+.1%}" for s, v in r["sources"].items()

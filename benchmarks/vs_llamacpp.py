@@ -39,7 +39,7 @@ from swiftkv.bench import (
     rotated,
     timed,
 )
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load_model, load_model_config
 from swiftkv.modes import swiftkv_mode
 
@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "vs_llamacpp.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "vs_llamacpp.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     start = time.perf_counter()
     result = {
@@ -241,7 +241,7 @@ def main() -> None:
     result["targets"] = targets(result["decode"])
     result["wall_s"] = time.perf_counter() - start
     write_json(result, args.json)
-    plot(result, args.plot)
+    plot(result, figure_beside(args.json, args.plot))
     for key in ("decode", "prefill"):
         for name, row in result[key].items():
             print(

@@ -41,7 +41,7 @@ import torch
 
 import swiftkv
 from swiftkv.bench import PROMPT_TEXT, Run, greedy_decode, machine_info, num_threads, prefill, rotated, timed
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load_model_config, load_tokenizer, resolve_model_path
 from swiftkv.modeling.weights import FORMATS, default_format
 from swiftkv.modes import swiftkv_mode
@@ -352,7 +352,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", nargs="+", choices=FORMATS, default=list(FORMATS), help="swiftkv's formats")
     parser.add_argument("--exports", type=Path, default=EXPORTS, help="where the OpenVINO exports are")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "vs_openvino.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "vs_openvino.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     check_args(parser, args)
     return args
@@ -395,7 +395,7 @@ def main() -> None:
     }
     result["wall_s"] = time.perf_counter() - start
     write_json(result, args.json)
-    plot(result, args.plot)
+    plot(result, figure_beside(args.json, args.plot))
     print("\n".join(summary_lines(result)))
 
 

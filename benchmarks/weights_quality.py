@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from swiftkv.evaluate.scoring import MODES
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.modeling.weights import FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=ROOT / "out" / "weights_quality", help="one eval JSON per run")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "weights_quality.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "weights_quality.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     if args.limit < 1 or args.threads < 1:
         parser.error("--limit and --threads must be >= 1")
@@ -96,7 +96,7 @@ def main() -> None:
         tables = {fmt: run_eval(adapter, fmt, args.runs, args.limit, args.threads) for fmt in formats}
         result["adapters"][adapter] = compare(tables)
         write_json(result, args.json)  # after every adapter: what is measured is kept
-    plot(result, args.plot)
+    plot(result, figure_beside(args.json, args.plot))
     for adapter, formats in result["adapters"].items():
         for fmt, row in formats.items():
             worst, target = 100 * row["worst"], 100 * row["target"]

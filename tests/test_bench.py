@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from swiftkv import bench, theory
 from swiftkv.conversion import convert
+from swiftkv.files import figure_beside
 from swiftkv.modeling import native
 from swiftkv.modeling.cache import SwiftKVCache, measured_kv_bytes
 
@@ -233,3 +236,13 @@ def test_openvino_comparison_pairs_ttfts_by_repetition():
     by_engine = {t["engine"]: t for t in compared["targets"]}
     assert by_engine["swiftkv-off/float32"]["paired_ratio"] == pytest.approx(1.1)  # a speed: OpenVINO's time / ours
     assert by_engine["swiftkv-L15/int8"]["met"] is None  # int8 and OpenVINO's int8 export did not run
+
+
+def test_benchmark_figures_go_beside_their_json():
+    """Without --plot a benchmark's PNG goes beside its --json (a run to a new JSON path once overwrote another
+    run's committed figure): one helper, and no script with a fixed default PNG left."""
+    assert figure_beside("results/run.json") == Path("results/run.png")
+    assert figure_beside("results/run.json", "elsewhere.png") == Path("elsewhere.png")
+    scripts = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
+    fixed = [s.name for s in scripts if re.search(r'"--plot"[^\n]*default=[^\n]*\.png"\)', s.read_text())]
+    assert scripts and not fixed

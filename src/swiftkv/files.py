@@ -127,6 +127,12 @@ def write_json(data, path: str | os.PathLike) -> Path:
     return path
 
 
+def figure_beside(json_path: str | os.PathLike, plot_path: str | os.PathLike | None = None) -> Path:
+    """Where a benchmark's PNG goes: `plot_path` when given, else its JSON's path with .png, so that a run written to
+    a new JSON never overwrites another run's figure."""
+    return Path(plot_path) if plot_path is not None else Path(json_path).with_suffix(".png")
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Write a matplotlib figure as PNG (parent directories created) and free it."""
     import matplotlib.pyplot as plt
