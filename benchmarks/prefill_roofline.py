@@ -17,12 +17,11 @@ both run near the peak, a faster first token needs fewer operations (SwiftKV's s
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import swiftkv
-from swiftkv.bench import machine_info, num_threads, prefill, rotated, timed
+from swiftkv.bench import machine_info, num_threads, prefill, rates, rotated, timed
 from swiftkv.files import figure_beside, save_figure, write_json
 from swiftkv.modeling import kernels, native
 
@@ -61,14 +60,15 @@ def calls(model, prompt: int) -> dict:
     heads, kv_heads, dh = config.num_attention_heads, config.num_key_value_heads, head_dim(config)
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, prompt))
+    products = layer_products(model)
     # One input per width, as in a layer (q, k, v share the normed hidden state, gate and up too): a fresh input per
     # product would stream ~40 MB from memory that a prefill finds in cache.
-    inputs = {proj.in_features: torch.randn(prompt, proj.in_features) for proj in layer_products(model)}
+    inputs = {proj.in_features: torch.randn(prompt, proj.in_features) for proj in products}
     q = torch.randn(1, prompt, heads, dh).transpose(1, 2)  # [1, H, T, Dh], strided as transformers passes it
     k, v = torch.randn(1, kv_heads, prompt, dh), torch.randn(1, kv_heads, prompt, dh)
     work = {
         "peak": lambda: ext.fma_peak(PEAK_ITERATIONS),
-        "products": lambda: [kernels.linear(inputs[proj.in_features], proj) for proj in layer_products(model)],
+        "products": lambda: [kernels.linear(inputs[proj.in_features], proj) for proj in products],
         "attention": lambda: ext.prefill_attention(q, k, v, dh**-0.5, False),
         "prefill": lambda: prefill(model, ids),
     }
@@ -77,8 +77,8 @@ def calls(model, prompt: int) -> dict:
 
 def summary(layers: int, prompt: int, flop: dict, times: dict, threads: int) -> dict:
     """Medians (ms), GFLOP/s and fractions of the peak per part (PARTS), and one layer's time split."""
-    median_ms = {name: statistics.median(r.wall_s for r in runs) * 1e3 for name, runs in times.items()}
-    gflops = {name: flop[name] / median_ms[name] / 1e6 for name in PARTS}
+    rated = rates(times, flop, "peak", "peak")
+    median_ms, gflops = rated["median_ms"], rated["gflops"]
     layer_ms = median_ms["prefill"] / layers
     return {
         "machine": machine_info(threads),
@@ -93,7 +93,7 @@ def summary(layers: int, prompt: int, flop: dict, times: dict, threads: int) -> 
             "rest": layer_ms - median_ms["products"] - median_ms["attention"],
             "total": layer_ms,
         },
-        "runs_ms": {name: [r.wall_s * 1e3 for r in runs] for name, runs in times.items()},
+        "runs_ms": rated["runs_ms"],
     }
 
 

@@ -114,13 +114,15 @@ def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> T
     return times
 
 
-def rates(times: Timings, flop: float, baseline: str, label: str) -> dict[str, dict]:
-    """Medians of rotated runs of one workload of `flop` floating-point operations: ms, GFLOP/s, time against the
-    `baseline` engine's (as "vs_<label>"), and every run's ms, each by engine name (the kernel benchmarks' JSON)."""
+def rates(times: Timings, flop: float | dict[str, float], baseline: str, label: str) -> dict[str, dict]:
+    """Medians of rotated runs of `flop` floating-point operations (one workload, or each engine's own by name):
+    ms, GFLOP/s, time against the `baseline` engine's (as "vs_<label>"), and every run's ms, each by engine name
+    (the kernel benchmarks' JSON)."""
     median_ms = {name: statistics.median(r.wall_s for r in runs) * 1e3 for name, runs in times.items()}
+    work = flop if isinstance(flop, dict) else dict.fromkeys(times, flop)
     return {
         "median_ms": median_ms,
-        "gflops": {name: flop / ms / 1e6 for name, ms in median_ms.items()},
+        "gflops": {name: work[name] / ms / 1e6 for name, ms in median_ms.items()},
         f"vs_{label}": {name: ms / median_ms[baseline] for name, ms in median_ms.items()},
         "runs_ms": {name: [r.wall_s * 1e3 for r in runs] for name, runs in times.items()},
     }
