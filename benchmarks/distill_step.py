@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from swiftkv.bench import machine_info
+from swiftkv.bench import machine_info, threads_label
 from swiftkv.config import DTYPES
 from swiftkv.conversion import convert
 from swiftkv.distill.loss import distill_loss, kl_sum, shared_prefix_forward
@@ -220,7 +220,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{args.model} L={args.num_key_value_layers} g={args.key_value_group_size}: {args.micro_batch}x{args.seq_len} "
-        f"tokens ({result['target_fraction']:.0%} targets), {args.threads} threads, median of {args.reps}"
+        f"tokens ({result['target_fraction']:.0%} targets), {threads_label(args.threads)}, median of {args.reps}"
     )
     for column in columns:
         theory_note = f" (FLOPs theory {theory[column]:.2f})" if column in theory else ""

@@ -37,6 +37,7 @@ from swiftkv.bench import (
     num_threads,
     prefill,
     rotated,
+    threads_label,
     timed,
 )
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
@@ -208,7 +209,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.tick_params(axis="x", labelrotation=60)
         ax.set_title(title)
         ax.set_ylabel("tokens/s (median, min-max)")
-    fig.suptitle(f"{result['model']}, {result['machine']['threads']} threads")
+    fig.suptitle(f"{result['model']}, {threads_label(result['machine']['threads'])}")
     return save_figure(fig, path)
 
 

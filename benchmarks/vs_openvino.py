@@ -40,7 +40,17 @@ import numpy as np
 import torch
 
 import swiftkv
-from swiftkv.bench import PROMPT_TEXT, Run, greedy_decode, machine_info, num_threads, prefill, rotated, timed
+from swiftkv.bench import (
+    PROMPT_TEXT,
+    Run,
+    greedy_decode,
+    machine_info,
+    num_threads,
+    prefill,
+    rotated,
+    threads_label,
+    timed,
+)
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load_model_config, load_tokenizer, resolve_model_path
 from swiftkv.modeling.weights import FORMATS, default_format
@@ -306,7 +316,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     machine = result["machine"]
     fig.suptitle(
-        f"{MODEL}: swiftkv vs OpenVINO GenAI, {machine['threads']} threads, {machine['cpu_model']}", fontsize=9
+        f"{MODEL}: swiftkv vs OpenVINO GenAI, {threads_label(machine['threads'])}, {machine['cpu_model']}", fontsize=9
     )
     fig.tight_layout()
     return save_figure(fig, path)

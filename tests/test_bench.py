@@ -246,3 +246,7 @@ def test_benchmark_figures_go_beside_their_json():
     scripts = sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
     fixed = [s.name for s in scripts if re.search(r'"--plot"[^\n]*default=[^\n]*\.png"\)', s.read_text())]
     assert scripts and not fixed
+
+
+def test_threads_label_counts_one_thread_in_the_singular():
+    assert [bench.threads_label(n) for n in (1, 2, 16)] == ["1 thread", "2 threads", "16 threads"]

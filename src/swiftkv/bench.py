@@ -351,6 +351,11 @@ def measure_workload(
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "SWIFTKV_NATIVE_MARCH")
 
 
+def threads_label(threads: int) -> str:
+    """ "1 thread", "2 threads": for figure titles and summaries."""
+    return f"{threads} thread{'' if threads == 1 else 's'}"
+
+
 def machine_info(threads: int, device: str | torch.device = "cpu") -> dict[str, object]:
     """The one machine block of every result: versions, threads, CPU, the instruction-set limits in force (the
     variables as set, ATen's resulting capability, the native step's build target), and the GPU when one ran it."""
@@ -599,7 +604,7 @@ def plot(result: dict, path: str | os.PathLike) -> Path:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("prefill speed-up vs base (x)")
     machine = result["machine"]
-    where = machine.get("gpu") or f"{machine['threads']} threads, {machine['cpu_model']}"
+    where = machine.get("gpu") or f"{threads_label(machine['threads'])}, {machine['cpu_model']}"
     batch = result["benchmark"].get("batch_size", 1)
     ax.set_title(f"{Path(result['model']['name']).name}, batch {batch}: {where}", fontsize=9)
     ax.legend(fontsize=8)

@@ -289,7 +289,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = model.config
     print(
         f"model: {args.model} ({config.num_hidden_layers} layers), SwiftKV L={config.num_key_value_layers}, "
-        f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; {args.threads} threads"
+        f"g={config.key_value_group_size} ({origin}); prompt: {ids.shape[1]} tokens; "
+        f"{bench.threads_label(args.threads)}"
     )
     answers, tokens = time.perf_counter(), {}
     for enabled in (False, True):  # answers only: the figures below are warm medians
