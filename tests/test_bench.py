@@ -213,7 +213,7 @@ def test_roofline_benchmark_end_to_end(tmp_path, monkeypatch):
     assert layer["total"] == pytest.approx(layer["products"] + layer["attention"] + layer["rest"])
 
 
-def test_openvino_comparison_pairs_ttfts_by_repetition():
+def test_openvino_comparison_pairs_ttfts_by_repetition(monkeypatch):
     """benchmarks/vs_openvino.py's ratios: of medians, and paired within repetitions, where a host that slows down
     for a whole repetition (both engines 2x slower) does not move the paired ratio; targets report both."""
     vs_openvino = load_benchmark("vs_openvino")
@@ -235,7 +235,13 @@ def test_openvino_comparison_pairs_ttfts_by_repetition():
     assert vs_openvino.paired([3.0, 2.0], [1.0, 4.0]) == pytest.approx(1.75)
     by_engine = {t["engine"]: t for t in compared["targets"]}
     assert by_engine["swiftkv-off/float32"]["paired_ratio"] == pytest.approx(1.1)  # a speed: OpenVINO's time / ours
+    # speeds 1.0, 2.0, 1.1 against a target of >= 1.0: every repetition met it
+    assert (by_engine["swiftkv-off/float32"]["repetitions_met"], by_engine["swiftkv-off/float32"]["reps"]) == (3, 3)
     assert by_engine["swiftkv-L15/int8"]["met"] is None  # int8 and OpenVINO's int8 export did not run
+    monkeypatch.setattr(vs_openvino, "default_format", lambda: "float32")  # its L=15 model is the TTFT target's
+    slower = {**results, "swiftkv-L15/float32": row([0.5, 1.2, 0.6])}  # 0.5, 0.6, 0.545 of OpenVINO's time
+    ttft = {t["engine"]: t for t in vs_openvino.comparisons(slower, ["float32"])["targets"]}["swiftkv-L15/float32"]
+    assert (ttft["paired_ratio"], ttft["repetitions_met"], ttft["reps"]) == (pytest.approx(0.6 / 1.1), 1, 3)
 
 
 def test_benchmark_figures_go_beside_their_json():
