@@ -1,9 +1,11 @@
-"""What result files record: paths that mean the same on another machine, and the machine block's ISA limits."""
+"""What result files record: paths that mean the same on another machine, and the machine block's ISA limits; and
+that the result files the documentation names exist."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,22 @@ def test_every_committed_domain_variant_can_be_found_or_says_it_cannot():
         if from_history or variant.get("rescorable") is False:
             continue
         assert not variant["adapter"].startswith("out/"), name
+
+
+def _expanded(pattern: str) -> list[str]:
+    """A shell brace pattern's paths: results/a_{x,y}.{json,png} -> four paths."""
+    brace = re.search(r"\{([^{}]*)\}", pattern)
+    if brace is None:
+        return [pattern]
+    head, tail = pattern[: brace.start()], pattern[brace.end() :]
+    return [path for alt in brace.group(1).split(",") for path in _expanded(head + alt + tail)]
+
+
+def test_every_result_file_the_docs_name_exists():
+    """A `results/...` path in README.md or docs/ (brace alternatives and globs expanded) names a committed file: a
+    table once cited `results/vs_openvino_avx2cpu_rr11_2threads.json`, which no run wrote."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    cited = {(doc.name, ref) for doc in docs for ref in re.findall(r"`(results/[^`\s]+)`", doc.read_text())}
+    assert len(cited) > 20
+    missing = [(doc, path) for doc, ref in cited for path in _expanded(ref) if not list(ROOT.glob(path))]
+    assert not missing
