@@ -285,8 +285,9 @@ def targets(results: dict, ratios: dict, weights: list[str]) -> list[dict]:
         if metric != "decode":  # TTFTs are timed per repetition: how often a repetition met the target too
             reps = per_repetition(results[engine]["ttfts_s"], results[against]["ttfts_s"])
             reps = reps if metric == "ttft" else [1 / r for r in reps]
+            paired_ratio = pair["paired_ttft"] if metric == "ttft" else 1 / pair["paired_ttft"]
             met = sum(_meets(r, op, target) for r in reps)
-            row |= {"paired_ratio": statistics.median(reps), "repetitions_met": met, "reps": len(reps)}
+            row |= {"paired_ratio": paired_ratio, "repetitions_met": met, "reps": len(reps)}
         out.append(row)
     return out
 
