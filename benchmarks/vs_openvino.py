@@ -17,7 +17,10 @@ Engines, all greedy, exactly --new-tokens tokens per call (EOS ignored), --threa
 - openvino/int8: LLMPipeline on the int8-weight export (optimum-intel's int8_asym per channel), defaults otherwise;
 - swiftkv-off/W: the SwiftKV model with SwiftKV off (the exact base model) through swiftkv's prefill and decode step;
 - swiftkv-L15/W, swiftkv-L22/W: the bundled adapters smollm2-L15-g1 / smollm2-L22-g1 (prompt tokens skip layers
-  >= L), for each weight format W of --weights (swiftkv.modeling.weights).
+  >= L), for each weight format W of --weights (swiftkv.modeling.weights). With --model, another checkpoint of
+  SmolLM2's architecture (its exports in --exports), whose SwiftKV layers are the undistilled layouts L=15 / L=22:
+  the adapters' shapes and cost, not their trained values (scripts/compressible_checkpoint.py makes such a copy
+  whose files compress ~1000x, to carry this benchmark to a machine without network; timings only).
 Token ids go in directly (no tokenizer in the timed path); every call gets a FRESH prompt of --prompt-length tokens
 (natural text rotated by the call's index), so OpenVINO's prefix cache never holds any of it. TTFT: call start to
 the first token; decode tokens/s: the other new-tokens - 1 tokens over the rest of the call. Every repetition runs
@@ -53,7 +56,7 @@ from swiftkv.bench import (
     timed,
 )
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
-from swiftkv.loading import load_model_config, load_tokenizer, resolve_model_path
+from swiftkv.loading import DEFAULT_MODEL, load_model_config, load_tokenizer, resolve_model_path
 from swiftkv.modeling.weights import FORMATS, default_format
 from swiftkv.modes import swiftkv_mode
 
@@ -62,6 +65,7 @@ MODEL = "SmolLM2-135M-Instruct"
 EXPORTS = ROOT / "out" / "openvino"
 SETUP = "bash scripts/setup.sh --openvino"
 ADAPTERS = {"L15": "smollm2-L15-g1", "L22": "smollm2-L22-g1"}
+LAYERS = {"L15": 15, "L22": 22}  # each adapter's num_key_value_layers (key_value_group_size 1)
 OPENVINO_ENGINES = {  # name -> (export's weight format, LLMPipeline properties beyond threads)
     "openvino/default": ("fp32", {}),
     "openvino/f32": ("fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
@@ -81,9 +85,9 @@ class Call:
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def text_ids() -> list[int]:
-    """PROMPT_TEXT's token ids (the default model's tokenizer), once around: prompts are rotations of it repeated."""
-    return load_tokenizer(resolve_model_path("default"))(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
+def text_ids(model: str) -> list[int]:
+    """PROMPT_TEXT's token ids (`model`'s tokenizer), once around: prompts are rotations of it repeated."""
+    return load_tokenizer(resolve_model_path(model))(PROMPT_TEXT, add_special_tokens=False)["input_ids"]
 
 
 def fresh_prompt(ids: list[int], length: int, index: int) -> list[int]:
@@ -171,16 +175,23 @@ def swiftkv_generator(model, swift: bool, threads: int, new_tokens: int) -> Call
     return generate
 
 
-def swiftkv_engines(weights: list[str], threads: int, new_tokens: int) -> dict[str, Callable[[list[int]], Call]]:
+def swiftkv_engines(args) -> dict[str, Callable[[list[int]], Call]]:
     """swiftkv-off / swiftkv-L15 / swiftkv-L22 per weight format (SwiftKV off runs on the L15 model's weights)."""
-    engines = {}
-    for fmt in weights:
-        for short, adapter in ADAPTERS.items():
-            model, _ = swiftkv.load("default", adapter=adapter, weights=fmt)
+    threads, new_tokens, engines = args.threads, args.new_tokens, {}
+    for fmt in args.weights:
+        for short in ADAPTERS:
+            model = swiftkv_model(args.model, short, fmt)
             if short == "L15":
                 engines[f"swiftkv-off/{fmt}"] = swiftkv_generator(model, False, threads, new_tokens)
             engines[f"swiftkv-{short}/{fmt}"] = swiftkv_generator(model, True, threads, new_tokens)
     return engines
+
+
+def swiftkv_model(name: str, short: str, fmt: str):
+    """The default model with the bundled adapter `short` names; another checkpoint with that adapter's layout."""
+    if name == DEFAULT_MODEL:
+        return swiftkv.load(name, adapter=ADAPTERS[short], weights=fmt)[0]
+    return swiftkv.load(name, num_key_value_layers=LAYERS[short], weights=fmt)[0]
 
 
 def openvino_engines(exports: Path, threads: int, new_tokens: int) -> dict[str, OpenVino]:
@@ -200,7 +211,7 @@ def export_dir(exports: Path, fmt: str) -> Path:
 def measure(args, ids: list[int]) -> dict:
     generators = {
         **openvino_engines(args.exports, args.threads, args.new_tokens),
-        **swiftkv_engines(args.weights, args.threads, args.new_tokens),
+        **swiftkv_engines(args),
     }
     engines = {name: Engine(fn, ids, args.prompt_length) for name, fn in generators.items()}
     walls = rotated(engines, args.reps, warmup=WARMUP)
@@ -376,6 +387,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", nargs="+", choices=FORMATS, default=list(FORMATS), help="swiftkv's formats")
     parser.add_argument("--exports", type=Path, default=EXPORTS, help="where the OpenVINO exports are")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="swiftkv's checkpoint, exported in --exports")
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "vs_openvino.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
@@ -392,12 +404,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"the OpenVINO export {export_dir(args.exports, fmt)} is missing: run `{SETUP}`")
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the first token ends the TTFT; decode speed needs the rest)")
-    longest = load_model_config("default").max_position_embeddings - args.new_tokens
+    try:
+        config = load_model_config(args.model)
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {args.model!r}: {error}")
+    if config.num_hidden_layers <= max(LAYERS.values()):
+        layers = config.num_hidden_layers
+        parser.error(f"--model {args.model!r} has {layers} layers; the L=22 layout needs more than 22")
+    longest = config.max_position_embeddings - args.new_tokens
     if not 2 <= args.prompt_length <= longest:
         parser.error(f"--prompt-length must be between 2 and {longest} (the context less --new-tokens)")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
-    distinct = len(text_ids()) - WARMUP  # rotations of the text: one fresh prompt per call, warm-up included
+    distinct = len(text_ids(args.model)) - WARMUP  # rotations of the text: one fresh prompt per call, warm-up included
     if not 1 <= args.reps <= distinct:
         parser.error(f"--reps must be between 1 and {distinct} (the fresh prompts there are)")
 
@@ -406,7 +425,8 @@ def main() -> None:
     args = parse_args()
     start = time.perf_counter()
     result = {
-        "model": MODEL,
+        "model": MODEL if args.model == DEFAULT_MODEL else portable_path(Path(args.model)),
+        "swiftkv_layouts": "bundled adapters" if args.model == DEFAULT_MODEL else "undistilled, the adapters' layouts",
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,
         "reps": args.reps,
@@ -416,7 +436,7 @@ def main() -> None:
         "swiftkv_default_weights": default_format(),
         "machine": machine_info(args.threads),
         "openvino": openvino_info(args.exports),
-        **measure(args, text_ids()),
+        **measure(args, text_ids(args.model)),
     }
     result["wall_s"] = time.perf_counter() - start
     write_json(result, args.json)

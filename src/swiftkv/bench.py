@@ -100,17 +100,16 @@ def interleaved(run: Callable[[bool], Run], reps: int, warmup: int = 1) -> Timin
 def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> Timings:
     """Time every named run `reps` times, rotating which goes first each round (drift cancels).
 
-    `warmup` untimed rounds come first (allocator, thread pool and caches settle).
+    `warmup` untimed rounds come first (allocator, thread pool and caches settle). A bar on stderr counts rounds.
     """
     names = list(runs)
-    for _ in range(warmup):
-        for name in names:
-            runs[name]()
     times: Timings = {name: [] for name in names}
-    for rep in range(reps):
-        shift = rep % len(names)
+    for rnd in tqdm(range(-warmup, reps), desc=f"rounds ({warmup} warm-up)", unit="round", leave=False):
+        shift = max(rnd, 0) % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(runs[name]())
+            run = runs[name]()
+            if rnd >= 0:
+                times[name].append(run)
     return times
 
 
