@@ -3,7 +3,8 @@
     python benchmarks/attention_kernel.py --prompt 2048 --reps 9 --json results/attention_kernel.json
 
 The default model's layer shape (q [1, 9, T, 64], k and v [1, 3, T, 64], GQA), float32 and, where the build has
-AVX512-BF16, the bf16 arithmetic; SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash attention).
+AVX512-BF16, the bf16 arithmetic; SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash attention),
+and on a CPU with bf16 hardware also bf16 q/k/v (AMX tiles where the CPU has them; the casts to bf16 and back timed).
 The three run in rotation (`bench.rotated`, drift cancels), medians of --reps, and GFLOP/s of the causal triangle
 (2 * 2 * T^2 / 2 * H * Dh). Run it in CI's AVX2 environment (ATEN_CPU_CAPABILITY=avx2 ...
 SWIFTKV_NATIVE_MARCH=x86-64-v3) for the AVX2 builds of both. Writes --json.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from swiftkv.bench import machine_info, num_threads, rates, rotated, timed
 from swiftkv.files import write_json
 from swiftkv.modeling import native
+from swiftkv.modeling.weights import native_bf16
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 
@@ -36,6 +38,10 @@ def runs(prompt: int) -> dict:
     }
     if ext.has_bf16_attention():
         calls["kernel_bf16"] = lambda: ext.prefill_attention(q, k, v, scale, True)
+    if native_bf16():  # PyTorch's flash attention on bf16 q/k/v (AMX tiles where the CPU has them), casts included
+        calls["sdpa_bf16"] = lambda: F.scaled_dot_product_attention(
+            *(t.to(torch.bfloat16) for t in (q, k_all, v_all)), is_causal=True, scale=scale
+        ).float()
     return {name: (lambda call=call: timed(call)) for name, call in calls.items()}
 
 

@@ -396,12 +396,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every argument and the OpenVINO side checked before any model loads (exit 2 with the fix)."""
-    if importlib.util.find_spec("openvino_genai") is None:
-        parser.error(f"openvino-genai is not installed in this environment: run `{SETUP}`")
-    for fmt in dict.fromkeys(fmt for fmt, _ in OPENVINO_ENGINES.values()):  # in order, once each
-        if not (export_dir(args.exports, fmt) / "openvino_model.xml").is_file():
-            parser.error(f"the OpenVINO export {export_dir(args.exports, fmt)} is missing: run `{SETUP}`")
+    """Every argument, then the OpenVINO side, checked before any model loads (exit 2 with the fix)."""
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the first token ends the TTFT; decode speed needs the rest)")
     try:
@@ -419,6 +414,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     distinct = len(text_ids(args.model)) - WARMUP  # rotations of the text: one fresh prompt per call, warm-up included
     if not 1 <= args.reps <= distinct:
         parser.error(f"--reps must be between 1 and {distinct} (the fresh prompts there are)")
+    if importlib.util.find_spec("openvino_genai") is None:
+        parser.error(f"openvino-genai is not installed in this environment: run `{SETUP}`")
+    for fmt in dict.fromkeys(fmt for fmt, _ in OPENVINO_ENGINES.values()):  # in order, once each
+        if not (export_dir(args.exports, fmt) / "openvino_model.xml").is_file():
+            parser.error(f"the OpenVINO export {export_dir(args.exports, fmt)} is missing: run `{SETUP}`")
 
 
 def main() -> None:

@@ -78,7 +78,12 @@ def default_model_dir() -> Path:
 def load_benchmark(name: str):
     """The module of the script benchmarks/NAME.py (benchmarks/ is not a package), imported as running it would: with
     benchmarks/ on sys.path, where a script finds the others' modules."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    return load_script(name, "benchmarks")
+
+
+def load_script(name: str, folder: str = "scripts"):
+    """The module of FOLDER/NAME.py, imported as `load_benchmark` says."""
+    script = Path(__file__).resolve().parent.parent / folder / f"{name}.py"
     if str(script.parent) not in sys.path:
         sys.path.insert(0, str(script.parent))
     spec = importlib.util.spec_from_file_location(name, script)

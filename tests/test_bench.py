@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark, refused, tiny_base
+from conftest import load_benchmark, load_script, refused, tiny_base
 from transformers import AutoTokenizer, DynamicCache
 
 from swiftkv import bench, theory
@@ -242,6 +242,47 @@ def test_openvino_comparison_pairs_ttfts_by_repetition(monkeypatch):
     slower = {**results, "swiftkv-L15/float32": row([0.5, 1.2, 0.6])}  # 0.5, 0.6, 0.545 of OpenVINO's time
     ttft = {t["engine"]: t for t in vs_openvino.comparisons(slower, ["float32"])["targets"]}["swiftkv-L15/float32"]
     assert (ttft["paired_ratio"], ttft["repetitions_met"], ttft["reps"]) == (pytest.approx(0.6 / 1.1), 1, 3)
+
+
+def test_openvino_comparison_refuses_a_model_it_cannot_time(tmp_path, monkeypatch, capsys):
+    """vs_openvino.py --model: a path that is no checkpoint, or one too shallow for the L=22 layout, stops with exit
+    2 and a line naming it, before OpenVINO is looked for (so the same on a machine without it); no result written."""
+    vs_openvino = load_benchmark("vs_openvino")
+    out = tmp_path / "vs.json"
+    argv = ["vs_openvino.py", "--json", str(out), "--model"]
+    refused(vs_openvino.main, monkeypatch, [*argv, str(tmp_path / "missing")], out)
+    assert "--model" in capsys.readouterr().err
+    tiny_base("llama", num_layers=6).save_pretrained(tmp_path / "six_layers")
+    refused(vs_openvino.main, monkeypatch, [*argv, str(tmp_path / "six_layers")], out)
+    assert "has 6 layers; the L=22 layout needs more than 22" in capsys.readouterr().err
+
+
+def test_rotated_runs_warm_up_untimed_then_rotates_the_first_engine():
+    """bench.rotated: warm-up rounds in the given order and not kept, then each round starts one engine later."""
+    calls = []
+
+    def engine(name):
+        return lambda: calls.append(name) or bench.Run(wall_s=len(calls), cpu_s=0.0)
+
+    times = bench.rotated({"a": engine("a"), "b": engine("b"), "c": engine("c")}, reps=2, warmup=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a"]
+    assert {name: [r.wall_s for r in runs] for name, runs in times.items()} == {"a": [4, 9], "b": [5, 7], "c": [6, 8]}
+
+
+def test_compressible_checkpoint_repeats_each_matrix_first_row():
+    """scripts/compressible_checkpoint.py: every 2-D weight becomes its first row repeated (tied embeddings once),
+    1-D norm weights stay; shapes, and so the compute, are unchanged."""
+    script = load_script("compressible_checkpoint")
+    model = tiny_base("llama", num_layers=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    script.repeat_first_rows(model)
+    for name, param in model.named_parameters():
+        assert param.shape == before[name].shape
+        expected = before[name][:1].expand_as(param) if param.dim() == 2 else before[name]
+        assert torch.equal(param, expected), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
 def test_benchmark_figures_go_beside_their_json():
