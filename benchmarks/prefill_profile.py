@@ -2,11 +2,12 @@
 
     python benchmarks/prefill_profile.py --prompt 2048 --threads 2 --weights bf16 --json results/prefill_profile.json
 
-The model `swiftkv.load` gives on CPU (SwiftKV off: the base model's prefill, the one OpenVINO's is compared with;
---adapter for a SwiftKV model), --reps profiled prefills after one untimed. ATen ops are timed by the profiler and
-swiftkv's native kernels (csrc/, pybind functions) by its Python tracer; both self times, summed per prefill into
-GROUPS, and what neither sees (Python, the profiler's own cost) is the `rest` of the prefill's wall time. The
-profiler slows a prefill (~10-30%, most of it in `rest`): read the shares and the groups against each other, not the
+The engines of benchmarks/vs_openvino.py: its L=15 model with SwiftKV off (the base model's prefill, the one
+OpenVINO's is compared with) or --swiftkv L15 / L22 on; --reps profiled prefills after one untimed. ATen ops are
+timed by the profiler and swiftkv's native kernels (csrc/, pybind functions) by its Python tracer; both self times,
+summed per prefill into GROUPS, and what neither sees (Python, the profiler's own cost) is the `rest` of the
+prefill's wall time. The profiler slows a prefill (~10-30%, most of it in `rest`): read the shares and the groups
+against each other, not the
 absolute times. Writes --json and --plot.
 """
 
@@ -17,12 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from vs_openvino import ADAPTERS, swiftkv_model
 
-import swiftkv
 from swiftkv.bench import machine_info, num_threads, prefill, threads_label
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import DEFAULT_MODEL
 from swiftkv.modeling.weights import FORMATS, default_format
+from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 # group -> the op names it holds (ATen ops as the profiler names them; native kernels by their pybind name)
@@ -78,7 +80,8 @@ def plot(result: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms per prefill (profiled)")
     ax.set_title(
-        f"{result['weights']} prefill of {result['prompt']} tokens, {threads_label(result['machine']['threads'])}"
+        f"{result['weights']} prefill of {result['prompt']} tokens, SwiftKV {result['swiftkv']}, "
+        f"{threads_label(result['machine']['threads'])}"
     )
     save_figure(fig, path)
 
@@ -86,7 +89,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--adapter", default=None, help="a SwiftKV adapter (default: SwiftKV off, the base model)")
+    parser.add_argument("--swiftkv", choices=["off", *ADAPTERS], default="off", help="SwiftKV off, or its layout on")
     parser.add_argument("--weights", choices=FORMATS, default=None, help="default: this CPU's default format")
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=3)
@@ -97,14 +100,17 @@ def main() -> None:
     if args.prompt < 2 or args.reps < 1 or args.threads < 1:
         parser.error(f"--prompt >= 2, --reps >= 1, --threads >= 1 (got {args.prompt}, {args.reps}, {args.threads})")
     weights = args.weights or default_format()
-    model, _ = swiftkv.load(args.model, adapter=args.adapter, weights=weights)
+    try:
+        model = swiftkv_model(args.model, "L15" if args.swiftkv == "off" else args.swiftkv, weights)
+    except (OSError, ValueError) as error:  # no such checkpoint, or too few layers for the layout
+        parser.error(f"--model {args.model!r}: {error}")
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    with num_threads(args.threads), torch.inference_mode():
+    with num_threads(args.threads), torch.inference_mode(), swiftkv_mode(model, args.swiftkv != "off"):
         self_ms, wall_ms = profile(model, ids, args.reps)
     groups = grouped(self_ms)
     result = {
         "model": portable_path(args.model) if args.model != DEFAULT_MODEL else args.model,
-        "adapter": args.adapter,
+        "swiftkv": args.swiftkv,
         "weights": weights,
         "prompt": args.prompt,
         "reps": args.reps,

@@ -301,7 +301,8 @@ def test_threads_label_counts_one_thread_in_the_singular():
 
 def test_prefill_profile_groups_a_tiny_models_ops(tmp_path, monkeypatch):
     """benchmarks/prefill_profile.py: ATen ops and native kernels (pybind names) sorted into groups, the rest of the
-    wall time kept as `rest`; end to end on a tiny checkpoint, products are seen and the parts add up."""
+    wall time kept as `rest`; a checkpoint too shallow for the layout refused (exit 2); end to end on a tiny one,
+    products are seen and the parts add up."""
     profile = load_benchmark("prefill_profile")
     assert profile.op_name(
         "<built-in method rms_norm of pybind11_builtins.pybind11_detail_function_record object>"
@@ -309,11 +310,13 @@ def test_prefill_profile_groups_a_tiny_models_ops(tmp_path, monkeypatch):
     assert profile.op_name("aten::mm") == "aten::mm" and profile.op_name("threading.py(331): wait") is None
     groups = profile.grouped({"aten::mm": 3.0, "prefill_attention": 2.0, "aten::add": 1.0})
     assert (groups["products"], groups["attention"], groups["other ops"]) == (3.0, 2.0, 1.0)
-    tiny_base("llama", num_layers=2).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "profile.json"
-    argv = ["prefill_profile.py", "--model", str(tmp_path / "tiny"), "--prompt", "16", "--reps", "1"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--threads", "1", "--weights", "float32", "--json", str(out)])
+    tiny_base("llama", num_layers=6).save_pretrained(tmp_path / "six_layers")  # too few for L=15
+    argv = ["prefill_profile.py", "--prompt", "16", "--reps", "1", "--threads", "1", "--json", str(out), "--model"]
+    refused(profile.main, monkeypatch, [*argv, str(tmp_path / "six_layers")], out)
+    tiny_base("llama", num_layers=24).save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path / "tiny"), "--weights", "float32", "--swiftkv", "L22"])
     profile.main()
     result = json.loads(out.read_text())
-    assert result["groups_ms"]["products"] > 0 and out.with_suffix(".png").is_file()
+    assert result["groups_ms"]["products"] > 0 and result["swiftkv"] == "L22" and out.with_suffix(".png").is_file()
     assert sum(result["groups_ms"].values()) + result["rest_ms"] == pytest.approx(result["wall_ms"])
