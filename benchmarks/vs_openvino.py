@@ -26,7 +26,8 @@ Token ids go in directly (no tokenizer in the timed path); every call gets a FRE
 the first token; decode tokens/s: the other new-tokens - 1 tokens over the rest of the call. Every repetition runs
 every engine once, rotating the order; medians and min-max over --reps. Ratios: of two engines' medians, and
 (`paired_ttft`) the median of the ratios within each repetition, which cancels drift between repetitions; each
-target also counts the repetitions whose own ratio met it (`repetitions_met` of `reps`).
+target also counts the repetitions whose own ratio met it (`repetitions_met` of `reps`). --json is rewritten after
+every repetition (`repetitions_done`): a run stopped early keeps what it finished (the figure comes at the end).
 """
 
 from __future__ import annotations
@@ -208,15 +209,20 @@ def export_dir(exports: Path, fmt: str) -> Path:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def measure(args, ids: list[int]) -> dict:
+def measure(args, ids: list[int], save: Callable[[dict], None]) -> dict:
+    """Every engine timed in rotation; `save` gets the result so far after each repetition (an interrupted or
+    killed run keeps the repetitions it finished)."""
     generators = {
         **openvino_engines(args.exports, args.threads, args.new_tokens),
         **swiftkv_engines(args),
     }
     engines = {name: Engine(fn, ids, args.prompt_length) for name, fn in generators.items()}
-    walls = rotated(engines, args.reps, warmup=WARMUP)
-    results = {name: summarise(engine.calls[WARMUP:], walls[name], args.new_tokens) for name, engine in engines.items()}
-    return {"engines": results, **comparisons(results, args.weights)}
+
+    def so_far(walls: dict) -> dict:
+        rows = {name: summarise(e.calls[WARMUP:], walls[name], args.new_tokens) for name, e in engines.items()}
+        return {"repetitions_done": len(next(iter(walls.values()))), "engines": rows, **comparisons(rows, args.weights)}
+
+    return so_far(rotated(engines, args.reps, warmup=WARMUP, after_round=lambda walls: save(so_far(walls))))
 
 
 def summarise(calls: list[Call], walls: list[Run], new_tokens: int) -> dict:
@@ -341,8 +347,9 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_title(title + ", median and min-max", fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     machine = result["machine"]
+    model = MODEL if result["model"] == MODEL else f"{result['model']} ({MODEL}'s shapes, SwiftKV undistilled)"
     fig.suptitle(
-        f"{MODEL}: swiftkv vs OpenVINO GenAI, {threads_label(machine['threads'])}, {machine['cpu_model']}", fontsize=9
+        f"{model}: swiftkv vs OpenVINO GenAI, {threads_label(machine['threads'])}, {machine['cpu_model']}", fontsize=9
     )
     fig.tight_layout()
     return save_figure(fig, path)
@@ -436,8 +443,12 @@ def main() -> None:
         "swiftkv_default_weights": default_format(),
         "machine": machine_info(args.threads),
         "openvino": openvino_info(args.exports),
-        **measure(args, text_ids(args.model)),
     }
+
+    def save(partial: dict) -> None:
+        write_json({**result, **partial, "wall_s": time.perf_counter() - start}, args.json)
+
+    result |= measure(args, text_ids(args.model), save)
     result["wall_s"] = time.perf_counter() - start
     write_json(result, args.json)
     plot(result, figure_beside(args.json, args.plot))

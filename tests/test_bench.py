@@ -258,14 +258,18 @@ def test_openvino_comparison_refuses_a_model_it_cannot_time(tmp_path, monkeypatc
 
 
 def test_rotated_runs_warm_up_untimed_then_rotates_the_first_engine():
-    """bench.rotated: warm-up rounds in the given order and not kept, then each round starts one engine later."""
+    """bench.rotated: warm-up rounds in the given order and not kept, then each round starts one engine later;
+    `after_round` sees every timed round's timings (what a long benchmark saves as it goes)."""
     calls = []
 
     def engine(name):
         return lambda: calls.append(name) or bench.Run(wall_s=len(calls), cpu_s=0.0)
 
-    times = bench.rotated({"a": engine("a"), "b": engine("b"), "c": engine("c")}, reps=2, warmup=1)
+    rounds = []  # after each timed round: how many runs each engine has
+    after_round = lambda times: rounds.append({name: len(runs) for name, runs in times.items()})  # noqa: E731
+    times = bench.rotated({"a": engine("a"), "b": engine("b"), "c": engine("c")}, 2, 1, after_round)
     assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a"]
+    assert rounds == [dict.fromkeys("abc", 1), dict.fromkeys("abc", 2)]
     assert {name: [r.wall_s for r in runs] for name, runs in times.items()} == {"a": [4, 9], "b": [5, 7], "c": [6, 8]}
 
 

@@ -97,10 +97,16 @@ def interleaved(run: Callable[[bool], Run], reps: int, warmup: int = 1) -> Timin
     return rotated({"base": lambda: run(False), "swiftkv": lambda: run(True)}, reps, warmup)
 
 
-def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> Timings:
+def rotated(
+    runs: dict[str, Callable[[], Run]],
+    reps: int,
+    warmup: int = 1,
+    after_round: Callable[[Timings], None] | None = None,
+) -> Timings:
     """Time every named run `reps` times, rotating which goes first each round (drift cancels).
 
-    `warmup` untimed rounds come first (allocator, thread pool and caches settle). A bar on stderr counts rounds.
+    `warmup` untimed rounds come first (allocator, thread pool and caches settle). A bar on stderr counts rounds;
+    `after_round` gets the timings so far after every timed round (a long benchmark saves what it has finished).
     """
     names = list(runs)
     times: Timings = {name: [] for name in names}
@@ -110,6 +116,8 @@ def rotated(runs: dict[str, Callable[[], Run]], reps: int, warmup: int = 1) -> T
             run = runs[name]()
             if rnd >= 0:
                 times[name].append(run)
+        if rnd >= 0 and after_round is not None:
+            after_round(times)
     return times
 
 
