@@ -65,7 +65,7 @@ affinity() {  # `taskset -c CPUS`: the first CPU of each of the first $1 physica
 }
 
 all() {  # under 10 minutes; each step bounded, its output kept in $1 whatever happens to the next; 8 files (what a
-  # lent host's call returns at most), the profiles' figures left out (prefill_profile.plot redraws them from the JSON)
+  # lent host's call returns at most): the figures left out (each benchmark's plot() redraws them from its JSON)
   local out="$1" log="$1/log.txt" two
   set +e  # the steps are independent: one that fails or times out must not stop the others
   mkdir -p "$out"
@@ -74,17 +74,18 @@ all() {  # under 10 minutes; each step bounded, its output kept in $1 whatever h
   { lscpu; free -g; nvidia-smi -L; python3 -c 'import torch; print(torch.__version__)'; } >"$out/machine.txt" 2>&1
   timeout 90 python3 -c 'from swiftkv.modeling import native; print("native:", native.usable())' >>"$log" 2>&1
   # What decides the bf16 prefill's next step on an AMX CPU first (docs/cpu.md): swiftkv's attention kernel against
-  # SDPA's bf16, and where the bf16 / float32 prefill's time goes.
+  # SDPA's bf16, and where the bf16 / float32 prefill's time goes (bf16 with SDPA's bf16 attention too).
   timeout 60 $two python3 benchmarks/attention_kernel.py --threads 2 --reps 9 --json "$out/attention_kernel.json" \
     >>"$log" 2>&1
-  for weights in bf16 float32; do
-    timeout 45 $two python3 benchmarks/prefill_profile.py --model "$ROWS" --weights "$weights" --threads 2 \
-      --json "$out/prefill_profile_$weights.json" --plot "/tmp/prefill_profile_$weights.png" >>"$log" 2>&1
+  for run in "bf16 swiftkv" "bf16 sdpa-bf16" "float32 swiftkv"; do
+    set -- $run
+    timeout 45 $two python3 benchmarks/prefill_profile.py --model "$ROWS" --weights "$1" --attention "$2" \
+      --threads 2 --json "$out/prefill_profile_$1_$2.json" --plot "/tmp/prefill_profile_$1_$2.png" >>"$log" 2>&1
   done
   # OpenVINO GenAI 2026.4.1 dies of SIGFPE building an LLMPipeline limited to one CPU on such a host
   # (openvinotoolkit/openvino#33300): the comparison runs at 2 threads only.
   timeout 270 $two bash "$0" run --threads 2 --reps 5 --weights bf16 int8 --json "$out/vs_openvino_2threads.json" \
-    >>"$log" 2>&1
+    --plot /tmp/vs_openvino_2threads.png >>"$log" 2>&1
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/tests.txt" 2>&1
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_weights.py tests/test_attention.py \
     >>"$out/tests.txt" 2>&1

@@ -324,3 +324,20 @@ def test_prefill_profile_groups_a_tiny_models_ops(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["groups_ms"]["products"] > 0 and result["swiftkv"] == "L22" and out.with_suffix(".png").is_file()
     assert sum(result["groups_ms"].values()) + result["rest_ms"] == pytest.approx(result["wall_ms"])
+
+
+def test_prefill_profile_sdpa_bf16_attention_matches_float32_within_bf16_rounding(tmp_path, monkeypatch):
+    """prefill_profile --attention sdpa-bf16: transformers' SDPA on bf16 q/k/v gives a tiny model's logits within bf16
+    rounding of float32 attention's (and not bit for bit: bf16 really ran); it profiles SwiftKV off only (exit 2)."""
+    profile = load_benchmark("prefill_profile")
+    model = tiny_base("llama", num_layers=2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        model.set_attn_implementation("sdpa_bf16")
+        rounded = model(ids).logits
+    assert not torch.equal(rounded, reference)
+    assert (rounded - reference).abs().max() < 0.02 * reference.abs().max()
+    out = tmp_path / "profile.json"
+    argv = ["prefill_profile.py", "--attention", "sdpa-bf16", "--swiftkv", "L15", "--json", str(out)]
+    refused(profile.main, monkeypatch, argv, out)
