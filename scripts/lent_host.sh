@@ -25,6 +25,7 @@ SITE=/tmp/carry-site
 pack() {
   local python="${1:-3.12}" wheels
   [[ -d "$ROWS" ]] || .venv/bin/python scripts/compressible_checkpoint.py default "$ROWS"
+  mkdir -p "$EXPORTS"
   for format in fp32 int8; do
     out="$EXPORTS/SmolLM2-135M-Instruct-$format"
     [[ -f "$out/openvino_model.xml" ]] && continue
