@@ -130,7 +130,7 @@ def main() -> None:
         self_ms, wall_ms = profile(model, ids, args.reps)
     groups = grouped(self_ms)
     result = {
-        "model": portable_path(args.model) if args.model != DEFAULT_MODEL else args.model,
+        "model": portable_path(args.model),  # 'default' and relative paths as given
         "swiftkv": args.swiftkv,
         "attention": args.attention,
         "weights": weights,

@@ -432,7 +432,7 @@ def main() -> None:
     args = parse_args()
     start = time.perf_counter()
     result = {
-        "model": MODEL if args.model == DEFAULT_MODEL else portable_path(Path(args.model)),
+        "model": MODEL if args.model == DEFAULT_MODEL else portable_path(args.model),
         "swiftkv_layouts": "bundled adapters" if args.model == DEFAULT_MODEL else "undistilled, the adapters' layouts",
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,

@@ -23,7 +23,7 @@ PY_WHEELS=(transformers==5.24.0 gguf==0.19.0)
 SITE=/tmp/carry-site
 
 pack() {
-  local python="${1:-3.12}" wheels
+  local python="${1:-3.12}" wheels out
   [[ -d "$ROWS" ]] || .venv/bin/python scripts/compressible_checkpoint.py default "$ROWS"
   mkdir -p "$EXPORTS"
   for format in fp32 int8; do
