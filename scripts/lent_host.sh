@@ -90,6 +90,10 @@ all() {  # under 10 minutes; each step bounded, its output kept in $1 whatever h
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/tests.txt" 2>&1
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_weights.py tests/test_attention.py \
     >>"$out/tests.txt" 2>&1
+  # PyTorch's weight-only int8/int4 kernels' AVX-512 build against swiftkv's products (docs/cpu.md: 5-80x slower in
+  # their AVX2 build); last, so the 8-file limit and a call cut short cost only this. Its figures go to the log.
+  timeout 40 $two python3 benchmarks/torch_quantized_kernels.py --rows 1 8 --reps 5 --json /tmp/tqk.json \
+    >>"$log" 2>&1
   echo "done in ${SECONDS}s" >>"$log"
 }
 

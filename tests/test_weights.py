@@ -3,6 +3,7 @@ same dequantized weights, the native step against the Python step, and the error
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import left_padded_batch, tiny_base, tiny_tokenizer
+from conftest import left_padded_batch, load_benchmark, refused, tiny_base, tiny_tokenizer
 from test_native import _decode
 from torch import nn
 
@@ -281,3 +282,27 @@ def test_baseline_x86_64_build_multiplies_every_format():
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert re.search(r"\b9 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+def test_torch_quantized_kernels_benchmark(tmp_path, monkeypatch):
+    """benchmarks/torch_quantized_kernels.py: a Q4_1 BlockLinear in `_weight_int4pack_mm_for_cpu`'s layout multiplies
+    as its dequantized weight (so the benchmark times the same values); a run on both sides of NATIVE_ROWS times
+    every engine and writes JSON and PNG; a row count of 0 is refused (exit 2) before anything is written."""
+    bench = load_benchmark("torch_quantized_kernels")
+    torch.manual_seed(0)
+    layer = block_linear(nn.Linear(96, 48, bias=False), "int4")  # the packing takes 16 outputs at a time
+    x = torch.randn(5, 96)
+    packed, scales_zeros = bench.torch_int4(layer, torch.float32)
+    product = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, BLOCK, scales_zeros)
+    torch.testing.assert_close(product, x @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "kernels.json"
+    argv = ["torch_quantized_kernels.py", "--reps", "1", "--threads", "1", "--json", str(out)]
+    refused(bench.main, monkeypatch, [*argv, "--rows", "0"], out, out.with_suffix(".png"))
+    monkeypatch.setattr(sys, "argv", [*argv, "--rows", "1", str(weights.NATIVE_ROWS + 1)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert [entry["rows"] for entry in result["rows"]] == [1, weights.NATIVE_ROWS + 1]
+    for entry in result["rows"]:
+        assert set(entry["median_ms"]) == set(bench.ENGINES) and all(ms > 0 for ms in entry["median_ms"].values())
+        assert entry["torch_int4_max_abs_error"] < 1e-5
+    assert out.with_suffix(".png").stat().st_size > 0

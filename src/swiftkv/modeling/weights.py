@@ -15,7 +15,8 @@
 
 Quantized layers keep only the blocks (`BlockLinear`: ~1.06 bytes per int8 weight, 0.63 per int4 weight). Prefill
 dequantizes each layer's blocks to the product dtype on the fly ([out, in], a few hundred KB per layer, small next to
-a prompt's product) and multiplies with the same oneDNN kernel as float weights; the native decode step (csrc/
+a prompt's product) and multiplies with the same kernel as float weights (PyTorch's own weight-only int8/int4 CPU
+kernels measured far slower, at every row count: docs/cpu.md); the native decode step (csrc/
 decode.cpp) reads the blocks themselves, which is where the bytes saved pay: decoding streams every weight per token.
 There, as in llama.cpp, the few rows of x are rounded to 8-bit blocks of 32 too (d = max|x| / 127, float32) and each
 block's product summed in integers (VNNI / AVX2 multiply-adds), then scaled by both blocks' d: the products cost
