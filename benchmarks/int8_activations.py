@@ -13,6 +13,9 @@ that, if the quality held.
   LM head and the --skip ones fake-quantized as such a prefill would compute them (weights per output channel,
   activations per token, symmetric int8; float arithmetic on the rounded values), each source's perplexity against
   float32's, base and SwiftKV modes. The target the default weights meet (issue 33): +0.5% on every source.
+  `--weights-only` keeps x in float32: int8 weights per output channel alone, the layout the issue asked to weigh
+  against the 32-input blocks swiftkv's int8 keeps (GGUF Q8_0); the JSON also gives both layouts' weight error
+  (`weight_relative_rms`). Speed is then not timed (it is the int8-x products').
 Writes --json and --plot.
 """
 
@@ -33,6 +36,7 @@ from swiftkv.evaluate.tasks import EvalOptions, evaluate
 from swiftkv.files import figure_beside, save_figure, write_json
 from swiftkv.loading import load, load_model_config
 from swiftkv.modeling import kernels
+from swiftkv.modeling.weights import BLOCK, quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.005  # perplexity increase over float32 the default weights hold on every source (issue 33)
@@ -46,20 +50,24 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class FakeW8A8(nn.Module):
     """A Linear layer computing what a W8A8 product would: int8 weights per output channel, x rounded to int8 per
-    token, float32 arithmetic on those values (equal to int32 sums rescaled, up to float32 rounding)."""
+    token (unless `round_x` is False: weight-only int8), float32 arithmetic on those values (equal to int32 sums
+    rescaled, up to float32 rounding)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, round_x: bool = True):
         super().__init__()
         q, scale = quantize_rows(linear.weight.detach().float())
         self.weight = nn.Parameter(q.float() * scale, requires_grad=False)
         self.bias = linear.bias
+        self.round_x = round_x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_rows(x.float())
-        return F.linear(q.float() * scale, self.weight, self.bias)
+        if self.round_x:
+            q, scale = quantize_rows(x.float())
+            x = q.float() * scale
+        return F.linear(x, self.weight, self.bias)
 
 
-def fake_w8a8(model: nn.Module, skip: set[str]) -> int:
+def fake_w8a8(model: nn.Module, skip: set[str], round_x: bool = True) -> int:
     """Every decoder Linear of `model` but the LM head and those named in `skip` made FakeW8A8; how many."""
     for module in model.modules():  # the fused MLP reads its weights itself: back to the stock forward
         if isinstance(module, kernels.FusedMLP):
@@ -68,21 +76,38 @@ def fake_w8a8(model: nn.Module, skip: set[str]) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not head and name not in skip:
-                setattr(parent, name, FakeW8A8(child))
+                setattr(parent, name, FakeW8A8(child, round_x))
                 count += 1
     return count
 
 
-def perplexities(adapter: str, limit: int, skip: set[str] | None) -> dict:
-    """Per source and mode, perplexity on domains@limit: float32 weights, fake W8A8 unless `skip` is None."""
+def perplexities(adapter: str, limit: int, skip: set[str] | None, round_x: bool = True) -> dict:
+    """Per source and mode, perplexity on domains@limit: float32 weights, fake W8A8 (or weight-only int8 without
+    `round_x`) unless `skip` is None."""
     model, tokenizer = load("default", adapter=adapter, weights="float32")
     if skip is not None:
-        fake_w8a8(model, skip)
+        fake_w8a8(model, skip, round_x)
     result = evaluate(model, tokenizer, [f"domains@{limit}"], EvalOptions(), [])
     return {
         source: {mode: row[mode]["ppl"] for mode in MODES}
         for source, row in result["tasks"]["domains"]["sources"].items()
     }
+
+
+def weight_errors(model: nn.Module) -> dict[str, float]:
+    """Relative RMS error over every decoder Linear weight (the LM head aside) of int8 per output channel and of
+    swiftkv's int8 blocks (`weights.quantize_int8`: 32 inputs per scale, the grid kept where there is one)."""
+    head, squares = model.get_output_embeddings(), dict.fromkeys(("per_channel", "blocks_of_32", "weights"), 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            w = module.weight.detach().float()
+            q, scale = quantize_rows(w)
+            blocks, d = quantize_int8(w)
+            dequantized = (blocks.float().view(w.shape[0], -1, BLOCK) * d.float().unsqueeze(-1)).view_as(w)
+            squares["per_channel"] += (q.float() * scale - w).square().sum().item()
+            squares["blocks_of_32"] += (dequantized - w).square().sum().item()
+            squares["weights"] += w.square().sum().item()
+    return {name: (squares[name] / squares["weights"]) ** 0.5 for name in ("per_channel", "blocks_of_32")}
 
 
 def timed_ms(fn, reps: int) -> float:
@@ -147,40 +172,53 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    if not result["speed"]:  # --weights-only: quality alone
+        fig, right = plt.subplots(figsize=(9.5, 4.5))
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+        speed_panel(left, result)
+    quality_panel(right, result)
+    return save_figure(fig, path)
+
+
+def speed_panel(ax, result: dict) -> None:
     shapes = list(result["speed"])
     for i, (key, label) in enumerate(
         [("bf16_ms", "bf16"), ("int_mm_ms", "int8 product"), ("int8_with_quantize_ms", "int8 + quantize/rescale")]
     ):
-        left.bar(
+        ax.bar(
             [j + (i - 1) * 0.27 for j in range(len(shapes))],
             [result["speed"][s][key] for s in shapes],
             0.27,
             label=label,
         )
-    left.set_xticks(range(len(shapes)), shapes)
-    left.set_ylabel(f"ms per product, {result['prompt']} tokens")
-    left.legend(fontsize=8)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_ylabel(f"ms per product, {result['prompt']} tokens")
+    ax.legend(fontsize=8)
+
+
+def quality_panel(ax, result: dict) -> None:
     sources = list(result["increase"])
     for i, mode in enumerate(MODES):
-        right.bar(
+        ax.bar(
             [j + (i - 0.5) * 0.4 for j in range(len(sources))],
             [100 * result["increase"][s][mode] for s in sources],
             0.4,
             label=mode,
         )
-    right.axhline(100 * TARGET, linestyle="--", linewidth=0.8, color="grey")
-    right.set_xticks(range(len(sources)), sources, rotation=60, ha="right")
-    right.set_ylabel("perplexity vs float32 (%)")
-    right.set_title(f"W8A8 (skipped: {', '.join(result['skip']) or 'none'}), {result['adapter']}")
-    right.legend(fontsize=8)
-    return save_figure(fig, path)
+    ax.axhline(100 * TARGET, linestyle="--", linewidth=0.8, color="grey")
+    ax.set_xticks(range(len(sources)), sources, rotation=60, ha="right")
+    ax.set_ylabel("perplexity vs float32 (%)")
+    kind = "W8 per channel, float32 x" if result["activations"] == "float32" else "W8A8"
+    ax.set_title(f"{kind} (skipped: {', '.join(result['skip']) or 'none'}), {result['adapter']}")
+    ax.legend(fontsize=8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="smollm2-L15-g1")
     parser.add_argument("--skip", nargs="*", default=[], help="Linear names left in float32 (e.g. down_proj)")
+    parser.add_argument("--weights-only", action="store_true", help="x stays float32: int8 weights per channel alone")
     parser.add_argument("--limit", type=int, default=8, help="texts per source (domains@N)")
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=15)
@@ -191,15 +229,17 @@ def main() -> None:
     if args.limit < 1 or args.prompt < 17 or args.reps < 1 or args.threads < 1:
         parser.error("--limit, --reps and --threads must be >= 1, --prompt >= 17 (torch._int_mm's smallest M)")
     with num_threads(args.threads), torch.inference_mode():
-        timings = speed(args.prompt, args.reps)
+        timings = {} if args.weights_only else speed(args.prompt, args.reps)  # int8 x's products only
         reference = perplexities(args.adapter, args.limit, None)
-        w8a8 = perplexities(args.adapter, args.limit, set(args.skip))
+        w8a8 = perplexities(args.adapter, args.limit, set(args.skip), not args.weights_only)
     increase = {s: {m: w8a8[s][m] / reference[s][m] - 1 for m in MODES} for s in reference}
     worst = max(v for row in increase.values() for v in row.values())
     result = {
         "int_mm_exact": int_mm_exact(),
         "adapter": args.adapter,
         "skip": args.skip,
+        "activations": "float32" if args.weights_only else "int8 per token",
+        "weight_relative_rms": weight_errors(load("default", adapter=args.adapter, weights="float32")[0]),
         "limit": args.limit,
         "prompt": args.prompt,
         "threads": args.threads,
@@ -219,7 +259,8 @@ def main() -> None:
             f"{name:<8} bf16 {row['bf16_ms']:.2f} ms, int8 {row['int_mm_ms']:.2f} ms "
             f"({row['int8_with_quantize_ms']:.2f} with quantize/rescale)"
         )
-    print(f"W8A8 worst perplexity increase {100 * worst:+.2f}% (target +{100 * TARGET:.1f}%)")
+    kind = "W8 per channel" if args.weights_only else "W8A8"
+    print(f"{kind} worst perplexity increase {100 * worst:+.2f}% (target +{100 * TARGET:.1f}%)")
 
 
 if __name__ == "__main__":

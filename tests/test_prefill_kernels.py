@@ -214,7 +214,7 @@ def _count_calls(monkeypatch, name: str) -> list:
     return calls
 
 
-def test_int8_activation_probe_computes_what_integer_products_would():
+def test_int8_activation_probe_computes_what_integer_products_would(tmp_path):
     """benchmarks/int8_activations.py: its fake-quantized layer (float arithmetic on the int8 values) equals the
     int8 product it stands for (torch._int_mm's int32 sums, rescaled) to float32 rounding; every decoder Linear but
     the LM head and the skipped ones is replaced."""
@@ -231,6 +231,15 @@ def test_int8_activation_probe_computes_what_integer_products_would():
     if bench.int_mm_exact():  # VNNI: torch._int_mm is the integer product (without it its int16 pair sums saturate)
         assert torch.allclose(bench.int8_product(x, wq.t(), scale.view(-1)).double(), integer, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fake, linear(x), rtol=1e-3, atol=1e-3)  # it does round
+    with torch.no_grad():  # weight-only: x as it is, the weight per output channel
+        weight_only = bench.FakeW8A8(linear, round_x=False)(x)
+    assert torch.equal(weight_only, torch.nn.functional.linear(x, wq.float() * scale))
+    errors = bench.weight_errors(tiny_base("llama", hidden=64))  # 64 inputs: a row's scale spans two blocks
+    assert 0 < errors["blocks_of_32"] < errors["per_channel"]
+    increase = {"chitchat": dict.fromkeys(("base", "swiftkv"), 0.01)}
+    for speed in ({}, {"k/v": bench.time_shape(32, 64, 48, 1)}):  # --weights-only times nothing: one panel
+        result = {"speed": speed, "increase": increase, "activations": "float32", "skip": [], "adapter": "a"}
+        assert bench.plot(result | {"prompt": 32}, tmp_path / f"{len(speed)}.png").stat().st_size > 0
     model = convert(tiny_base("llama"), 3, 1)
     kernels.use_fused_elementwise(model)
     replaced = bench.fake_w8a8(model, {"down_proj"})
