@@ -6,10 +6,10 @@ The engines of benchmarks/vs_openvino.py: its L=15 model with SwiftKV off (the b
 OpenVINO's is compared with) or --swiftkv L15 / L22 on; --reps profiled prefills after one untimed. ATen ops are
 timed by the profiler and swiftkv's native kernels (csrc/, pybind functions) by its Python tracer; both self times,
 summed per prefill into GROUPS, and what neither sees (Python, the profiler's own cost) is the `rest` of the
-prefill's wall time. --attention sdpa-bf16 runs transformers' SDPA on bf16 q/k/v in place of swiftkv's kernel
-(PyTorch's flash attention, on AMX tiles where the CPU has them; SwiftKV off only): what that path would give a bf16
-prefill. The profiler slows a prefill (~10-30%, most of it in `rest`): read the shares and the groups against each
-other, not the absolute times. Writes --json and --plot.
+prefill's wall time. --attention sdpa-bf16 runs bf16 layers' causal prefills through PyTorch's flash attention on
+bf16 q/k/v in place of swiftkv's kernel (`attention.sdpa_for_bf16_layers`: AMX tiles where the CPU has them): what
+that path would give a bf16 prefill, SwiftKV off or on. The profiler slows a prefill (~10-30%, most of it in
+`rest`): read the shares and the groups against each other, not the absolute times. Writes --json and --plot.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from vs_openvino import ADAPTERS, swiftkv_model
 
 from swiftkv.bench import machine_info, num_threads, prefill, threads_label
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import DEFAULT_MODEL
+from swiftkv.modeling.attention import sdpa_for_bf16_layers
 from swiftkv.modeling.weights import FORMATS, default_format
 from swiftkv.modes import swiftkv_mode
 
@@ -40,18 +38,6 @@ GROUPS = {
     "mlp activation": ("silu_mul",),
     "casts": ("aten::to", "aten::_to_copy", "aten::copy_"),
 }
-
-
-def sdpa_bf16_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA with q, k, v [B, H(kv), T, Dh] rounded to bf16, the output [B, T, H, Dh] back in float32."""
-    out, weights = sdpa_attention_forward(
-        module, query.bfloat16(), key.bfloat16(), value.bfloat16(), attention_mask, **kwargs
-    )
-    return out.to(query.dtype), weights
-
-
-AttentionInterface.register("sdpa_bf16", sdpa_bf16_attention)
-AttentionMaskInterface.register("sdpa_bf16", sdpa_mask)
 
 
 def op_name(key: str) -> str | None:
@@ -116,18 +102,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt < 2 or args.reps < 1 or args.threads < 1:
         parser.error(f"--prompt >= 2, --reps >= 1, --threads >= 1 (got {args.prompt}, {args.reps}, {args.threads})")
-    if args.attention != "swiftkv" and args.swiftkv != "off":  # SwiftKV skips prompt rows only with its own masks
-        parser.error(f"--attention {args.attention} profiles SwiftKV off only (got --swiftkv {args.swiftkv})")
     weights = args.weights or default_format()
     try:
         model = swiftkv_model(args.model, "L15" if args.swiftkv == "off" else args.swiftkv, weights)
     except (OSError, ValueError) as error:  # no such checkpoint, or too few layers for the layout
         parser.error(f"--model {args.model!r}: {error}")
-    if args.attention == "sdpa-bf16":
-        model.set_attn_implementation("sdpa_bf16")
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     with num_threads(args.threads), torch.inference_mode(), swiftkv_mode(model, args.swiftkv != "off"):
-        self_ms, wall_ms = profile(model, ids, args.reps)
+        with sdpa_for_bf16_layers(args.attention == "sdpa-bf16"):
+            self_ms, wall_ms = profile(model, ids, args.reps)
     groups = grouped(self_ms)
     result = {
         "model": portable_path(args.model),  # 'default' and relative paths as given

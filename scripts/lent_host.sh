@@ -65,8 +65,8 @@ affinity() {  # `taskset -c CPUS`: the first CPU of each of the first $1 physica
   if taskset -c "$cpus" true 2>/dev/null; then echo "taskset -c $cpus"; fi
 }
 
-all() {  # under 10 minutes; each step bounded, its output kept in $1 whatever happens to the next; 8 files (what a
-  # lent host's call returns at most): the figures left out (each benchmark's plot() redraws them from its JSON)
+all() {  # ~10 minutes, the most telling steps first; each bounded, its output kept in $1 whatever happens to the
+  # next; 8 files at most (what a lent host's call returns): the figures left out (each plot() redraws from its JSON)
   local out="$1" log="$1/log.txt" two
   set +e  # the steps are independent: one that fails or times out must not stop the others
   mkdir -p "$out"
@@ -75,25 +75,28 @@ all() {  # under 10 minutes; each step bounded, its output kept in $1 whatever h
   { lscpu; free -g; nvidia-smi -L; python3 -c 'import torch; print(torch.__version__)'; } >"$out/machine.txt" 2>&1
   timeout 90 python3 -c 'from swiftkv.modeling import native; print("native:", native.usable())' >>"$log" 2>&1
   # What decides the bf16 prefill's next step on an AMX CPU first (docs/cpu.md): swiftkv's attention kernel against
-  # SDPA's bf16, and where the bf16 / float32 prefill's time goes (bf16 with SDPA's bf16 attention too).
+  # SDPA's bf16, and where the bf16 / float32 prefill's time goes, bf16 also with bf16 layers' attention on SDPA
+  # (`--attention sdpa-bf16`), SwiftKV off and at L=15: the profiles go into one JSON, keyed by run.
   timeout 60 $two python3 benchmarks/attention_kernel.py --threads 2 --reps 9 --json "$out/attention_kernel.json" \
     >>"$log" 2>&1
-  for run in "bf16 swiftkv" "bf16 sdpa-bf16" "float32 swiftkv"; do
+  for run in "bf16 swiftkv off" "bf16 sdpa-bf16 off" "bf16 swiftkv L15" "bf16 sdpa-bf16 L15" "float32 swiftkv off"; do
     set -- $run
-    timeout 45 $two python3 benchmarks/prefill_profile.py --model "$ROWS" --weights "$1" --attention "$2" \
-      --threads 2 --json "$out/prefill_profile_$1_$2.json" --plot "/tmp/prefill_profile_$1_$2.png" >>"$log" 2>&1
+    timeout 40 $two python3 benchmarks/prefill_profile.py --model "$ROWS" --weights "$1" --attention "$2" \
+      --swiftkv "$3" --threads 2 --json "/tmp/profiles/$1_$2_$3.json" --plot "/tmp/profiles/$1_$2_$3.png" >>"$log" 2>&1
   done
+  python3 -c 'import json, pathlib, sys; print(json.dumps({p.stem: json.loads(p.read_text())
+    for p in sorted(pathlib.Path("/tmp/profiles").glob("*.json"))}, indent=1))' >"$out/prefill_profiles.json"
   # OpenVINO GenAI 2026.4.1 dies of SIGFPE building an LLMPipeline limited to one CPU on such a host
   # (openvinotoolkit/openvino#33300): the comparison runs at 2 threads only.
-  timeout 270 $two bash "$0" run --threads 2 --reps 5 --weights bf16 int8 --json "$out/vs_openvino_2threads.json" \
+  timeout 240 $two bash "$0" run --threads 2 --reps 4 --weights bf16 int8 --json "$out/vs_openvino_2threads.json" \
     --plot /tmp/vs_openvino_2threads.png >>"$log" 2>&1
+  # PyTorch's weight-only int8/int4 kernels' AVX-512 build against swiftkv's products (docs/cpu.md: 5-80x slower in
+  # their AVX2 build); its figures go to the log.
+  timeout 40 $two python3 benchmarks/torch_quantized_kernels.py --rows 1 8 --reps 5 --json /tmp/tqk.json \
+    >>"$log" 2>&1
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/tests.txt" 2>&1
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_weights.py tests/test_attention.py \
     >>"$out/tests.txt" 2>&1
-  # PyTorch's weight-only int8/int4 kernels' AVX-512 build against swiftkv's products (docs/cpu.md: 5-80x slower in
-  # their AVX2 build); last, so the 8-file limit and a call cut short cost only this. Its figures go to the log.
-  timeout 40 $two python3 benchmarks/torch_quantized_kernels.py --rows 1 8 --reps 5 --json /tmp/tqk.json \
-    >>"$log" 2>&1
   echo "done in ${SECONDS}s" >>"$log"
 }
 

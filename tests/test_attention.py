@@ -14,6 +14,7 @@ from conftest import left_padded_batch, load_benchmark, refused, tiny_base
 from swiftkv.conversion import convert
 from swiftkv.modeling import attention, native
 from swiftkv.modeling.weights import apply_format, native_bf16
+from swiftkv.modes import swiftkv_mode
 
 needs_kernel = pytest.mark.skipif(not attention.kernel_available(), reason="the native extension does not build here")
 ARITHMETICS = [
@@ -141,6 +142,35 @@ def test_model_prefill_runs_the_kernel_and_agrees_with_sdpa(fmt, monkeypatch):
     ours_tokens = model.generate(ids[:, :40], **kwargs)
     model.config._attn_implementation = "sdpa"
     assert torch.equal(ours_tokens, model.generate(ids[:, :40], **kwargs))
+
+
+@needs_kernel
+def test_sdpa_for_bf16_layers_runs_pytorchs_flash_attention_on_bf16(monkeypatch):
+    """`sdpa_for_bf16_layers(True)`: a bf16 model's causal prefill runs SDPA on bf16 q/k/v (counted) in every layer
+    that attends over the whole prompt (with SwiftKV on and one row's logits kept, only those below L: the later
+    layers' row keeps its mask and SDPA itself), the kernel nowhere; logits within bf16 attention's rounding of the
+    kernel's, and not equal (bf16 ran). A float32 model's layers keep the kernel, bit for bit."""
+    calls, kernel_calls = [], []
+    sdpa, run = attention._sdpa_bf16_attention, attention._run_kernel
+    monkeypatch.setattr(attention, "_sdpa_bf16_attention", lambda *args: calls.append(args[0].shape[2]) or sdpa(*args))
+    monkeypatch.setattr(attention, "_run_kernel", lambda *args: kernel_calls.append(1) or run(*args))
+    ids = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(1))
+    model = _tiny_swiftkv("bf16")
+    kernel = _logits(model, attention.NAME, ids)
+    kernel_calls.clear()
+    with attention.sdpa_for_bf16_layers(True):
+        ours = _logits(model, attention.NAME, ids)
+        assert calls == [90] * model.config.num_hidden_layers and not kernel_calls
+        calls.clear()
+        with swiftkv_mode(model, True), torch.no_grad():
+            model(ids, logits_to_keep=1)  # the last row's logits: the later layers run that row alone
+        assert calls == [90] * model.config.num_key_value_layers and not kernel_calls
+    assert not torch.equal(ours, kernel) and (ours - kernel).abs().max() < 0.05 * kernel.abs().max()
+    float32 = _tiny_swiftkv("float32")
+    reference = _logits(float32, attention.NAME, ids)
+    calls.clear()
+    with attention.sdpa_for_bf16_layers(True):
+        assert torch.equal(_logits(float32, attention.NAME, ids), reference) and not calls
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bf16"])

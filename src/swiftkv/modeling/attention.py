@@ -8,17 +8,26 @@ blocks on bf16 hardware) q, k, v and the softmax numerators are rounded to bf16 
 float32 scores, sums and outputs (PyTorch's bf16 flash attention's arithmetic); elsewhere float32 FMAs, SDPA's
 formula summed in another order. Against PyTorch's CPU flash attention on a 2048-token SmolLM2 layer: ~2.2x (bf16)
 and ~1.3x (float32) on two Zen 4 cores (docs/cpu.md).
+
+`sdpa_for_bf16_layers(True)` sends bf16 layers' causal prefills to PyTorch's flash attention on bf16 q/k/v instead,
+which runs AMX tiles where the CPU has them (Intel Xeons), where `vdpbf16ps` may not beat float32 FMAs. Off until an
+AMX CPU has measured which is faster in a whole prefill (docs/cpu.md): `benchmarks/prefill_profile.py --attention
+sdpa-bf16` turns it on.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from swiftkv.modeling import native
+from swiftkv.modeling.common import Switch
 from swiftkv.modeling.weights import BlockLinear, layer_product_dtype
 
 NAME = "swiftkv_cpu"
@@ -26,6 +35,13 @@ HEAD_DIMS = (64, 128)  # the kernel's instantiations
 # Implementations whose masks are dense tensors SwiftKV can slice by query row (modeling/base.py; the decode step
 # too); others run the full SwiftKV forward (still correct, without the prefill saving).
 SKIPPABLE_ATTENTION = ("sdpa", "eager", NAME)
+_sdpa_bf16 = Switch(False)
+
+
+def sdpa_for_bf16_layers(enabled: bool) -> contextlib.AbstractContextManager:
+    """Within the block, bf16 layers' causal prefills (as many query rows as keys) run PyTorch's SDPA on bf16 q/k/v
+    (module doc; False: the kernel), then restore."""
+    return _sdpa_bf16(enabled)
 
 
 def attention_forward(
@@ -44,8 +60,10 @@ def attention_forward(
     plain = attention_mask is None and not dropout and causal and not _extras(kwargs)
     if plain and _kernel_applies(query, key, value):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        bf16 = _multiplies_in_bf16(module, query) and bf16_kernel_available()
-        return _run_kernel(query, key, value, scale, bf16), None
+        bf16 = _multiplies_in_bf16(module, query)
+        if bf16 and _sdpa_bf16.on and query.shape[2] == key.shape[2]:
+            return _sdpa_bf16_attention(query, key, value, scale), None
+        return _run_kernel(query, key, value, scale, bf16 and bf16_kernel_available()), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
@@ -53,6 +71,15 @@ def attention_forward(
 
 def _run_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bf16: bool) -> torch.Tensor:
     return native.extension().prefill_attention(query, key, value, scale, bf16)
+
+
+def _sdpa_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """PyTorch's causal SDPA of q [B, H, T, Dh], k/v [B, Hkv, T, Dh] rounded to bf16 (GQA without copying heads), the
+    output as the kernel gives it: [B, T, H, Dh], float32."""
+    out = F.scaled_dot_product_attention(
+        query.bfloat16(), key.bfloat16(), value.bfloat16(), is_causal=True, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _extras(kwargs: dict) -> bool:
