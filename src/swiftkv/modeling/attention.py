@@ -39,8 +39,8 @@ _sdpa_bf16 = Switch(False)
 
 
 def sdpa_for_bf16_layers(enabled: bool) -> contextlib.AbstractContextManager:
-    """Within the block, bf16 layers' causal prefills (as many query rows as keys) run PyTorch's SDPA on bf16 q/k/v
-    (module doc; False: the kernel), then restore."""
+    """Within the block, bf16 layers' causal prefills that the kernel would run (as many query rows as keys) run
+    PyTorch's SDPA on bf16 q/k/v instead (module doc; False: the kernel), then restore."""
     return _sdpa_bf16(enabled)
 
 
