@@ -32,7 +32,7 @@ from swiftkv.evaluate.text import token_samples
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load
 from swiftkv.modeling.cache import SwiftKVCache
-from swiftkv.modeling.weights import FORMATS
+from swiftkv.modeling.weights import FORMATS, resolve_formats
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt < 1 or args.tokens <= args.prompt + 1:
         parser.error(f"--tokens ({args.tokens}) must exceed --prompt ({args.prompt}) + 1, and --prompt be >= 1")
-    formats = ["float32", *(f for f in args.formats if f != "float32")]  # float32 is the reference
+    formats = resolve_formats(["float32", *args.formats])  # float32 (the reference) first; bf16 may run as float32
     loaded = {fmt: load("default", adapter=args.adapter, weights=fmt) for fmt in formats}
     models, tokenizer = {fmt: model for fmt, (model, _) in loaded.items()}, loaded["float32"][1]
     scores = {}

@@ -26,7 +26,7 @@ from swiftkv.bench import machine_info, num_threads, prefill, rotated, timed
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import load
 from swiftkv.modeling import attention, kernels
-from swiftkv.modeling.weights import FORMATS
+from swiftkv.modeling.weights import FORMATS, resolve_formats
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def main() -> None:
     if args.prompt < 2 or args.reps < 1 or args.threads < 1:
         parser.error("--prompt must be >= 2, --reps and --threads >= 1")
     result = {"machine": machine_info(args.threads), "prompt": args.prompt, "reps": args.reps, "formats": {}}
-    for fmt in args.formats:
+    for fmt in resolve_formats(args.formats):  # bf16 without bf16 hardware runs float32: named and timed so, once
         runs = measure(fmt, args)
         medians = {name: statistics.median(ms) for name, ms in runs.items()}
         base = medians["swiftkv+malloc"]

@@ -25,7 +25,7 @@ from swiftkv.bench import machine_info, num_threads, prefill, threads_label
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import DEFAULT_MODEL
 from swiftkv.modeling.attention import sdpa_for_bf16_layers
-from swiftkv.modeling.weights import FORMATS, default_format
+from swiftkv.modeling.weights import FORMATS, default_format, weight_format
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def main() -> None:
         "model": portable_path(args.model),  # 'default' and relative paths as given
         "swiftkv": args.swiftkv,
         "attention": args.attention,
-        "weights": weights,
+        "weights": weight_format(model),  # what ran (bf16 asked without bf16 hardware runs float32)
         "prompt": args.prompt,
         "reps": args.reps,
         "machine": machine_info(args.threads),

@@ -58,7 +58,7 @@ from swiftkv.bench import (
 )
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
 from swiftkv.loading import DEFAULT_MODEL, load_model_config, load_tokenizer, resolve_model_path
-from swiftkv.modeling.weights import FORMATS, default_format
+from swiftkv.modeling.weights import FORMATS, default_format, resolve_formats
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,6 +418,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--prompt-length must be between 2 and {longest} (the context less --new-tokens)")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    args.weights = resolve_formats(args.weights)  # engines named by what runs (bf16 without bf16 hardware: float32)
     distinct = len(text_ids(args.model)) - WARMUP  # rotations of the text: one fresh prompt per call, warm-up included
     if not 1 <= args.reps <= distinct:
         parser.error(f"--reps must be between 1 and {distinct} (the fresh prompts there are)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.files import figure_beside, portable_path, save_figure, write_json
-from swiftkv.modeling.weights import FORMATS
+from swiftkv.modeling.weights import FORMATS, resolve_formats
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"bf16": 0.005, "int8": 0.005, "int4": 0.03}  # largest perplexity increase over float32, every source
@@ -91,8 +91,8 @@ def main() -> None:
         parser.error("--limit and --threads must be >= 1")
     args.runs.mkdir(parents=True, exist_ok=True)
     result = {"limit": args.limit, "runs": portable_path(args.runs), "targets": TARGETS, "adapters": {}}
+    formats = resolve_formats(["float32", *args.formats])  # bf16 without bf16 hardware: float32, not measured twice
     for adapter in args.adapters:
-        formats = ("float32", *args.formats)
         tables = {fmt: run_eval(adapter, fmt, args.runs, args.limit, args.threads) for fmt in formats}
         result["adapters"][adapter] = compare(tables)
         write_json(result, args.json)  # after every adapter: what is measured is kept

@@ -244,6 +244,16 @@ def test_openvino_comparison_pairs_ttfts_by_repetition(monkeypatch):
     assert (ttft["paired_ratio"], ttft["repetitions_met"], ttft["reps"]) == (pytest.approx(0.6 / 1.1), 1, 3)
 
 
+def test_benchmarks_name_formats_by_what_runs(monkeypatch):
+    """weights.resolve_formats, which the benchmarks' format lists go through: bf16 on a CPU without bf16 hardware
+    runs float32 (a warning says so), named float32 and timed once; with bf16 hardware every asked format stays."""
+    monkeypatch.setattr(weights, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="running float32 weights instead"):
+        assert weights.resolve_formats(["bf16", "float32", "int8"]) == ["float32", "int8"]
+    monkeypatch.setattr(weights, "native_bf16", lambda: True)
+    assert weights.resolve_formats(["bf16", "float32", "int8"]) == ["bf16", "float32", "int8"]
+
+
 def test_openvino_comparison_refuses_a_model_it_cannot_time(tmp_path, monkeypatch, capsys):
     """vs_openvino.py --model: a path that is no checkpoint, or one too shallow for the L=22 layout, stops with exit
     2 and a line naming it, before OpenVINO is looked for (so the same on a machine without it); no result written."""
@@ -341,3 +351,8 @@ def test_prefill_profile_sdpa_bf16_runs_pytorchs_bf16_attention(tmp_path, monkey
     profile.main()
     result = json.loads(out.read_text())
     assert calls and result["attention"] == "sdpa-bf16" and result["groups_ms"]["attention"] > 0
+    assert result["weights"] == "bf16"
+    monkeypatch.setattr(weights, "native_bf16", lambda: False)  # bf16 asked where it would be emulated: float32 runs
+    with pytest.warns(UserWarning, match="running float32 weights instead"):
+        profile.main()
+    assert json.loads(out.read_text())["weights"] == "float32"

@@ -91,6 +91,12 @@ def resolve_format(weights: str | None) -> str:
     return weights
 
 
+def resolve_formats(asked: list[str]) -> list[str]:
+    """What each asked format runs as here (`resolve_format`: bf16 without bf16 hardware is float32, with a
+    warning), in the order asked, once each: a benchmark names and times each configuration by what runs."""
+    return list(dict.fromkeys(resolve_format(fmt) for fmt in asked))
+
+
 def product_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a quantized layer's product runs in for input x: bf16 where the hardware has it (float32 inputs on
     CPU), else x's own."""
