@@ -254,6 +254,25 @@ def test_benchmarks_name_formats_by_what_runs(monkeypatch):
     assert weights.resolve_formats(["bf16", "float32", "int8"]) == ["bf16", "float32", "int8"]
 
 
+def test_openvino_curve_gathers_runs_by_prompt_length(tmp_path, monkeypatch):
+    """benchmarks/vs_openvino_curve.py: each run's own ratios to OpenVINO's default, by increasing prompt length, JSON
+    and PNG; two runs of one length, or a file that is no vs_openvino.py result, refused (exit 2), nothing written."""
+    curve = load_benchmark("vs_openvino_curve")
+    root = Path(__file__).resolve().parent.parent / "results"
+    runs = [str(root / f"vs_openvino_avx2cpu_prompt{n}.json") for n in (128, 32)]
+    out = tmp_path / "curve.json"
+    refused(curve.main, monkeypatch, ["vs_openvino_curve.py", runs[0], runs[0], "--json", str(out)], out)
+    (tmp_path / "other.json").write_text("{}")
+    refused(curve.main, monkeypatch, ["vs_openvino_curve.py", str(tmp_path / "other.json"), "--json", str(out)], out)
+    monkeypatch.setattr(sys, "argv", ["vs_openvino_curve.py", *runs, "--json", str(out)])
+    curve.main()
+    result = json.loads(out.read_text())
+    points = result["curve"]["swiftkv-L15/int8"]
+    assert list(points) == ["32", "128"] and out.with_suffix(".png").stat().st_size > 0
+    run32 = json.loads(Path(runs[1]).read_text())
+    assert points["32"]["paired_ttft"] == run32["ratios"]["swiftkv-L15/int8"]["openvino/default"]["paired_ttft"]
+
+
 def test_openvino_comparison_refuses_a_model_it_cannot_time(tmp_path, monkeypatch, capsys):
     """vs_openvino.py --model: a path that is no checkpoint, or one too shallow for the L=22 layout, stops with exit
     2 and a line naming it, before OpenVINO is looked for (so the same on a machine without it); no result written."""
