@@ -355,6 +355,7 @@ def test_prefill_profile_groups_a_tiny_models_ops(tmp_path, monkeypatch):
     assert sum(result["groups_ms"].values()) + result["rest_ms"] == pytest.approx(result["wall_ms"])
 
 
+@pytest.mark.skipif(not attention.kernel_available(), reason="the switch replaces the native kernel, not built here")
 def test_prefill_profile_sdpa_bf16_runs_pytorchs_bf16_attention(tmp_path, monkeypatch):
     """prefill_profile --attention sdpa-bf16 (SwiftKV on too): the profiled prefills of a bf16 model run
     `attention.sdpa_for_bf16_layers` (counted), and their time lands in the attention group."""
