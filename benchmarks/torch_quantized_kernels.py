@@ -29,7 +29,7 @@ from torch import nn
 
 from swiftkv.bench import machine_info, num_threads, rotated, timed
 from swiftkv.files import figure_beside, save_figure, write_json
-from swiftkv.modeling.weights import BLOCK, BlockLinear, block_linear, product_dtype
+from swiftkv.modeling.weights import BLOCK, BlockLinear, block_linear, product_dtype, unpack_int4
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("swiftkv_int8", "torch_int8_per_channel", "swiftkv_int4", "torch_int4")
@@ -39,8 +39,7 @@ def torch_int4(layer: BlockLinear, dtype: torch.dtype) -> tuple[torch.Tensor, to
     """A Q4_1 BlockLinear's blocks in `_weight_int4pack_mm_for_cpu`'s layout: (packed weight, scales and zeros
     [in / 32, out, 2] in `dtype`), w = (q - 8) * scale + zero = d * q + m."""
     out, blocks = layer.scales.shape
-    packed = layer.qweight.view(out, blocks, BLOCK // 2)
-    q = torch.cat([packed & 0xF, packed >> 4], dim=-1).view(out, -1).to(torch.int32)  # [out, in], GGUF's order
+    q = unpack_int4(layer.qweight.view(out, blocks, BLOCK // 2)).view(out, -1).to(torch.int32)  # [out, in]
     d, m = layer.scales.float(), layer.mins.float()
     scales_zeros = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).to(dtype).contiguous()
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
@@ -91,7 +90,7 @@ def measure(rows: int, reps: int) -> dict:
             "int8": median["torch_int8_per_channel"] / median["swiftkv_int8"],
             "int4": median["torch_int4"] / median["swiftkv_int4"],
         },
-        "torch_int4_max_abs_error": error,
+        "torch_int4_max_relative_error": error,
         "runs_ms": {name: [r.wall_s * 1e3 for r in runs] for name, runs in times.items()},
     }
 
@@ -130,7 +129,8 @@ def main() -> None:
             write_json(result, args.json)  # a long run keeps the row counts it finished
             ratios = ", ".join(f"{fmt} {r:.1f}x" for fmt, r in entry["torch_vs_swiftkv"].items())
             print(f"{rows} row(s): " + ", ".join(f"{n} {ms:.2f} ms" for n, ms in entry["median_ms"].items()))
-            print(f"  torch's time / swiftkv's: {ratios}; torch int4 error {entry['torch_int4_max_abs_error']:.1e}")
+            error = entry["torch_int4_max_relative_error"]
+            print(f"  torch's time / swiftkv's: {ratios}; torch int4's relative error {error:.1e}")
     plot(result, figure_beside(args.json, args.plot))
 
 

@@ -90,7 +90,7 @@ all() {  # ~10 minutes, the most telling steps first; each bounded, its output k
   # (openvinotoolkit/openvino#33300): the comparison runs at 2 threads only.
   timeout 240 $two bash "$0" run --threads 2 --reps 4 --weights bf16 int8 --json "$out/vs_openvino_2threads.json" \
     --plot /tmp/vs_openvino_2threads.png >>"$log" 2>&1
-  # PyTorch's weight-only int8/int4 kernels' AVX-512 build against swiftkv's products (docs/cpu.md: 5-80x slower in
+  # PyTorch's weight-only int8/int4 kernels' AVX-512 build against swiftkv's products (docs/cpu.md: 5-87x slower in
   # their AVX2 build); its figures go to the log.
   timeout 40 $two python3 benchmarks/torch_quantized_kernels.py --rows 1 8 --reps 5 --json /tmp/tqk.json \
     >>"$log" 2>&1

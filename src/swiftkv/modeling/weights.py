@@ -128,8 +128,7 @@ class BlockLinear(nn.Module):
         if self.format == "int8":
             q = self.qweight.view(out, blocks, BLOCK).float()
         else:
-            packed = self.qweight.view(out, blocks, BLOCK // 2)
-            q = torch.cat([packed & 0xF, packed >> 4], dim=-1).float()  # [out, blocks, 32]
+            q = unpack_int4(self.qweight.view(out, blocks, BLOCK // 2)).float()  # [out, blocks, 32]
         w = q * self.scales.float().unsqueeze(-1)
         if self.mins is not None:
             w = w + self.mins.float().unsqueeze(-1)
@@ -279,6 +278,11 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     inverse = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(()))
     q = ((w - m.float().unsqueeze(-1)) * inverse.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
     return pack_int4(q).view(out, -1), d, m
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int4`'s inverse: bytes [..., BLOCK / 2] -> values [..., BLOCK] in [0, 15] (uint8)."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=-1)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
