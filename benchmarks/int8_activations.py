@@ -36,7 +36,7 @@ from swiftkv.evaluate.tasks import EvalOptions, evaluate
 from swiftkv.files import figure_beside, save_figure, write_json
 from swiftkv.loading import load, load_model_config
 from swiftkv.modeling import kernels
-from swiftkv.modeling.weights import BLOCK, quantize_int8
+from swiftkv.modeling.weights import block_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.005  # perplexity increase over float32 the default weights hold on every source (issue 33)
@@ -81,12 +81,8 @@ def fake_w8a8(model: nn.Module, skip: set[str], round_x: bool = True) -> int:
     return count
 
 
-def perplexities(adapter: str, limit: int, skip: set[str] | None, round_x: bool = True) -> dict:
-    """Per source and mode, perplexity on domains@limit: float32 weights, fake W8A8 (or weight-only int8 without
-    `round_x`) unless `skip` is None."""
-    model, tokenizer = load("default", adapter=adapter, weights="float32")
-    if skip is not None:
-        fake_w8a8(model, skip, round_x)
+def perplexities(model: nn.Module, tokenizer, limit: int) -> dict:
+    """Per source and mode, `model`'s perplexity on domains@limit."""
     result = evaluate(model, tokenizer, [f"domains@{limit}"], EvalOptions(), [])
     return {
         source: {mode: row[mode]["ppl"] for mode in MODES}
@@ -102,10 +98,8 @@ def weight_errors(model: nn.Module) -> dict[str, float]:
         if isinstance(module, nn.Linear) and module is not head:
             w = module.weight.detach().float()
             q, scale = quantize_rows(w)
-            blocks, d = quantize_int8(w)
-            dequantized = (blocks.float().view(w.shape[0], -1, BLOCK) * d.float().unsqueeze(-1)).view_as(w)
             squares["per_channel"] += (q.float() * scale - w).square().sum().item()
-            squares["blocks_of_32"] += (dequantized - w).square().sum().item()
+            squares["blocks_of_32"] += (block_linear(module, "int8").dequantize() - w).square().sum().item()
             squares["weights"] += w.square().sum().item()
     return {name: (squares[name] / squares["weights"]) ** 0.5 for name in ("per_channel", "blocks_of_32")}
 
@@ -230,8 +224,11 @@ def main() -> None:
         parser.error("--limit, --reps and --threads must be >= 1, --prompt >= 17 (torch._int_mm's smallest M)")
     with num_threads(args.threads), torch.inference_mode():
         timings = {} if args.weights_only else speed(args.prompt, args.reps)  # int8 x's products only
-        reference = perplexities(args.adapter, args.limit, None)
-        w8a8 = perplexities(args.adapter, args.limit, set(args.skip), not args.weights_only)
+        model, tokenizer = load("default", adapter=args.adapter, weights="float32")  # one load: float32 first
+        errors = weight_errors(model)
+        reference = perplexities(model, tokenizer, args.limit)
+        fake_w8a8(model, set(args.skip), not args.weights_only)
+        w8a8 = perplexities(model, tokenizer, args.limit)
     increase = {s: {m: w8a8[s][m] / reference[s][m] - 1 for m in MODES} for s in reference}
     worst = max(v for row in increase.values() for v in row.values())
     result = {
@@ -239,7 +236,7 @@ def main() -> None:
         "adapter": args.adapter,
         "skip": args.skip,
         "activations": "float32" if args.weights_only else "int8 per token",
-        "weight_relative_rms": weight_errors(load("default", adapter=args.adapter, weights="float32")[0]),
+        "weight_relative_rms": errors,
         "limit": args.limit,
         "prompt": args.prompt,
         "threads": args.threads,
