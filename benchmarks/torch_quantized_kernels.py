@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from int8_activations import quantize_rows
 from native_products import LAYER_SHAPES
 from torch import nn
 
@@ -45,12 +46,6 @@ def torch_int4(layer: BlockLinear, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
 
-def torch_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight` [out, in] quantized per output channel for `_weight_int8pack_mm`: (q int8 [out, in], scale [out])."""
-    scale = weight.abs().amax(1).clamp_min(1e-12) / 127
-    return (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
-
-
 def layer_products(rows: int) -> tuple[dict, float]:
     """(the timed calls by engine, each running one decoder layer's products of x [rows, in]; the largest error of
     torch's int4 against the dequantized product, relative to that product's largest value)."""
@@ -62,9 +57,9 @@ def layer_products(rows: int) -> tuple[dict, float]:
         dtype = product_dtype(x)
         linear = nn.Linear(inputs, out, bias=False)
         int8, int4 = block_linear(linear, "int8"), block_linear(linear, "int4")
-        q8, s8 = torch_int8(linear.weight.detach())
+        q8, s8 = quantize_rows(linear.weight.detach())  # per output channel: q int8 [out, in], scale [out, 1]
         packed, scales_zeros = torch_int4(int4, dtype)
-        x2, s8 = x.view(rows, inputs).to(dtype), s8.to(dtype)
+        x2, s8 = x.view(rows, inputs).to(dtype), s8.view(-1).to(dtype)
 
         def int4_call(x=x2, p=packed, sz=scales_zeros):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, BLOCK, sz)
