@@ -83,6 +83,23 @@ def test_kernel_masks_exactly_and_survives_scores_far_apart():
 
 
 @needs_kernel
+@pytest.mark.parametrize("slope", [0.02, 0.2, -0.2])
+def test_kernel_follows_a_maximum_that_moves_across_blocks(slope):
+    """Scores that rise along the keys by `slope` per key: by ~1.3 per 64-key block (below the lazy threshold of
+    8 / log2(e), so a row keeps an old maximum for blocks and weighs keys up to 2^8) or by ~13 (a new maximum and a
+    rescale of the row's sum and output every block), or fall. Each within the float32 bound of a float64 attention."""
+    torch.manual_seed(0)
+    tokens = 700
+    q = torch.zeros(1, 2, tokens, 64)
+    q[..., 0] = 1.0
+    k = torch.randn(1, 1, tokens, 64) * 0.1
+    k[..., 0] = slope * torch.arange(tokens) / 0.125  # the score of key t: ~slope * t
+    v = torch.randn(1, 1, tokens, 64)
+    out = native.extension().prefill_attention(q, k, v, 0.125, False)
+    assert (out.double() - _reference(q, k, v, 0.125, False)).abs().max().item() < 1e-5 * v.abs().max().item()
+
+
+@needs_kernel
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_kernel_output_does_not_depend_on_the_thread_count(threads):
     """Threads take row groups round-robin; each row is still one thread's work in one order, so any thread count

@@ -41,6 +41,10 @@ constexpr int R = 6;  // query rows per tile
 constexpr int G = 8;  // tiles per pass over a head's keys
 constexpr int CH = NV;  // output vectors accumulated at once
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+// A row's running maximum moves only when a block's scores exceed it by more than this (natural log units: weights
+// stay below 2^8), so most blocks skip the rescale of the row's sum and output (FlashAttention-4's lazy rescaling);
+// float32 sums and outputs lose nothing to weights up to 256, and bf16 numerators round relatively either way.
+constexpr float LAZY_TOP = 8.f / LOG2E;
 
 // An arithmetic: how values sit in the `Slot`s the inner loops read (STEP values per slot along the reduction axis)
 // and the multiply-add of a vector of slots by one broadcast slot.
@@ -137,15 +141,14 @@ struct Rows {
   }
 };
 
-// R consecutive query rows against one block of KB keys: row r sees the block's keys 0 .. visible + r (all of them
-// unless `diagonal`). Scores in registers.
+// Scores of R consecutive query rows against one block of KB keys, then their softmax numerators `weights` [R, KS]
+// (the online softmax's state updated): row r sees the block's keys 0 .. visible + r (all of them unless
+// `diagonal`). Scores in registers.
 template <class A, int DH>
-void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, const typename A::Slot* vblock,
-                  int64_t visible, bool diagonal, Rows<DH>& st) {
-  using Slot = typename A::Slot;
+void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int64_t visible, bool diagonal,
+                 Rows<DH>& st, typename A::Slot* weights) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   alignas(64) float scores[R][KB];
-  alignas(64) Slot weights[R][KS];  // softmax numerators
   for (int c0 = 0; c0 < KV; c0 += NV) {
     vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
     for (int p = 0; p < P; ++p) {
@@ -170,16 +173,24 @@ void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, con
     }
     vf block_top = row[0];
     for (int c = 1; c < KV; ++c) block_top = block_top > row[c] ? block_top : row[c];
-    const float new_top = std::max(st.top[r], hmax(block_top));
-    const float rescale = std::exp(st.top[r] - new_top);  // 0 on the first block (top = -inf)
-    st.top[r] = new_top;
-    vf e[KV], sum = {};
-    for (int c = 0; c < KV; ++c) sum += (e[c] = exp_nonpositive(row[c] - new_top));
-    A::store_weights(weights[r], e);
-    st.total[r] = st.total[r] * rescale + hsum(sum);
-    if (rescale != 1.f)
+    const float top = hmax(block_top);
+    if (top > st.top[r] + LAZY_TOP) {  // always on the row's first block (top = -inf)
+      const float rescale = std::exp2((st.top[r] - top) * LOG2E);  // 0 on the first block
+      st.top[r] = top;
+      st.total[r] *= rescale;
       for (int c = 0; c < DV; ++c) storev(&st.o[r][W * c], loadv(&st.o[r][W * c]) * rescale);
+    }
+    vf e[KV], sum = {};  // the difference first: exactly 2^0 = 1 at the maximum, a lone key's weight exact
+    for (int c = 0; c < KV; ++c) sum += (e[c] = exp2_shifted((row[c] - st.top[r]) * LOG2E));
+    A::store_weights(weights + r * KS, e);
+    st.total[r] += hsum(sum);
   }
+}
+
+// The R rows' outputs += weights [R, KS] times one block's values.
+template <class A, int DH>
+void accumulate_block(const typename A::Slot* weights, const typename A::Slot* vblock, Rows<DH>& st) {
+  constexpr int KS = KB / A::STEP, DV = DH / W;
   for (int c0 = 0; c0 < DV; c0 += CH) {
     vf acc[R][CH];
     for (int r = 0; r < R; ++r)
@@ -191,7 +202,7 @@ void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, con
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-        for (int c = 0; c < CH; ++c) acc[r][c] = A::mac(acc[r][c], values[c], weights[r][j]);
+        for (int c = 0; c < CH; ++c) acc[r][c] = A::mac(acc[r][c], values[c], weights[r * KS + j]);
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CH; ++c) storev(&st.o[r][W * (c0 + c)], acc[r][c]);
@@ -201,20 +212,25 @@ void attend_block(const typename A::Slot* q, const typename A::Slot* kblock, con
 // `rows` <= G * R consecutive query rows of one head, as tiles of R, against every key they see: row i sees keys
 // 0 .. last_key + i. Blocks outermost, so a block of keys and values, once fetched, serves all G tiles from L1/L2:
 // a head's packed K and V (1 MiB at 2048 tokens in float32) outgrow a Zen 3 core's 512 KiB L2, and a tile per pass
-// over them left the FMAs waiting on L3.
+// over them left the FMAs waiting on L3. Every tile is scored against the block's keys before any takes its values,
+// so each of the two 16 KiB halves of a block (float32, Dh 64) serves the G tiles while it is in L1.
 template <class A, int DH>
 void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   Rows<DH> tiles[G];
+  alignas(64) typename A::Slot weights[G][R * KS];
   const int64_t n = (rows + R - 1) / R, blocks = (last_key + rows - 1) / KB + 1;
-  for (int64_t kb = 0; kb < blocks; ++kb)
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t first = last_key + t * R, last = first + std::min<int64_t>(R, rows - t * R) - 1;
-      if (kb * KB > last) continue;  // the tile's rows see none of this block
-      attend_block<A, DH>(q + t * R * P, k + kb * P * KB, v + kb * KS * DH, first - kb * KB,
-                          (kb + 1) * KB - 1 > first, tiles[t]);
-    }
+  const auto first_row = [&](int64_t t) { return last_key + t * R; };  // the last key tile t's first row sees
+  const auto last_row = [&](int64_t t) { return first_row(t) + std::min<int64_t>(R, rows - t * R) - 1; };
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    for (int64_t t = 0; t < n; ++t)
+      if (kb * KB <= last_row(t))  // else the tile's rows see none of this block
+        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, (kb + 1) * KB - 1 > first_row(t),
+                           tiles[t], weights[t]);
+    for (int64_t t = 0; t < n; ++t)
+      if (kb * KB <= last_row(t)) accumulate_block<A, DH>(weights[t], v + kb * KS * DH, tiles[t]);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const Rows<DH>& st = tiles[i / R];
     for (int c = 0; c < DV; ++c)

@@ -21,6 +21,7 @@ constexpr int W = 4;  // SSE, NEON
 #endif
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
 
 inline vf loadv(const float* p) {
   vf v;
@@ -90,28 +91,35 @@ inline vf expv(vf x) {
   return x < -87.3f ? zero : e;
 }
 
-// exp of W lanes that are <= 0 or -inf (a softmax's scores minus their maximum), exactly 0 below ~-88: 2^(x log2 e)
-// by Cephes' exp2f polynomial (|r| <= 1/2, ~1 ulp), without expv's clamps and blends, which such arguments never
-// need (13 vector ops instead of 21).
-inline vf exp_nonpositive(vf x) {
-  vf t = x * 1.44269504088896341f;
+// 2^t for W lanes of a softmax's shifted scores: t <= 126 or -inf, exactly 0 below ~-127. Cephes' exp2f polynomial
+// on r = t - round(t) (|r| <= 1/2, ~1 ulp) times 2^round(t), whose exponent bits come straight from the rounding
+// trick's sum (its low mantissa bits hold round(t)), without expv's clamps and blends, which such arguments never
+// need.
+inline vf exp2_shifted(vf t) {
+  constexpr float ROUND = 12582912.f;  // 1.5 * 2^23: t + ROUND rounds t to an integer n, held in the low bits
   t = t > -127.f ? t : vf{} - 127.f;  // -inf included: 2^-127 below, which the exponent trick turns into 0
-  const vf n = (t + 12582912.f) - 12582912.f;  // round to nearest
-  const vf r = t - n;
+  const vf sum = t + ROUND;
+  const vf r = t - (sum - ROUND);
   vf p = r * 1.535336188319500e-4f + 1.339887440266574e-3f;
   p = p * r + 9.618437357674640e-3f;
   p = p * r + 5.550332471162809e-2f;
   p = p * r + 2.402264791363012e-1f;
   p = p * r + 6.931472028550421e-1f;
   p = p * r + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n; all zero bits (0.f) for n = -127
+  vu bits;  // unsigned: the shift overflows by design
+  __builtin_memcpy(&bits, &sum, sizeof(bits));
+  bits = (bits + 127) << 23;  // (n + 127) << 23 = 2^n: the sum's exponent bits shift out; all zero for n = -127
   vf scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
+constexpr float LOG2E = 1.44269504088896341f;
+
+// exp of W lanes that are <= 0 or -inf (a softmax's scores minus their maximum), exactly 0 below ~-88.
+inline vf exp_nonpositive(vf x) { return exp2_shifted(x * LOG2E); }
+
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
-typedef uint32_t vu __attribute__((vector_size(4 * W)));
 
 inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
   vh h;
