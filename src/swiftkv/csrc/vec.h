@@ -72,6 +72,22 @@ inline float hmax(vf v) {
 #endif
 }
 
+// Whether any lane of a is greater than b's (one compare and a mask test; no horizontal maximum's chain).
+inline bool any_greater(vf a, vf b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0;
+#elif defined(__AVX__)
+  return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0;
+#else
+  const vi greater = a > b;
+  int32_t lanes[W];
+  __builtin_memcpy(lanes, &greater, sizeof(greater));
+  for (int i = 0; i < W; ++i)
+    if (lanes[i]) return true;
+  return false;
+#endif
+}
+
 // exp of W lanes (Cephes expf: 2^n * p(r), |r| <= ln2/2; ~1 ulp). Lanes below -87.3 (masked, -inf) give exactly 0.
 inline vf expv(vf x) {
   const vf zero = {};
