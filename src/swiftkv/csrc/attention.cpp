@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "vec.h"
@@ -82,44 +83,52 @@ struct BF16 {  // a slot is a pair of bf16 (low half first), what `vdpbf16ps` mu
 };
 #endif
 
-// The operands in the layouts the inner loops read, in slots of A.
+// The operands in the layouts the inner loops read, in slots of A: allocated uninitialised (zeroing the whole of
+// them was ~1% of the kernel's time), `pack` writes every slot the kernel reads, padding as zeros.
 template <class A>
 struct Packed {
-  int64_t nb;                          // key blocks
-  std::vector<typename A::Slot> k;     // [B * Hkv, nb, Dh / STEP, KB]: per block and slot of dims, the KB keys
-  std::vector<typename A::Slot> v;     // [B * Hkv, nb * KB / STEP, Dh]: per slot of keys, every dim
-  std::vector<typename A::Slot> q;     // [B * H * Tq + R, Dh / STEP] (a tile of padding), times the scale
+  using Slots = std::unique_ptr<typename A::Slot[]>;
+  int64_t nb;  // key blocks
+  Slots k;     // [B * Hkv, nb, Dh / STEP, KB]: per block and slot of dims, the KB keys
+  Slots v;     // [B * Hkv, nb, KB / STEP, Dh]: per slot of keys, every dim
 };
 
+// K and V, a task per head's block of keys: even shares for the threads (by heads, two threads split 3 K/V heads
+// 2 : 1).
 template <class A>
-Packed<A> pack(const Tensor& q, const Tensor& k, const Tensor& v, float scale) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Hkv = k.size(1), Tk = k.size(2), Dh = q.size(3);
-  const int64_t P = Dh / A::STEP, nb = (Tk + KB - 1) / KB, Tp = nb * KB;
-  Packed<A> out{nb, std::vector<typename A::Slot>(B * Hkv * nb * P * KB),
-                std::vector<typename A::Slot>(B * Hkv * Tp / A::STEP * Dh),
-                std::vector<typename A::Slot>((B * H * Tq + R) * P)};  // zeros: padding keys, values, rows
-  const auto ks = k.strides(), vs = v.strides(), qs = q.strides();
-  const float *K = k.data_ptr<float>(), *V = v.data_ptr<float>(), *Q = q.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const float* kh = K + bh / Hkv * ks[0] + bh % Hkv * ks[1];
-      const float* vh = V + bh / Hkv * vs[0] + bh % Hkv * vs[1];
-      auto* kd = out.k.data() + bh * nb * P * KB;
-      auto* vd = out.v.data() + bh * Tp / A::STEP * Dh;
-      for (int64_t t = 0; t < Tk; ++t) {
-        for (int64_t p = 0; p < P; ++p) kd[(t / KB * P + p) * KB + t % KB] = A::slot(kh + t * ks[2] + A::STEP * p * ks[3], ks[3], 1.f);
+Packed<A> pack(const Tensor& k, const Tensor& v) {
+  using Slot = typename A::Slot;
+  const int64_t B = k.size(0), Hkv = k.size(1), Tk = k.size(2), Dh = k.size(3);
+  const int64_t P = Dh / A::STEP, KS = KB / A::STEP, nb = (Tk + KB - 1) / KB;
+  Packed<A> out{nb, std::unique_ptr<Slot[]>(new Slot[B * Hkv * nb * P * KB]),
+                std::unique_ptr<Slot[]>(new Slot[B * Hkv * nb * KS * Dh])};
+  const auto ks = k.strides(), vs = v.strides();
+  const float *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  at::parallel_for(0, B * Hkv * nb, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t bh = item / nb, first = item % nb * KB, keys = std::min(KB, Tk - first);
+      const float* kh = K + bh / Hkv * ks[0] + bh % Hkv * ks[1] + first * ks[2];
+      const float* vh = V + bh / Hkv * vs[0] + bh % Hkv * vs[1] + first * vs[2];
+      Slot *kd = out.k.get() + item * P * KB, *vd = out.v.get() + item * KS * Dh;
+      if (keys < KB) std::fill(kd, kd + P * KB, Slot{});  // padding keys
+      if (keys < KB || A::STEP > 1) std::fill(vd, vd + KS * Dh, Slot{});  // padding values; bf16 ORs keys into slots
+      for (int64_t t = 0; t < keys; ++t) {
+        for (int64_t p = 0; p < P; ++p) kd[p * KB + t] = A::slot(kh + t * ks[2] + A::STEP * p * ks[3], ks[3], 1.f);
         for (int64_t d = 0; d < Dh; ++d) A::put_value(vd, t, d, Dh, vh[t * vs[2] + d * vs[3]]);
       }
     }
   });
-  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const float* qh = Q + bh / H * qs[0] + bh % H * qs[1];
-      for (int64_t t = 0; t < Tq; ++t)
-        for (int64_t p = 0; p < P; ++p) out.q[(bh * Tq + t) * P + p] = A::slot(qh + t * qs[2] + A::STEP * p * qs[3], qs[3], scale);
-    }
-  });
   return out;
+}
+
+// `rows` query rows [rows, Dh] (strides `qs`) times the scale, as slots [rows rounded up to R, Dh / STEP], padding
+// rows zero.
+template <class A>
+void pack_rows(const float* q, int64_t rows, int64_t dh, at::IntArrayRef qs, float scale, typename A::Slot* out) {
+  const int64_t P = dh / A::STEP;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t p = 0; p < P; ++p) out[t * P + p] = A::slot(q + t * qs[2] + A::STEP * p * qs[3], qs[3], scale);
+  std::fill(out + rows * P, out + (rows + R - 1) / R * R * P, typename A::Slot{});
 }
 
 // Scores s of keys c * W .. c * W + W - 1 of a block, with those after `visible` set to -inf (a row's causal limit).
@@ -241,21 +250,26 @@ template <class A, int DH>
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
   constexpr int64_t P = DH / A::STEP;
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
-  const Packed<A> packed = pack<A>(q, k, v, static_cast<float>(scale));
+  const Packed<A> packed = pack<A>(k, v);
   const int64_t kv_size = packed.nb * P * KB;  // slots per key/value head, both packings
   Tensor out = at::empty({B, Tq, H, DH}, q.options());
   float* o = out.data_ptr<float>();
+  const float* Q = q.data_ptr<float>();
+  const auto qs = q.strides();
   const int64_t groups = (Tq + G * R - 1) / (G * R);
   // Work items (a head's group of rows) dealt round-robin, not in contiguous runs: a head's groups cost more the
-  // later their rows (causal), and contiguous runs could give one thread the dearer half of a head.
+  // later their rows (causal), and contiguous runs could give one thread the dearer half of a head. Each item packs
+  // its own query rows, which then stay in L1.
   const int64_t items = B * H * groups, threads = std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<typename A::Slot> rows_q(G * R * P);
     for (int64_t t = first; t < last; ++t)
       for (int64_t i = t; i < items; i += threads) {
         const int64_t bh = i / groups, row = i % groups * G * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
-        attend_rows<A, DH>(packed.q.data() + (bh * Tq + row) * P, std::min<int64_t>(G * R, Tq - row),
-                           packed.k.data() + kvh * kv_size, packed.v.data() + kvh * kv_size, Tk - Tq + row,
-                           o + ((b * Tq + row) * H + h) * DH, H * DH);
+        const int64_t rows = std::min<int64_t>(G * R, Tq - row);
+        pack_rows<A>(Q + b * qs[0] + h * qs[1] + row * qs[2], rows, DH, qs, static_cast<float>(scale), rows_q.data());
+        attend_rows<A, DH>(rows_q.data(), rows, packed.k.get() + kvh * kv_size, packed.v.get() + kvh * kv_size,
+                           Tk - Tq + row, o + ((b * Tq + row) * H + h) * DH, H * DH);
       }
   });
   return out;
