@@ -180,7 +180,7 @@ void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int6
       if (diagonal) row[c] = mask_after(row[c], c, visible + r);
     }
     vf block_top = row[0];
-    for (int c = 1; c < KV; ++c) block_top = block_top > row[c] ? block_top : row[c];
+    for (int c = 1; c < KV; ++c) block_top = maxv(block_top, row[c]);
     if (any_greater(block_top, vf{} + (st.top[r] + LAZY_TOP))) {  // always on the row's first block (top = -inf)
       const float top = hmax(block_top);
       const float rescale = std::exp2((st.top[r] - top) * LOG2E);  // 0 on the first block

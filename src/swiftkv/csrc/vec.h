@@ -72,6 +72,18 @@ inline float hmax(vf v) {
 #endif
 }
 
+// Lane-wise maximum, a where a > b (b where a is NaN): one vmaxps where GCC lowers the ternary to a compare and a
+// blend.
+inline vf maxv(vf a, vf b) {
+#if defined(__AVX512F__)
+  return _mm512_max_ps(a, b);  // MAXPS: first > second ? first : second
+#elif defined(__AVX__)
+  return _mm256_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
 // Whether any lane of a is greater than b's (one compare and a mask test; no horizontal maximum's chain).
 inline bool any_greater(vf a, vf b) {
 #if defined(__AVX512F__)
@@ -113,7 +125,7 @@ inline vf expv(vf x) {
 // need.
 inline vf exp2_shifted(vf t) {
   constexpr float ROUND = 12582912.f;  // 1.5 * 2^23: t + ROUND rounds t to an integer n, held in the low bits
-  t = t > -127.f ? t : vf{} - 127.f;  // -inf included: 2^-127 below, which the exponent trick turns into 0
+  t = maxv(t, vf{} - 127.f);  // -inf included: 2^-127 below, which the exponent trick turns into 0
   const vf sum = t + ROUND;
   const vf r = t - (sum - ROUND);
   vf p = r * 1.535336188319500e-4f + 1.339887440266574e-3f;
