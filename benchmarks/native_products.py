@@ -32,6 +32,12 @@ LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (15
 LM_HEAD = (49152, 576)
 
 
+def known_revision(rev: str) -> bool:
+    """Whether `rev` names a commit of this repository (checked before anything is built)."""
+    verify = ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"]
+    return subprocess.run(verify, capture_output=True).returncode == 0
+
+
 def baseline_extension(rev: str):
     """csrc/ at git revision `rev` (decode.cpp and whatever it builds with), built like today's (native.FLAGS) under
     its own name."""
@@ -92,6 +98,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "native_products.json")
     args = parser.parse_args()
+    if args.baseline_rev and not known_revision(args.baseline_rev):
+        parser.error(f"--baseline-rev {args.baseline_rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
     extensions = {"current": native.extension()}
     if extensions["current"] is None:
         parser.error("the native extension cannot be built here (see the warning above)")
