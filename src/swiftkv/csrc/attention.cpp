@@ -151,13 +151,18 @@ struct Rows {
 
 // Scores of R consecutive query rows against one block of KB keys, then their softmax numerators `weights` [R, KS]
 // (the online softmax's state updated): row r sees the block's keys 0 .. visible + r (all of them unless
-// `diagonal`). Scores in registers.
+// `diagonal`), none of them past `seen` (<= KB), whose scores are not computed. Scores in registers.
 template <class A, int DH>
 void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int64_t visible, bool diagonal,
-                 Rows<DH>& st, typename A::Slot* weights) {
+                 int64_t seen, Rows<DH>& st, typename A::Slot* weights) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   alignas(64) float scores[R][KB];
   for (int c0 = 0; c0 < KV; c0 += NV) {
+    if (c0 * W >= seen) {  // keys no row sees (a diagonal block): weight 0, as their mask would give
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < NV; ++c) storev(&scores[r][W * (c0 + c)], vf{} + NEG_INF);
+      continue;
+    }
     vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
     for (int p = 0; p < P; ++p) {
       typename A::Vec keys[NV];
@@ -195,15 +200,16 @@ void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int6
   }
 }
 
-// The R rows' outputs += weights [R, KS] times one block's values.
+// The R rows' outputs += weights [R, KS] times one block's values, of its first `seen` keys (the others weigh 0).
 template <class A, int DH>
-void accumulate_block(const typename A::Slot* weights, const typename A::Slot* vblock, Rows<DH>& st) {
+void accumulate_block(const typename A::Slot* weights, const typename A::Slot* vblock, int64_t seen, Rows<DH>& st) {
   constexpr int KS = KB / A::STEP, DV = DH / W;
+  const int64_t slots = (seen + A::STEP - 1) / A::STEP;
   for (int c0 = 0; c0 < DV; c0 += CH) {
     vf acc[R][CH];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CH; ++c) acc[r][c] = loadv(&st.o[r][W * (c0 + c)]);
-    for (int j = 0; j < KS; ++j) {
+    for (int64_t j = 0; j < slots; ++j) {
       typename A::Vec values[CH];
 #pragma GCC unroll 8
       for (int c = 0; c < CH; ++c) values[c] = A::load(vblock + j * DH + W * (c0 + c));
@@ -231,13 +237,14 @@ void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot
   const int64_t n = (rows + R - 1) / R, blocks = (last_key + rows - 1) / KB + 1;
   const auto first_row = [&](int64_t t) { return last_key + t * R; };  // the last key tile t's first row sees
   const auto last_row = [&](int64_t t) { return first_row(t) + std::min<int64_t>(R, rows - t * R) - 1; };
+  const auto seen = [&](int64_t t, int64_t kb) { return std::min(KB, last_row(t) - kb * KB + 1); };  // <= 0: none
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int64_t t = 0; t < n; ++t)
-      if (kb * KB <= last_row(t))  // else the tile's rows see none of this block
+      if (seen(t, kb) > 0)
         score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, (kb + 1) * KB - 1 > first_row(t),
-                           tiles[t], weights[t]);
+                           seen(t, kb), tiles[t], weights[t]);
     for (int64_t t = 0; t < n; ++t)
-      if (kb * KB <= last_row(t)) accumulate_block<A, DH>(weights[t], v + kb * KS * DH, tiles[t]);
+      if (seen(t, kb) > 0) accumulate_block<A, DH>(weights[t], v + kb * KS * DH, seen(t, kb), tiles[t]);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const Rows<DH>& st = tiles[i / R];
