@@ -47,6 +47,22 @@ def test_blocks_dequantize_like_llama_cpp(fmt):
     assert (ours - lin.weight).abs().le(step * (0.5 if fmt == "int8" else 0.501) + 1e-6).all()
 
 
+@needs_native
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_native_dequantize_equals_pytorchs_ops(fmt, monkeypatch):
+    """BlockLinear.dequantize on CPU runs the extension's one-pass `dequantize_blocks`: bit for bit PyTorch's ops
+    (the path without the extension), for widths of one block to many and both of int4's nibbles; bad operands
+    are refused with the layouts it takes."""
+    layers = [block_linear(_linear(out, inputs, seed=out), fmt) for out, inputs in ((3, 32), (40, 96), (192, 1536))]
+    native_values = [layer.dequantize() for layer in layers]
+    monkeypatch.setattr(native, "allowed", lambda: False)
+    for layer, value in zip(layers, native_values, strict=True):
+        assert torch.equal(value, layer.dequantize())
+        assert torch.equal(layer.dequantize(torch.bfloat16), value.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="int8 data"):
+        native.extension().dequantize_blocks(layers[0].qweight.float(), layers[0].scales, layers[0].mins)
+
+
 def _int8_error(weight: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Squared error per block [out, blocks] of int8 blocks (q, d) against `weight` [out, in]."""
     values = q.view(q.shape[0], -1, BLOCK).float() * d.float().unsqueeze(-1)
@@ -273,15 +289,19 @@ def test_cli_rejects_a_bad_width_before_running(tmp_path, capsys):
 @needs_native
 @pytest.mark.skipif(native.target_isa("x86-64") is None, reason="no x86-64 C++ compiler to build the baseline with")
 def test_baseline_x86_64_build_multiplies_every_format():
-    """test_native_product_equals_float_reference again, in a process whose native step is built for plain x86-64
-    (SSE2 only: the portable code of every format's product, no AVX2/AVX-512 widening, no F16C), as a CPU without
-    AVX2 runs it. ~55 s to build on 2 cores, once per checkout (kept with the other builds in SWIFTKV_NATIVE_DIR)."""
+    """test_native_product_equals_float_reference and test_native_dequantize_equals_pytorchs_ops again, in a process
+    whose native step is built for plain x86-64 (SSE2 only: the portable code of every format's product and
+    widening, no AVX2/AVX-512, no F16C), as a CPU without AVX2 runs it. ~55 s to build on 2 cores, once per
+    checkout (kept with the other builds in SWIFTKV_NATIVE_DIR)."""
     env = {**os.environ, "SWIFTKV_NATIVE_MARCH": "x86-64"}
-    test = f"{__file__}::test_native_product_equals_float_reference"
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", test]
+    tests = [
+        f"{__file__}::{name}"
+        for name in ("test_native_product_equals_float_reference", "test_native_dequantize_equals_pytorchs_ops")
+    ]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", *tests]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert re.search(r"\b9 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
+    assert re.search(r"\b11 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
 def test_torch_quantized_kernels_benchmark(tmp_path, monkeypatch):

@@ -147,6 +147,33 @@ constexpr float LOG2E = 1.44269504088896341f;
 // exp of W lanes that are <= 0 or -inf (a softmax's scores minus their maximum), exactly 0 below ~-88.
 inline vf exp_nonpositive(vf x) { return exp2_shifted(x * LOG2E); }
 
+// W bytes widened to int32 lanes, sign-extended (int8 blocks) or not (int4 blocks' nibble pairs): one
+// vpmovsxbd / vpmovzxbd where the build has them (GCC's __builtin_convertvector of a byte vector stays scalar, which
+// made a native dequantization slower than PyTorch's two passes).
+inline vi widen_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  vi v;
+  for (int i = 0; i < W; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+inline vi widen_u8(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  vi v;
+  for (int i = 0; i < W; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
 
 inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact
