@@ -113,13 +113,13 @@ Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::op
       float* o = out + b * BLOCK;
       if (!int4) {
         const int8_t* q = data.data_ptr<int8_t>() + b * BLOCK;
-        for (int j = 0; j < BLOCK; j += W) storev(o + j, __builtin_convertvector(widen_i8(q + j), vf) * scale);
+        for (int j = 0; j < BLOCK; j += W) storev(o + j, __builtin_convertvector(widen(q + j), vf) * scale);
         continue;
       }
       const uint8_t* q = data.data_ptr<uint8_t>() + b * BLOCK / 2;
       const float min = static_cast<float>(m[b]);
       for (int j = 0; j < BLOCK / 2; j += W) {
-        const vi bytes = widen_u8(q + j);
+        const vi bytes = widen(q + j);
         storev(o + j, __builtin_convertvector(bytes & 15, vf) * scale + min);
         storev(o + BLOCK / 2 + j, __builtin_convertvector(bytes >> 4, vf) * scale + min);
       }

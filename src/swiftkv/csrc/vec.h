@@ -7,6 +7,7 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 namespace swiftkv {
 
@@ -150,23 +151,15 @@ inline vf exp_nonpositive(vf x) { return exp2_shifted(x * LOG2E); }
 // W bytes widened to int32 lanes, sign-extended (int8 blocks) or not (int4 blocks' nibble pairs): one
 // vpmovsxbd / vpmovzxbd where the build has them (GCC's __builtin_convertvector of a byte vector stays scalar, which
 // made a native dequantization slower than PyTorch's two passes).
-inline vi widen_i8(const int8_t* p) {
+template <class Byte>
+inline vi widen(const Byte* p) {
+  static_assert(sizeof(Byte) == 1, "bytes");
 #if defined(__AVX512F__)
-  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vi)(std::is_signed_v<Byte> ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
 #elif defined(__AVX2__)
-  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-#else
-  vi v;
-  for (int i = 0; i < W; ++i) v[i] = p[i];
-  return v;
-#endif
-}
-
-inline vi widen_u8(const uint8_t* p) {
-#if defined(__AVX512F__)
-  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#elif defined(__AVX2__)
-  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vi)(std::is_signed_v<Byte> ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
 #else
   vi v;
   for (int i = 0; i < W; ++i) v[i] = p[i];
