@@ -150,12 +150,13 @@ struct Rows {
 };
 
 // Scores of R consecutive query rows against one block of KB keys, then their softmax numerators `weights` [R, KS]
-// (the online softmax's state updated): row r sees the block's keys 0 .. visible + r (all of them unless
-// `diagonal`), none of them past `seen` (<= KB), whose scores are not computed. Scores in registers.
+// (the online softmax's state updated): row r sees the block's keys 0 .. visible + r (all of them unless the block
+// is on the diagonal), none of them past `seen` (<= KB), whose scores are not computed. Scores in registers.
 template <class A, int DH>
-void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int64_t visible, bool diagonal,
-                 int64_t seen, Rows<DH>& st, typename A::Slot* weights) {
+void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int64_t visible, int64_t seen,
+                 Rows<DH>& st, typename A::Slot* weights) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
+  const bool diagonal = visible < KB - 1;  // the first row does not see the whole block
   alignas(64) float scores[R][KB];
   for (int c0 = 0; c0 < KV; c0 += NV) {
     if (c0 * W >= seen) {  // keys no row sees (a diagonal block): weight 0, as their mask would give
@@ -241,8 +242,7 @@ void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int64_t t = 0; t < n; ++t)
       if (seen(t, kb) > 0)
-        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, (kb + 1) * KB - 1 > first_row(t),
-                           seen(t, kb), tiles[t], weights[t]);
+        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, seen(t, kb), tiles[t], weights[t]);
     for (int64_t t = 0; t < n; ++t)
       if (seen(t, kb) > 0) accumulate_block<A, DH>(weights[t], v + kb * KS * DH, seen(t, kb), tiles[t]);
   }

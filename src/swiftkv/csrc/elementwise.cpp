@@ -106,17 +106,19 @@ Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::op
   const int64_t blocks = scales.numel();
   Tensor w = at::empty({scales.size(0), scales.size(1) * BLOCK}, scales.options().dtype(at::kFloat));
   const at::Half *d = scales.data_ptr<at::Half>(), *m = int4 ? mins->data_ptr<at::Half>() : nullptr;
+  const int8_t* q8 = int4 ? nullptr : data.data_ptr<int8_t>();
+  const uint8_t* q4 = int4 ? data.data_ptr<uint8_t>() : nullptr;
   float* out = w.data_ptr<float>();
   at::parallel_for(0, blocks, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const float scale = static_cast<float>(d[b]);
       float* o = out + b * BLOCK;
       if (!int4) {
-        const int8_t* q = data.data_ptr<int8_t>() + b * BLOCK;
+        const int8_t* q = q8 + b * BLOCK;
         for (int j = 0; j < BLOCK; j += W) storev(o + j, __builtin_convertvector(widen(q + j), vf) * scale);
         continue;
       }
-      const uint8_t* q = data.data_ptr<uint8_t>() + b * BLOCK / 2;
+      const uint8_t* q = q4 + b * BLOCK / 2;
       const float min = static_cast<float>(m[b]);
       for (int j = 0; j < BLOCK / 2; j += W) {
         const vi bytes = widen(q + j);
