@@ -102,10 +102,11 @@ def test_kernel_follows_a_maximum_that_moves_across_blocks(slope):
 @needs_kernel
 @pytest.mark.parametrize("threads", [2, 3, 5])
 def test_kernel_output_does_not_depend_on_the_thread_count(threads):
-    """Threads take row groups round-robin; each row is still one thread's work in one order, so any thread count
-    (more than the groups, uneven shares) gives the single thread's output bit for bit, every row written."""
+    """Threads take row groups round-robin, and groups shrink as threads grow (8 per thread, tiles of 6 rows); each
+    row is still one thread's work in one order, so any thread count (uneven shares) gives the single thread's output
+    bit for bit, every row written."""
     torch.manual_seed(0)
-    q = torch.randn(2, 100, 4, 64).transpose(1, 2)  # 2 x 4 heads x 3 groups of 48 rows: 24 items
+    q = torch.randn(2, 100, 4, 64).transpose(1, 2)  # 2 x 4 heads of 100 rows: 1 group of 102 at 1 thread, 5 of 24 at 5
     k, v = torch.randn(2, 2, 130, 64), torch.randn(2, 2, 130, 64)
     ext, previous = native.extension(), torch.get_num_threads()
     try:

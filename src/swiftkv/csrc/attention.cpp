@@ -4,9 +4,9 @@
 // Why: PyTorch's CPU flash attention was a third of a 2048-token SmolLM2 prefill on two Zen 4 cores (~45 ms per
 // layer in float32 and, without AMX, in bf16 too; docs/cpu.md). Here each query row tile keeps its scores and output
 // in registers and the packed keys/values of its head stay in L2. bf16: `vdpbf16ps` does twice the multiply-adds per
-// instruction, with the arithmetic of PyTorch's bf16 flash attention: q (times the scale), k, v and the softmax
-// numerators rounded to bf16; scores, softmax sums and the output accumulated in float32. float32: the same formula
-// as SDPA, sums in another order.
+// instruction, with the arithmetic of PyTorch's bf16 flash attention: q (times the scale and log2 e), k, v and the
+// softmax numerators rounded to bf16; scores, softmax sums and the output accumulated in float32. float32: the same
+// formula as SDPA, sums in another order.
 //
 // Shapes: q [B, H, Tq, Dh], k and v [B, Hkv, Tk, Dh] (any strides, float32; GQA: head h reads Hkv head h / (H/Hkv));
 // query i sees keys 0 .. Tk - Tq + i (its own position in a cache that already holds Tk - Tq earlier tokens).
@@ -39,13 +39,14 @@ constexpr int64_t KB = 64;  // keys per block
 constexpr int KV = KB / W;  // vectors per block
 static_assert(KV % NV == 0, "a block is scored NV vectors at a time");
 constexpr int R = 6;  // query rows per tile
-constexpr int G = 8;  // tiles per pass over a head's keys
+constexpr int G = 24;  // at most this many tiles per pass over a head's keys (a work item's rows: G * R)
 constexpr int CH = NV;  // output vectors accumulated at once
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-// A row's running maximum moves only when a block's scores exceed it by more than this (natural log units: weights
+// Scores are kept in log2 units (q is packed times scale * log2 e), so a softmax numerator is one exp2 of the score
+// minus the row's maximum. That maximum moves only when a block's scores exceed it by more than LAZY_TOP (weights
 // stay below 2^8), so most blocks skip the rescale of the row's sum and output (FlashAttention-4's lazy rescaling);
 // float32 sums and outputs lose nothing to weights up to 256, and bf16 numerators round relatively either way.
-constexpr float LAZY_TOP = 8.f / LOG2E;
+constexpr float LAZY_TOP = 8.f;
 
 // An arithmetic: how values sit in the `Slot`s the inner loops read (STEP values per slot along the reduction axis)
 // and the multiply-add of a vector of slots by one broadcast slot.
@@ -189,13 +190,13 @@ void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int6
     for (int c = 1; c < KV; ++c) block_top = maxv(block_top, row[c]);
     if (any_greater(block_top, vf{} + (st.top[r] + LAZY_TOP))) {  // always on the row's first block (top = -inf)
       const float top = hmax(block_top);
-      const float rescale = std::exp2((st.top[r] - top) * LOG2E);  // 0 on the first block
+      const float rescale = std::exp2(st.top[r] - top);  // 0 on the first block
       st.top[r] = top;
       st.total[r] *= rescale;
       for (int c = 0; c < DV; ++c) storev(&st.o[r][W * c], loadv(&st.o[r][W * c]) * rescale);
     }
     vf e[KV], sum = {};  // the difference first: exactly 2^0 = 1 at the maximum, a lone key's weight exact
-    for (int c = 0; c < KV; ++c) sum += (e[c] = exp2_shifted((row[c] - st.top[r]) * LOG2E));
+    for (int c = 0; c < KV; ++c) sum += (e[c] = exp2_shifted(row[c] - st.top[r]));
     A::store_weights(weights + r * KS, e);
     st.total[r] += sum;
   }
@@ -224,27 +225,40 @@ void accumulate_block(const typename A::Slot* weights, const typename A::Slot* v
   }
 }
 
-// `rows` <= G * R consecutive query rows of one head, as tiles of R, against every key they see: row i sees keys
-// 0 .. last_key + i. Blocks outermost, so a block of keys and values, once fetched, serves all G tiles from L1/L2:
-// a head's packed K and V (1 MiB at 2048 tokens in float32) outgrow a Zen 3 core's 512 KiB L2, and a tile per pass
-// over them left the FMAs waiting on L3. Every tile is scored against the block's keys before any takes its values,
-// so each of the two 16 KiB halves of a block (float32, Dh 64) serves the G tiles while it is in L1.
+// One thread's buffers for its work items: the item's query rows as packed by `pack_rows` [G * R, Dh / STEP], and
+// per tile the online softmax's state and one block's numerators [R, KS].
 template <class A, int DH>
-void attend_rows(const typename A::Slot* q, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
+struct Workspace {
+  std::vector<typename A::Slot> q = std::vector<typename A::Slot>(G * R * (DH / A::STEP));
+  std::unique_ptr<Rows<DH>[]> tiles{new Rows<DH>[G]};
+  std::vector<typename A::Slot> weights = std::vector<typename A::Slot>(G * R * (KB / A::STEP));
+};
+
+// `rows` <= G * R consecutive query rows of one head (packed in `ws.q`), as tiles of R, against every key they see:
+// row i sees keys 0 .. last_key + i. Blocks outermost, so a block of keys and values, once fetched, serves all the
+// tiles from L1/L2: a head's packed K and V (1 MiB at 2048 tokens in float32) outgrow a Zen 3 core's 512 KiB L2, and
+// a tile per pass over them left the FMAs waiting on L3 (8 tiles per pass measured 1.03x the time of 24). Every tile
+// is scored against the block's keys before any takes its values, so each half of a block (16 KiB in float32, Dh 64)
+// is read while it is in L1.
+template <class A, int DH>
+void attend_rows(Workspace<A, DH>& ws, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
-  Rows<DH> tiles[G];
-  alignas(64) typename A::Slot weights[G][R * KS];
   const int64_t n = (rows + R - 1) / R, blocks = (last_key + rows - 1) / KB + 1;
+  Rows<DH>* tiles = ws.tiles.get();
+  std::fill(tiles, tiles + n, Rows<DH>{});
+  const typename A::Slot* q = ws.q.data();
+  typename A::Slot* weights = ws.weights.data();
   const auto first_row = [&](int64_t t) { return last_key + t * R; };  // the last key tile t's first row sees
   const auto last_row = [&](int64_t t) { return first_row(t) + std::min<int64_t>(R, rows - t * R) - 1; };
   const auto seen = [&](int64_t t, int64_t kb) { return std::min(KB, last_row(t) - kb * KB + 1); };  // <= 0: none
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int64_t t = 0; t < n; ++t)
       if (seen(t, kb) > 0)
-        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, seen(t, kb), tiles[t], weights[t]);
+        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, seen(t, kb), tiles[t],
+                           weights + t * R * KS);
     for (int64_t t = 0; t < n; ++t)
-      if (seen(t, kb) > 0) accumulate_block<A, DH>(weights[t], v + kb * KS * DH, seen(t, kb), tiles[t]);
+      if (seen(t, kb) > 0) accumulate_block<A, DH>(weights + t * R * KS, v + kb * KS * DH, seen(t, kb), tiles[t]);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const Rows<DH>& st = tiles[i / R];
@@ -263,20 +277,25 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   float* o = out.data_ptr<float>();
   const float* Q = q.data_ptr<float>();
   const auto qs = q.strides();
-  const int64_t groups = (Tq + G * R - 1) / (G * R);
   // Work items (a head's group of rows) dealt round-robin, not in contiguous runs: a head's groups cost more the
-  // later their rows (causal), and contiguous runs could give one thread the dearer half of a head. Each item packs
-  // its own query rows, which then stay in L1.
+  // later their rows (causal), and contiguous runs could give one thread the dearer half of a head. An item takes
+  // G tiles of rows, fewer where that would leave a thread fewer than ITEMS_PER_THREAD items (short prompts, many
+  // threads). Each item packs its own query rows (times scale * log2 e), which then stay in L1.
+  constexpr int64_t ITEMS_PER_THREAD = 8;
+  const int64_t wanted = ITEMS_PER_THREAD * at::get_num_threads();
+  const int64_t span = R * std::clamp<int64_t>((B * H * Tq + R * wanted - 1) / (R * wanted), 1, G);  // rows per item
+  const int64_t groups = (Tq + span - 1) / span;
   const int64_t items = B * H * groups, threads = std::min<int64_t>(at::get_num_threads(), items);
+  const float q_scale = static_cast<float>(scale) * LOG2E;
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    std::vector<typename A::Slot> rows_q(G * R * P);
+    Workspace<A, DH> ws;
     for (int64_t t = first; t < last; ++t)
       for (int64_t i = t; i < items; i += threads) {
-        const int64_t bh = i / groups, row = i % groups * G * R, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
-        const int64_t rows = std::min<int64_t>(G * R, Tq - row);
-        pack_rows<A>(Q + b * qs[0] + h * qs[1] + row * qs[2], rows, DH, qs, static_cast<float>(scale), rows_q.data());
-        attend_rows<A, DH>(rows_q.data(), rows, packed.k.get() + kvh * kv_size, packed.v.get() + kvh * kv_size,
-                           Tk - Tq + row, o + ((b * Tq + row) * H + h) * DH, H * DH);
+        const int64_t bh = i / groups, row = i % groups * span, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
+        const int64_t rows = std::min<int64_t>(span, Tq - row);
+        pack_rows<A>(Q + b * qs[0] + h * qs[1] + row * qs[2], rows, DH, qs, q_scale, ws.q.data());
+        attend_rows<A, DH>(ws, rows, packed.k.get() + kvh * kv_size, packed.v.get() + kvh * kv_size, Tk - Tq + row,
+                           o + ((b * Tq + row) * H + h) * DH, H * DH);
       }
   });
   return out;
