@@ -20,7 +20,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from native_products import baseline_extension, known_revision
+from native_products import baseline_extension, commit_of
 
 from swiftkv.bench import machine_info, num_threads, rates, rotated, timed
 from swiftkv.files import write_json
@@ -63,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt < 2 or args.reps < 1 or args.threads < 1:
         parser.error(f"--prompt >= 2, --reps >= 1, --threads >= 1 (got {args.prompt}, {args.reps}, {args.threads})")
-    if args.baseline_rev and not known_revision(args.baseline_rev):
+    baseline_commit = commit_of(args.baseline_rev) if args.baseline_rev else None
+    if args.baseline_rev and baseline_commit is None:
         parser.error(f"--baseline-rev {args.baseline_rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
     baseline = baseline_extension(args.baseline_rev) if args.baseline_rev else None
     with num_threads(args.threads), torch.inference_mode():
@@ -79,6 +80,7 @@ def main() -> None:
         rounds = zip(times["kernel_float32"], times["kernel_float32_baseline"], strict=True)
         result |= {
             "baseline_rev": args.baseline_rev,
+            "baseline_commit": baseline_commit,
             "vs_baseline": statistics.median(today.wall_s / before.wall_s for today, before in rounds),
         }
     write_json(result, args.json)

@@ -32,10 +32,12 @@ LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (15
 LM_HEAD = (49152, 576)
 
 
-def known_revision(rev: str) -> bool:
-    """Whether `rev` names a commit of this repository (checked before anything is built)."""
+def commit_of(rev: str) -> str | None:
+    """The full hash of the commit `rev` names in this repository (checked before anything is built; recorded, since
+    a name such as HEAD moves), or None."""
     verify = ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"]
-    return subprocess.run(verify, capture_output=True).returncode == 0
+    found = subprocess.run(verify, capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def baseline_extension(rev: str):
@@ -98,14 +100,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "native_products.json")
     args = parser.parse_args()
-    if args.baseline_rev and not known_revision(args.baseline_rev):
+    baseline_commit = commit_of(args.baseline_rev) if args.baseline_rev else None
+    if args.baseline_rev and baseline_commit is None:
         parser.error(f"--baseline-rev {args.baseline_rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
     extensions = {"current": native.extension()}
     if extensions["current"] is None:
         parser.error("the native extension cannot be built here (see the warning above)")
     if args.baseline_rev:
         extensions[args.baseline_rev] = baseline_extension(args.baseline_rev)
-    result = {"baseline_rev": args.baseline_rev, "reps": args.reps, "machine": machine_info(args.threads)}
+    result = {
+        "baseline_rev": args.baseline_rev,
+        "baseline_commit": baseline_commit,
+        "reps": args.reps,
+        "machine": machine_info(args.threads),
+    }
     with num_threads(args.threads):
         for fmt in args.formats:
             weights = products(fmt)

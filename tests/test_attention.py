@@ -239,16 +239,18 @@ def test_attention_benchmark_end_to_end(tmp_path, monkeypatch):
 def test_attention_benchmark_times_a_baseline_revision(tmp_path, monkeypatch):
     """--baseline-rev: a name that is no commit is refused (exit 2) before anything is built; a commit's kernel runs
     in the rotation and today's time over it is reported. (Building the revision's csrc/ takes a minute, so the
-    extension already built stands in for it here; `known_revision` and the git plumbing are real.)"""
+    extension already built stands in for it here; `commit_of` and the git plumbing are real.) The commit is recorded
+    by its hash: a name such as HEAD moves."""
     bench = load_benchmark("attention_kernel")
     out = tmp_path / "attention.json"
     argv = ["attention_kernel.py", "--reps", "3", "--threads", "1", "--prompt", "70", "--json", str(out)]
     refused(bench.main, monkeypatch, [*argv, "--baseline-rev", "no-such-revision"], out)
-    assert bench.known_revision("HEAD")
+    head = bench.commit_of("HEAD")
+    assert head and len(head) == 40
     built = []
     monkeypatch.setattr(bench, "baseline_extension", lambda rev: built.append(rev) or native.extension())
     monkeypatch.setattr(sys, "argv", [*argv, "--baseline-rev", "HEAD"])
     bench.main()
     result = json.loads(out.read_text())
-    assert built == ["HEAD"] and result["baseline_rev"] == "HEAD"
+    assert built == ["HEAD"] and result["baseline_rev"] == "HEAD" and result["baseline_commit"] == head
     assert len(result["runs_ms"]["kernel_float32_baseline"]) == 3 and result["vs_baseline"] > 0
