@@ -20,7 +20,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from native_products import baseline_extension, commit_of
+from native_products import baseline_extension, checked_commit
 
 from swiftkv.bench import machine_info, num_threads, rates, rotated, timed
 from swiftkv.files import write_json
@@ -63,9 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt < 2 or args.reps < 1 or args.threads < 1:
         parser.error(f"--prompt >= 2, --reps >= 1, --threads >= 1 (got {args.prompt}, {args.reps}, {args.threads})")
-    baseline_commit = commit_of(args.baseline_rev) if args.baseline_rev else None
-    if args.baseline_rev and baseline_commit is None:
-        parser.error(f"--baseline-rev {args.baseline_rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
+    baseline_commit = checked_commit(parser, args.baseline_rev)
     baseline = baseline_extension(args.baseline_rev) if args.baseline_rev else None
     with num_threads(args.threads), torch.inference_mode():
         times = rotated(runs(args.prompt, baseline), args.reps)

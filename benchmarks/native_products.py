@@ -40,6 +40,16 @@ def commit_of(rev: str) -> str | None:
     return found.stdout.strip() if found.returncode == 0 else None
 
 
+def checked_commit(parser: argparse.ArgumentParser, rev: str | None) -> str | None:
+    """--baseline-rev's commit hash (None without one); a name that is no commit ends the run (exit 2) before
+    anything is built."""
+    if rev is None:
+        return None
+    if (commit := commit_of(rev)) is None:
+        parser.error(f"--baseline-rev {rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
+    return commit
+
+
 def baseline_extension(rev: str):
     """csrc/ at git revision `rev` (decode.cpp and whatever it builds with), built like today's (native.FLAGS) under
     its own name."""
@@ -100,9 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "native_products.json")
     args = parser.parse_args()
-    baseline_commit = commit_of(args.baseline_rev) if args.baseline_rev else None
-    if args.baseline_rev and baseline_commit is None:
-        parser.error(f"--baseline-rev {args.baseline_rev!r} is not a commit of this repository (e.g. HEAD~1, e40ded3)")
+    baseline_commit = checked_commit(parser, args.baseline_rev)
     extensions = {"current": native.extension()}
     if extensions["current"] is None:
         parser.error("the native extension cannot be built here (see the warning above)")

@@ -245,7 +245,7 @@ def test_attention_benchmark_times_a_baseline_revision(tmp_path, monkeypatch):
     out = tmp_path / "attention.json"
     argv = ["attention_kernel.py", "--reps", "3", "--threads", "1", "--prompt", "70", "--json", str(out)]
     refused(bench.main, monkeypatch, [*argv, "--baseline-rev", "no-such-revision"], out)
-    head = bench.commit_of("HEAD")
+    head = load_benchmark("native_products").commit_of("HEAD")
     assert head and len(head) == 40
     built = []
     monkeypatch.setattr(bench, "baseline_extension", lambda rev: built.append(rev) or native.extension())

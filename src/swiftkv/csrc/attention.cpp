@@ -237,9 +237,9 @@ struct Workspace {
 // `rows` <= G * R consecutive query rows of one head (packed in `ws.q`), as tiles of R, against every key they see:
 // row i sees keys 0 .. last_key + i. Blocks outermost, so a block of keys and values, once fetched, serves all the
 // tiles from L1/L2: a head's packed K and V (1 MiB at 2048 tokens in float32) outgrow a Zen 3 core's 512 KiB L2, and
-// a tile per pass over them left the FMAs waiting on L3 (8 tiles per pass measured 1.03x the time of 24). Every tile
-// is scored against the block's keys before any takes its values, so each half of a block (16 KiB in float32, Dh 64)
-// is read while it is in L1.
+// a tile per pass over them left the FMAs waiting on L3 (G tiles per pass: docs/cpu.md has the measurements). Every
+// tile is scored against the block's keys before any takes its values, so each half of a block (16 KiB in float32,
+// Dh 64) is read while it is in L1.
 template <class A, int DH>
 void attend_rows(Workspace<A, DH>& ws, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
@@ -282,10 +282,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   // G tiles of rows, fewer where that would leave a thread fewer than ITEMS_PER_THREAD items (short prompts, many
   // threads). Each item packs its own query rows (times scale * log2 e), which then stay in L1.
   constexpr int64_t ITEMS_PER_THREAD = 8;
-  const int64_t wanted = ITEMS_PER_THREAD * at::get_num_threads();
+  const int64_t pool = at::get_num_threads(), wanted = ITEMS_PER_THREAD * pool;
   const int64_t span = R * std::clamp<int64_t>((B * H * Tq + R * wanted - 1) / (R * wanted), 1, G);  // rows per item
   const int64_t groups = (Tq + span - 1) / span;
-  const int64_t items = B * H * groups, threads = std::min<int64_t>(at::get_num_threads(), items);
+  const int64_t items = B * H * groups, threads = std::min(pool, items);
   const float q_scale = static_cast<float>(scale) * LOG2E;
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     Workspace<A, DH> ws;

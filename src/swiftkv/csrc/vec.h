@@ -122,8 +122,8 @@ inline vf expv(vf x) {
 
 // 2^t for W lanes of a softmax's shifted scores: t <= 126 or -inf, exactly 0 below ~-127. A degree-5 polynomial
 // on r = t - round(t) (|r| <= 1/2; minimax relative error with p(0) = 1 exactly, 2.2e-7 (2 ulp) evaluated in float32:
-// one multiply-add fewer than Cephes' degree 6 at ~1 ulp, 1-2% of the attention kernel, whose exps compete with its
-// products for the multiply-add ports) times 2^round(t), whose exponent bits come straight from the rounding trick's
+// one multiply-add fewer than Cephes' degree 6 at ~1 ulp, since the attention kernel's exps compete with its products
+// for the multiply-add ports) times 2^round(t), whose exponent bits come straight from the rounding trick's
 // sum (its low mantissa bits hold round(t)), without expv's clamps and blends, which such arguments never need.
 inline vf exp2_shifted(vf t) {
   constexpr float ROUND = 12582912.f;  // 1.5 * 2^23: t + ROUND rounds t to an integer n, held in the low bits
