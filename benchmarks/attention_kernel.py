@@ -4,7 +4,7 @@
     python benchmarks/attention_kernel.py --baseline-rev e40ded3 --reps 21 --threads 1   # a kernel change's A/B
 
 The default model's layer shape (q [1, 9, T, 64], k and v [1, 3, T, 64], GQA), float32 and, where the build has
-them, the int8 keys (AVX2 builds: quantized layers' arithmetic; `int8_vs_float32`, the median of per-round ratios)
+them, the int8 keys (AVX2 builds: quantized layers' arithmetic; `int16_vs_float32`, the median of per-round ratios)
 and the bf16 arithmetic (AVX512-BF16); SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash
 attention), and on a CPU with bf16 hardware also bf16 q/k/v (AMX tiles where the CPU has them; the casts to bf16 and
 back timed). All run in rotation (`bench.rotated`, drift cancels), medians of --reps, and GFLOP/s of the causal triangle
@@ -45,8 +45,8 @@ def runs(prompt: int, baseline=None) -> dict:
     }
     if baseline is not None:
         calls["kernel_float32_baseline"] = lambda: baseline.prefill_attention(q, k, v, scale, False)
-    if ext.has_int8_attention():
-        calls["kernel_int8"] = lambda: ext.prefill_attention_int8(q, k, v, scale)
+    if ext.has_int16_attention():
+        calls["kernel_int16"] = lambda: ext.prefill_attention_int16(q, k, v, scale)
     if ext.has_bf16_attention():
         calls["kernel_bf16"] = lambda: ext.prefill_attention(q, k, v, scale, True)
     if native_bf16():  # PyTorch's flash attention on bf16 q/k/v (AMX tiles where the CPU has them), casts included
@@ -82,8 +82,8 @@ def main() -> None:
         "reps": args.reps,
         **rates(times, flop, "sdpa_float32", "sdpa"),
     }
-    if "kernel_int8" in times:
-        result["int8_vs_float32"] = paired_ratio(times["kernel_int8"], times["kernel_float32"])
+    if "kernel_int16" in times:
+        result["int16_vs_float32"] = paired_ratio(times["kernel_int16"], times["kernel_float32"])
     if baseline is not None:
         result |= {
             "baseline_rev": args.baseline_rev,
@@ -93,8 +93,8 @@ def main() -> None:
     write_json(result, args.json)
     for name, ms in result["median_ms"].items():
         print(f"{name}: {ms:.1f} ms, {result['gflops'][name]:.0f} GFLOP/s, {result['vs_sdpa'][name]:.2f}x SDPA's time")
-    if "int8_vs_float32" in result:
-        print(f"kernel_int8 / kernel_float32: {result['int8_vs_float32']:.3f} (median of per-round ratios)")
+    if "int16_vs_float32" in result:
+        print(f"kernel_int16 / kernel_float32: {result['int16_vs_float32']:.3f} (median of per-round ratios)")
     if baseline is not None:
         print(f"kernel_float32 / {args.baseline_rev}'s: {result['vs_baseline']:.3f} (median of per-round ratios)")
 
