@@ -4,10 +4,9 @@
     python benchmarks/attention_kernel.py --baseline-rev e40ded3 --reps 21 --threads 1   # a kernel change's A/B
 
 The default model's layer shape (q [1, 9, T, 64], k and v [1, 3, T, 64], GQA), float32 and, where the build has
-them, the int8 keys (AVX2 builds: quantized layers' arithmetic; `int16_vs_float32`, the median of per-round ratios)
-and the bf16 arithmetic (AVX512-BF16); SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash
-attention), and on a CPU with bf16 hardware also bf16 q/k/v (AMX tiles where the CPU has them; the casts to bf16 and
-back timed). All run in rotation (`bench.rotated`, drift cancels), medians of --reps, and GFLOP/s of the causal triangle
+AVX512-BF16, the bf16 arithmetic; SDPA gets float32 q/k/v with the K/V heads repeated (its CPU flash attention),
+and on a CPU with bf16 hardware also bf16 q/k/v (AMX tiles where the CPU has them; the casts to bf16 and back timed).
+The three run in rotation (`bench.rotated`, drift cancels), medians of --reps, and GFLOP/s of the causal triangle
 (2 * 2 * T^2 / 2 * H * Dh). Run it in CI's AVX2 environment (ATEN_CPU_CAPABILITY=avx2 ...
 SWIFTKV_NATIVE_MARCH=x86-64-v3) for the AVX2 builds of both. --baseline-rev also times the float32 kernel of csrc/
 as it was at that git revision, built beside today's in the same process (`native_products.baseline_extension`),
@@ -45,8 +44,6 @@ def runs(prompt: int, baseline=None) -> dict:
     }
     if baseline is not None:
         calls["kernel_float32_baseline"] = lambda: baseline.prefill_attention(q, k, v, scale, False)
-    if ext.has_int16_attention():
-        calls["kernel_int16"] = lambda: ext.prefill_attention_int16(q, k, v, scale)
     if ext.has_bf16_attention():
         calls["kernel_bf16"] = lambda: ext.prefill_attention(q, k, v, scale, True)
     if native_bf16():  # PyTorch's flash attention on bf16 q/k/v (AMX tiles where the CPU has them), casts included
@@ -54,11 +51,6 @@ def runs(prompt: int, baseline=None) -> dict:
             *(t.to(torch.bfloat16) for t in (q, k_all, v_all)), is_causal=True, scale=scale
         ).float()
     return {name: (lambda call=call: timed(call)) for name, call in calls.items()}
-
-
-def paired_ratio(times: list, others: list) -> float:
-    """The median over rounds of one run's time over another's in the same round (drift cancels)."""
-    return statistics.median(a.wall_s / b.wall_s for a, b in zip(times, others, strict=True))
 
 
 def main() -> None:
@@ -82,19 +74,16 @@ def main() -> None:
         "reps": args.reps,
         **rates(times, flop, "sdpa_float32", "sdpa"),
     }
-    if "kernel_int16" in times:
-        result["int16_vs_float32"] = paired_ratio(times["kernel_int16"], times["kernel_float32"])
-    if baseline is not None:
+    if baseline is not None:  # today's kernel time over the baseline's, per round (drift cancels), then the median
+        rounds = zip(times["kernel_float32"], times["kernel_float32_baseline"], strict=True)
         result |= {
             "baseline_rev": args.baseline_rev,
             "baseline_commit": baseline_commit,
-            "vs_baseline": paired_ratio(times["kernel_float32"], times["kernel_float32_baseline"]),
+            "vs_baseline": statistics.median(today.wall_s / before.wall_s for today, before in rounds),
         }
     write_json(result, args.json)
     for name, ms in result["median_ms"].items():
         print(f"{name}: {ms:.1f} ms, {result['gflops'][name]:.0f} GFLOP/s, {result['vs_sdpa'][name]:.2f}x SDPA's time")
-    if "int16_vs_float32" in result:
-        print(f"kernel_int16 / kernel_float32: {result['int16_vs_float32']:.3f} (median of per-round ratios)")
     if baseline is not None:
         print(f"kernel_float32 / {args.baseline_rev}'s: {result['vs_baseline']:.3f} (median of per-round ratios)")
 

@@ -17,9 +17,6 @@ from swiftkv.modeling.weights import apply_format, native_bf16
 from swiftkv.modes import swiftkv_mode
 
 needs_kernel = pytest.mark.skipif(not attention.kernel_available(), reason="the native extension does not build here")
-needs_int16_keys = pytest.mark.skipif(
-    not attention.int16_kernel_available(), reason="int8 keys are built for AVX2 only (CPU or SWIFTKV_NATIVE_MARCH)"
-)
 ARITHMETICS = [
     False,
     pytest.param(
@@ -122,79 +119,6 @@ def test_kernel_output_does_not_depend_on_the_thread_count(threads):
     assert torch.allclose(one.double(), _reference(q, k, v, 0.125, False), atol=1e-5)
 
 
-def _rounded(x: torch.Tensor) -> torch.Tensor:
-    """x [..., Dh] per row rounded to 12-bit integers (2047 levels each side) with one scale, as the kernel's
-    `quantize_row` does it in float32 (round half to even), and dequantized."""
-    top = x.abs().amax(-1, keepdim=True)
-    inverse = torch.where(top > 0, torch.tensor(2047.0) / top, torch.zeros(()))
-    return torch.round(x * inverse) * (top / 2047.0)
-
-
-def _int16_keys_reference(q, k, v, scale) -> torch.Tensor:
-    """float64 attention of the q and k the int16-keys kernel multiplies: keys less their mean over tokens, then
-    keys and query rows rounded (`_rounded`). [B, Tq, H, Dh]."""
-    return _reference(_rounded(q) * scale, _rounded(k - k.mean(2, keepdim=True)), v, 1.0, False)
-
-
-def _dyadic(*shape) -> torch.Tensor:
-    """Gaussian values on a 1/64 grid: every sum over tokens is exact in float32, so the kernel's mean key and
-    torch's are the same float and both round the same keys."""
-    return torch.round(torch.randn(*shape) * 64) / 64
-
-
-@needs_int16_keys
-@pytest.mark.parametrize("shape", SHAPES)
-def test_int16_keys_kernel_multiplies_the_rounded_q_and_k_exactly(shape):
-    """int16 keys: integer dot products of the rounded q and k (exact), scaled to float32 scores: within float32
-    rounding (1e-6 of the largest value) of a float64 attention of those rounded q and k, while the float32 kernel's
-    own output is further (the rounding is really there). Keys with a common offset of 3 (the mean the kernel
-    subtracts)."""
-    b, h, hkv, tq, tk, dh = shape
-    torch.manual_seed(0)
-    q = _dyadic(b, tq, h, dh).transpose(1, 2)
-    k, v = _dyadic(b, hkv, tk, dh) + 3, torch.randn(b, hkv, tk, dh)
-    ext, bound = native.extension(), 1e-6 * v.abs().max().item()
-    out = ext.prefill_attention_int16(q, k, v, dh**-0.5)
-    assert out.shape == (b, tq, h, dh)
-    assert (out.double() - _int16_keys_reference(q, k, v, dh**-0.5)).abs().max().item() < bound
-    float32 = ext.prefill_attention(q, k, v, dh**-0.5, False)
-    assert (float32.double() - _int16_keys_reference(q, k, v, dh**-0.5)).abs().max().item() > 3 * bound
-
-
-@needs_int16_keys
-@pytest.mark.parametrize("offset", [0.0, 10.0])
-def test_int16_keys_kernel_stays_near_float_attention(offset):
-    """Against the unrounded float64 attention, a layer's shape and 2048 tokens: the output's relative RMS error is
-    ~0.05% (12-bit q and k; measured 0.047%), bounded at 0.2%, and does not grow when every key shares a large
-    offset (the mean the kernel subtracts, which the softmax cancels; without it the bits would go to the offset).
-    A mask off by one key is further off."""
-    torch.manual_seed(0)
-    q = torch.randn(1, 2048, 9, 64).transpose(1, 2)
-    k, v = torch.randn(1, 3, 2048, 64) + offset, torch.randn(1, 3, 2048, 64)
-    out = native.extension().prefill_attention_int16(q, k, v, 0.125).double()
-    reference = _reference(q, k, v, 0.125, False)
-    error = ((out - reference).norm() / reference.norm()).item()
-    assert error < 0.002
-    assert ((out - _reference(q, k, v, 0.125, False, shift=1)).norm() / reference.norm()).item() > 3 * error
-
-
-@needs_int16_keys
-@pytest.mark.parametrize("threads", [2, 5])
-def test_int16_keys_output_does_not_depend_on_the_thread_count(threads):
-    """As the float32 kernel's: any thread count gives the single thread's output bit for bit."""
-    torch.manual_seed(0)
-    q = torch.randn(2, 100, 4, 64).transpose(1, 2)
-    k, v = torch.randn(2, 2, 130, 64), torch.randn(2, 2, 130, 64)
-    ext, previous = native.extension(), torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ext.prefill_attention_int16(q, k, v, 0.125)
-        torch.set_num_threads(threads)
-        assert torch.equal(ext.prefill_attention_int16(q, k, v, 0.125), one)
-    finally:
-        torch.set_num_threads(previous)
-
-
 @needs_kernel
 def test_kernel_refuses_shapes_it_has_no_code_for():
     ext = native.extension()
@@ -203,12 +127,6 @@ def test_kernel_refuses_shapes_it_has_no_code_for():
         ext.prefill_attention(q, q, q, 1.0, False)
     with pytest.raises(RuntimeError, match="H a multiple of Hkv"):
         ext.prefill_attention(torch.randn(1, 3, 4, 64), torch.randn(1, 2, 4, 64), torch.randn(1, 2, 4, 64), 1.0, False)
-    if attention.int16_kernel_available():
-        with pytest.raises(RuntimeError, match="head dim 64 or 128"):
-            ext.prefill_attention_int16(q, q, q, 1.0)
-    else:
-        with pytest.raises(RuntimeError, match="AVX2 build"):
-            ext.prefill_attention_int16(torch.randn(1, 2, 4, 64), *[torch.randn(1, 2, 4, 64)] * 2, 1.0)
 
 
 def _tiny_swiftkv(fmt: str) -> torch.nn.Module:
@@ -224,33 +142,19 @@ def _logits(model, impl: str, ids, mask=None) -> torch.Tensor:
         return model(ids, attention_mask=mask).logits
 
 
-def _arithmetic(fmt: str) -> str:
-    """The kernel arithmetic a layer in format `fmt` runs on this CPU and build (attention's module doc)."""
-    bf16 = fmt == "bf16" or (fmt in ("int8", "int4") and native_bf16())
-    if bf16:
-        return "bf16" if attention.bf16_kernel_available() else "float32"
-    return "int16" if fmt != "float32" and attention.int16_kernel_available() else "float32"
-
-
 @needs_kernel
-@pytest.mark.parametrize("fmt", ["float32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["float32", "bf16"])
 def test_model_prefill_runs_the_kernel_and_agrees_with_sdpa(fmt, monkeypatch):
-    """A prefill through the kernel (counted, in the layer's arithmetic: int16 keys for quantized weights with
-    float32 products): logits within float32 rounding of SDPA's (float32), within bf16 attention's (bf16) or 12-bit
-    keys' (int16 keys) on the same weights, and the same greedy tokens. `int16_attention(False)` keeps float32."""
+    """A prefill through the kernel (counted, in the layer's arithmetic): logits within float32 rounding of SDPA's
+    (float32) or within bf16 attention's (bf16), and the same greedy tokens."""
     model = _tiny_swiftkv(fmt)
     calls = []
     run = attention._run_kernel
     monkeypatch.setattr(attention, "_run_kernel", lambda *args: calls.append(args[-1]) or run(*args))
     ids = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(1))
     ours, sdpa = _logits(model, attention.NAME, ids), _logits(model, "sdpa", ids)
-    arithmetic = _arithmetic(fmt)
-    assert calls and set(calls) == {arithmetic}
-    assert (ours - sdpa).abs().max() < (1e-4 if fmt == "float32" else 0.05) * sdpa.abs().max()
-    calls.clear()
-    with attention.int16_attention(False):
-        _logits(model, attention.NAME, ids)
-    assert set(calls) == {"float32" if arithmetic == "int16" else arithmetic}
+    assert calls and set(calls) == {fmt == "bf16" and attention.bf16_kernel_available()}
+    assert (ours - sdpa).abs().max() < (0.05 if fmt == "bf16" else 1e-4) * sdpa.abs().max()
     model.config._attn_implementation = attention.NAME
     kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     ours_tokens = model.generate(ids[:, :40], **kwargs)
@@ -329,7 +233,6 @@ def test_attention_benchmark_end_to_end(tmp_path, monkeypatch):
     timed = set(result["median_ms"])
     assert {"kernel_float32", "sdpa_float32", "sdpa_bf16"} <= timed and result["vs_sdpa"]["sdpa_float32"] == 1
     assert all(rate > 0 for rate in result["gflops"].values())
-    assert ("kernel_int16" in timed) == ("int16_vs_float32" in result) == attention.int16_kernel_available()
 
 
 @needs_kernel

@@ -6,11 +6,7 @@
 // in registers and the packed keys/values of its head stay in L2. bf16: `vdpbf16ps` does twice the multiply-adds per
 // instruction, with the arithmetic of PyTorch's bf16 flash attention: q (times the scale and log2 e), k, v and the
 // softmax numerators rounded to bf16; scores, softmax sums and the output accumulated in float32. float32: the same
-// formula as SDPA, sums in another order. int16 keys (AVX2 builds): q . k in 12-bit integers, after SageAttention's
-// INT8 QK^T with smoothed K: each head's keys less their mean over tokens (every score of a query row moves by the
-// same q . mean, which the softmax cancels), then each key and each query row rounded to 12 bits with its own scale;
-// the int32 dot products are exact (`vpmaddwd`: 16 multiply-adds an instruction against an FMA's 8) and scaled to
-// float32 scores; softmax and p v as in float32. (8 bits, with `vpmaddubsw`, ran faster and lost too much: docs/cpu.md.)
+// formula as SDPA, sums in another order.
 //
 // Shapes: q [B, H, Tq, Dh], k and v [B, Hkv, Tk, Dh] (any strides, float32; GQA: head h reads Hkv head h / (H/Hkv));
 // query i sees keys 0 .. Tk - Tq + i (its own position in a cache that already holds Tk - Tq earlier tokens).
@@ -55,7 +51,6 @@ constexpr float LAZY_TOP = 8.f;
 // An arithmetic: how values sit in the `Slot`s the inner loops read (STEP values per slot along the reduction axis)
 // and the multiply-add of a vector of slots by one broadcast slot.
 struct F32 {
-  static constexpr bool KEYS16 = false;  // keys in Slots (else 12-bit integers, `Keys16`)
   using Slot = float;
   using Vec = vf;
   static constexpr int STEP = 1;
@@ -68,17 +63,8 @@ struct F32 {
   }
 };
 
-// float32 values, 12-bit integer queries and keys (`pack_keys16`, `pack_rows16`, `score_vectors16`): AVX2 builds'.
-#if defined(__AVX2__) && !defined(__AVX512F__)
-#define SWIFTKV_INT16_KEYS 1
-struct I16 : F32 {
-  static constexpr bool KEYS16 = true;
-};
-#endif
-
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 struct BF16 {  // a slot is a pair of bf16 (low half first), what `vdpbf16ps` multiplies pairwise and sums
-  static constexpr bool KEYS16 = false;
   using Slot = uint32_t;
   using Vec = __m512i;
   static constexpr int STEP = 2;
@@ -104,7 +90,7 @@ template <class A>
 struct Packed {
   using Slots = std::unique_ptr<typename A::Slot[]>;
   int64_t nb;  // key blocks
-  Slots k;     // [B * Hkv, nb, Dh / STEP, KB]: per block and slot of dims, the KB keys (none for KEYS16: `Keys16`)
+  Slots k;     // [B * Hkv, nb, Dh / STEP, KB]: per block and slot of dims, the KB keys
   Slots v;     // [B * Hkv, nb, KB / STEP, Dh]: per slot of keys, every dim
 };
 
@@ -115,7 +101,7 @@ Packed<A> pack(const Tensor& k, const Tensor& v) {
   using Slot = typename A::Slot;
   const int64_t B = k.size(0), Hkv = k.size(1), Tk = k.size(2), Dh = k.size(3);
   const int64_t P = Dh / A::STEP, KS = KB / A::STEP, nb = (Tk + KB - 1) / KB;
-  Packed<A> out{nb, std::unique_ptr<Slot[]>(new Slot[A::KEYS16 ? 0 : B * Hkv * nb * P * KB]),
+  Packed<A> out{nb, std::unique_ptr<Slot[]>(new Slot[B * Hkv * nb * P * KB]),
                 std::unique_ptr<Slot[]>(new Slot[B * Hkv * nb * KS * Dh])};
   const auto ks = k.strides(), vs = v.strides();
   const float *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
@@ -124,12 +110,11 @@ Packed<A> pack(const Tensor& k, const Tensor& v) {
       const int64_t bh = item / nb, first = item % nb * KB, keys = std::min(KB, Tk - first);
       const float* kh = K + bh / Hkv * ks[0] + bh % Hkv * ks[1] + first * ks[2];
       const float* vh = V + bh / Hkv * vs[0] + bh % Hkv * vs[1] + first * vs[2];
-      Slot *kd = A::KEYS16 ? nullptr : out.k.get() + item * P * KB, *vd = out.v.get() + item * KS * Dh;
-      if (keys < KB && !A::KEYS16) std::fill(kd, kd + P * KB, Slot{});  // padding keys
+      Slot *kd = out.k.get() + item * P * KB, *vd = out.v.get() + item * KS * Dh;
+      if (keys < KB) std::fill(kd, kd + P * KB, Slot{});  // padding keys
       if (keys < KB || A::STEP > 1) std::fill(vd, vd + KS * Dh, Slot{});  // padding values; bf16 ORs keys into slots
       for (int64_t t = 0; t < keys; ++t) {
-        if (!A::KEYS16)
-          for (int64_t p = 0; p < P; ++p) kd[p * KB + t] = A::slot(kh + t * ks[2] + A::STEP * p * ks[3], ks[3], 1.f);
+        for (int64_t p = 0; p < P; ++p) kd[p * KB + t] = A::slot(kh + t * ks[2] + A::STEP * p * ks[3], ks[3], 1.f);
         for (int64_t d = 0; d < Dh; ++d) A::put_value(vd, t, d, Dh, vh[t * vs[2] + d * vs[3]]);
       }
     }
@@ -146,116 +131,6 @@ void pack_rows(const float* q, int64_t rows, int64_t dh, at::IntArrayRef qs, flo
     for (int64_t p = 0; p < P; ++p) out[t * P + p] = A::slot(q + t * qs[2] + A::STEP * p * qs[3], qs[3], scale);
   std::fill(out + rows * P, out + (rows + R - 1) / R * R * P, typename A::Slot{});
 }
-
-#if SWIFTKV_INT16_KEYS
-constexpr float LEVELS = 2047.f;  // 12 bits: Dh (<= 128) products of two of them sum below 2^31 in int32
-
-// x [n] (n a multiple of 2 W) rounded to integers in [-LEVELS, LEVELS] with one scale d (x ~ d q), into out [n].
-inline float quantize_row(const float* x, int64_t n, int16_t* out) {
-  vf amax = {};
-  for (int64_t j = 0; j < n; j += W) amax = maxv(amax, (vf)_mm256_andnot_ps(_mm256_set1_ps(-0.f), loadv(x + j)));
-  const float top = hmax(amax);
-  const vf inverse = vf{} + (top > 0.f ? LEVELS / top : 0.f);
-  for (int64_t j = 0; j < n; j += 2 * W) {  // round to nearest even, int32 -> int16 (in range: no saturation)
-    const __m256i a = _mm256_cvtps_epi32(loadv(x + j) * inverse), b = _mm256_cvtps_epi32(loadv(x + j + W) * inverse);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
-  }
-  return top / LEVELS;
-}
-
-// A tensor's keys in 12-bit integers, per K/V head and block of KB keys: q [Dh / 2, KB, 2] int16 (each key's 2
-// consecutive dims together: one `vpmaddwd` lane) and the keys' scales d [KB]. Padding keys: zeros.
-struct Keys16 {
-  std::unique_ptr<int16_t[]> q;
-  std::unique_ptr<float[]> d;
-};
-
-// k [B, Hkv, Tk, Dh] less each head's mean key, per key rounded (`quantize_row`).
-Keys16 pack_keys16(const Tensor& k, int64_t nb) {
-  const int64_t B = k.size(0), Hkv = k.size(1), Tk = k.size(2), Dh = k.size(3);
-  Keys16 out{std::unique_ptr<int16_t[]>(new int16_t[B * Hkv * nb * Dh * KB]),
-             std::unique_ptr<float[]>(new float[B * Hkv * nb * KB])};
-  const auto ks = k.strides();
-  const float* K = k.data_ptr<float>();
-  const auto key = [&](int64_t bh, int64_t t) { return K + bh / Hkv * ks[0] + bh % Hkv * ks[1] + t * ks[2]; };
-  std::vector<float> mean(B * Hkv * Dh, 0.f);  // any vector would do (the softmax cancels it): float sums suffice
-  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-    for (int64_t t = 0; t < Tk; ++t)
-      for (int64_t d = 0; d < Dh; ++d) mean[bh * Dh + d] += key(bh, t)[d * ks[3]];
-    for (int64_t d = 0; d < Dh; ++d) mean[bh * Dh + d] /= static_cast<float>(Tk);
-  }
-  at::parallel_for(0, B * Hkv * nb, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> x(Dh);
-    std::vector<int16_t> q(Dh);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t bh = item / nb, first = item % nb * KB, keys = std::min(KB, Tk - first);
-      int16_t* qb = out.q.get() + item * Dh * KB;
-      float* d = out.d.get() + item * KB;
-      if (keys < KB) {
-        std::fill(qb, qb + Dh * KB, int16_t{0});
-        std::fill(d + keys, d + KB, 0.f);
-      }
-      for (int64_t t = 0; t < keys; ++t) {
-        const float* kt = key(bh, first + t);
-        for (int64_t j = 0; j < Dh; ++j) x[j] = kt[j * ks[3]] - mean[bh * Dh + j];
-        d[t] = quantize_row(x.data(), Dh, q.data());
-        for (int64_t j = 0; j < Dh; ++j) qb[(j / 2 * KB + t) * 2 + j % 2] = q[j];
-      }
-    }
-  });
-  return out;
-}
-
-// `rows` query rows [rows, Dh] (strides `qs`) rounded (`quantize_row`) [rows rounded up to R, Dh], and each row's
-// scale times `scale` (the scale and log2 e), dq; padding rows zeros with scale 0.
-void pack_rows16(const float* q, int64_t rows, int64_t dh, at::IntArrayRef qs, float scale, int16_t* out, float* dq) {
-  std::vector<float> x(dh);
-  for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t j = 0; j < dh; ++j) x[j] = q[t * qs[2] + j * qs[3]];
-    dq[t] = quantize_row(x.data(), dh, out + t * dh) * scale;
-  }
-  std::fill(out + rows * dh, out + (rows + R - 1) / R * R * dh, int16_t{0});
-  std::fill(dq + rows, dq + (rows + R - 1) / R * R, 0.f);
-}
-
-// Scores of R query rows (`pack_rows16`) against keys c0 * W .. (c0 + NV) * W - 1 of one block of `Keys16`, into
-// scores [R][KB]: exact int32 dot products (`vpmaddwd`: 2 dims per lane and step), scaled by dq * dk. Three rows at
-// a time: 6 accumulators; 12 left AVX2's 16 registers no room (GCC spilled them).
-template <int DH>
-void score_vectors16(const int16_t* q, const float* dq, const int16_t* k, const float* dk, int c0, float (*scores)[KB]) {
-  constexpr int RH = R / 2;
-  for (int r0 = 0; r0 < R; r0 += RH) {
-    __m256i s[RH][NV] = {};
-    for (int p = 0; p < DH / 2; ++p) {
-#pragma GCC unroll 8
-      for (int r = 0; r < RH; ++r) {
-        int32_t two;
-        __builtin_memcpy(&two, q + (r0 + r) * DH + 2 * p, 4);
-        const __m256i dims = _mm256_set1_epi32(two);
-#pragma GCC unroll 8
-        for (int c = 0; c < NV; ++c) {
-          const __m256i keys = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + (p * KB + W * (c0 + c)) * 2));
-          s[r][c] = _mm256_add_epi32(s[r][c], _mm256_madd_epi16(dims, keys));
-        }
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < RH; ++r)
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c)
-        storev(&scores[r0 + r][W * (c0 + c)], (vf)_mm256_cvtepi32_ps(s[r][c]) * (loadv(dk + W * (c0 + c)) * dq[r0 + r]));
-  }
-}
-#endif
-
-// One K/V head's packed keys, per block: slots [nb, Dh / STEP, KB] (float32, bf16) or, for KEYS16, 12-bit keys
-// (`Keys16`'s q and d from this head's first block on).
-template <class A>
-struct HeadKeys {
-  const typename A::Slot* slots;
-  const int16_t* q;
-  const float* d;
-};
 
 // Scores s of keys c * W .. c * W + W - 1 of a block, with those after `visible` set to -inf (a row's causal limit).
 // By value: an array of scores whose address escapes is kept in memory, every multiply-add then stores it.
@@ -278,10 +153,9 @@ struct Rows {
 // Scores of R consecutive query rows against one block of KB keys, then their softmax numerators `weights` [R, KS]
 // (the online softmax's state updated): row r sees the block's keys 0 .. visible + r (all of them unless the block
 // is on the diagonal), none of them past `seen` (<= KB), whose scores are not computed. Scores in registers.
-// q16 / dq: the tile's rows as `pack_rows16` gives them, for KEYS16 (else unused, like q then).
 template <class A, int DH>
-void score_block(const typename A::Slot* q, const int16_t* q16, const float* dq, const HeadKeys<A>& keys, int64_t kb,
-                 int64_t visible, int64_t seen, Rows<DH>& st, typename A::Slot* weights) {
+void score_block(const typename A::Slot* q, const typename A::Slot* kblock, int64_t visible, int64_t seen,
+                 Rows<DH>& st, typename A::Slot* weights) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   const bool diagonal = visible < KB - 1;  // the first row does not see the whole block
   alignas(64) float scores[R][KB];
@@ -291,13 +165,6 @@ void score_block(const typename A::Slot* q, const int16_t* q16, const float* dq,
         for (int c = 0; c < NV; ++c) storev(&scores[r][W * (c0 + c)], vf{} + NEG_INF);
       continue;
     }
-#if SWIFTKV_INT16_KEYS
-    if constexpr (A::KEYS16) {
-      score_vectors16<DH>(q16, dq, keys.q + kb * DH * KB, keys.d + kb * KB, c0, scores);
-      continue;
-    }
-#endif
-    const typename A::Slot* kblock = keys.slots + kb * P * KB;
     vf s[R][NV] = {};  // in registers: only ever indexed by unrolled constants
     for (int p = 0; p < P; ++p) {
       typename A::Vec keys[NV];
@@ -358,14 +225,11 @@ void accumulate_block(const typename A::Slot* weights, const typename A::Slot* v
   }
 }
 
-// One thread's buffers for its work items: the item's query rows as packed by `pack_rows` [G * R, Dh / STEP] (or,
-// for KEYS16, `pack_rows16`: q16 [G * R, Dh] and dq [G * R]), and per tile the online softmax's state and one block's
-// numerators [R, KS].
+// One thread's buffers for its work items: the item's query rows as packed by `pack_rows` [G * R, Dh / STEP], and
+// per tile the online softmax's state and one block's numerators [R, KS].
 template <class A, int DH>
 struct Workspace {
-  std::vector<typename A::Slot> q = std::vector<typename A::Slot>(A::KEYS16 ? 0 : G * R * (DH / A::STEP));
-  std::vector<int16_t> q16 = std::vector<int16_t>(A::KEYS16 ? G * R * DH : 0);
-  std::vector<float> dq = std::vector<float>(A::KEYS16 ? G * R : 0);
+  std::vector<typename A::Slot> q = std::vector<typename A::Slot>(G * R * (DH / A::STEP));
   std::unique_ptr<Rows<DH>[]> tiles{new Rows<DH>[G]};
   std::vector<typename A::Slot> weights = std::vector<typename A::Slot>(G * R * (KB / A::STEP));
 };
@@ -377,7 +241,7 @@ struct Workspace {
 // tile is scored against the block's keys before any takes its values, so each half of a block (16 KiB in float32,
 // Dh 64) is read while it is in L1.
 template <class A, int DH>
-void attend_rows(Workspace<A, DH>& ws, int64_t rows, const HeadKeys<A>& k, const typename A::Slot* v,
+void attend_rows(Workspace<A, DH>& ws, int64_t rows, const typename A::Slot* k, const typename A::Slot* v,
                  int64_t last_key, float* out, int64_t out_stride) {
   constexpr int P = DH / A::STEP, KS = KB / A::STEP, DV = DH / W;
   const int64_t n = (rows + R - 1) / R, blocks = (last_key + rows - 1) / KB + 1;
@@ -391,8 +255,8 @@ void attend_rows(Workspace<A, DH>& ws, int64_t rows, const HeadKeys<A>& k, const
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int64_t t = 0; t < n; ++t)
       if (seen(t, kb) > 0)
-        score_block<A, DH>(q + t * R * P, ws.q16.data() + t * R * DH, ws.dq.data() + t * R, k, kb, first_row(t) - kb * KB,
-                           seen(t, kb), tiles[t], weights + t * R * KS);
+        score_block<A, DH>(q + t * R * P, k + kb * P * KB, first_row(t) - kb * KB, seen(t, kb), tiles[t],
+                           weights + t * R * KS);
     for (int64_t t = 0; t < n; ++t)
       if (seen(t, kb) > 0) accumulate_block<A, DH>(weights + t * R * KS, v + kb * KS * DH, seen(t, kb), tiles[t]);
   }
@@ -409,17 +273,6 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Hkv = k.size(1), Tk = k.size(2);
   const Packed<A> packed = pack<A>(k, v);
   const int64_t kv_size = packed.nb * P * KB;  // slots per key/value head, both packings
-#if SWIFTKV_INT16_KEYS
-  const Keys16 keys16 = A::KEYS16 ? pack_keys16(k, packed.nb) : Keys16{};
-#endif
-  const auto head_keys = [&](int64_t kvh) {  // [B * Hkv] index -> that head's packed keys
-    HeadKeys<A> keys{A::KEYS16 ? nullptr : packed.k.get() + kvh * kv_size, nullptr, nullptr};
-#if SWIFTKV_INT16_KEYS
-    if (A::KEYS16)
-      keys = {nullptr, keys16.q.get() + kvh * packed.nb * DH * KB, keys16.d.get() + kvh * packed.nb * KB};
-#endif
-    return keys;
-  };
   Tensor out = at::empty({B, Tq, H, DH}, q.options());
   float* o = out.data_ptr<float>();
   const float* Q = q.data_ptr<float>();
@@ -440,12 +293,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale
       for (int64_t i = t; i < items; i += threads) {
         const int64_t bh = i / groups, row = i % groups * span, b = bh / H, h = bh % H, kvh = b * Hkv + h / (H / Hkv);
         const int64_t rows = std::min<int64_t>(span, Tq - row);
-        const float* rows_q = Q + b * qs[0] + h * qs[1] + row * qs[2];
-#if SWIFTKV_INT16_KEYS
-        if (A::KEYS16) pack_rows16(rows_q, rows, DH, qs, q_scale, ws.q16.data(), ws.dq.data());
-#endif
-        if (!A::KEYS16) pack_rows<A>(rows_q, rows, DH, qs, q_scale, ws.q.data());
-        attend_rows<A, DH>(ws, rows, head_keys(kvh), packed.v.get() + kvh * kv_size, Tk - Tq + row,
+        pack_rows<A>(Q + b * qs[0] + h * qs[1] + row * qs[2], rows, DH, qs, q_scale, ws.q.data());
+        attend_rows<A, DH>(ws, rows, packed.k.get() + kvh * kv_size, packed.v.get() + kvh * kv_size, Tk - Tq + row,
                            o + ((b * Tq + row) * H + h) * DH, H * DH);
       }
   });
@@ -463,14 +312,6 @@ Tensor dispatch(const Tensor& q, const Tensor& k, const Tensor& v, double scale)
 
 }  // namespace
 
-bool has_int16_attention() {
-#if SWIFTKV_INT16_KEYS
-  return true;
-#else
-  return false;
-#endif
-}
-
 bool has_bf16_attention() {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   return true;
@@ -479,30 +320,17 @@ bool has_bf16_attention() {
 #endif
 }
 
-static void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool bf16) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2),
               "prefill_attention: q [B, H, Tq, Dh], k and v [B, Hkv, Tk, Dh] with H a multiple of Hkv and Tq <= Tk");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "prefill_attention: float32 q, k, v");
-}
-
-Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, bool bf16) {
-  check_inputs(q, k, v);
   if (!bf16) return dispatch<F32>(q, k, v, scale);
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   return dispatch<BF16>(q, k, v, scale);
 #else
   TORCH_CHECK(false, "prefill_attention: bf16 needs a build with AVX512-BF16 (has_bf16_attention() is false)");
-#endif
-}
-
-Tensor prefill_attention_int16(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
-  check_inputs(q, k, v);
-#if SWIFTKV_INT16_KEYS
-  return dispatch<I16>(q, k, v, scale);
-#else
-  TORCH_CHECK(false, "prefill_attention_int16: int16 keys need an AVX2 build (has_int16_attention() is false)");
 #endif
 }
 

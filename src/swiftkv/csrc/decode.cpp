@@ -648,8 +648,6 @@ Tensor linear(Tensor x, const MatrixArgs& weight, OptTensor bias) {
 namespace swiftkv {  // attention.cpp, elementwise.cpp
 bool has_bf16_attention();
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool bf16);
-bool has_int16_attention();
-at::Tensor prefill_attention_int16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 at::Tensor prefill_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor dequantize_blocks(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& mins);
@@ -666,8 +664,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("has_bf16_attention", &swiftkv::has_bf16_attention);
   m.def("prefill_attention", &swiftkv::prefill_attention);
-  m.def("has_int16_attention", &swiftkv::has_int16_attention);
-  m.def("prefill_attention_int16", &swiftkv::prefill_attention_int16);
   m.def("silu_mul", &swiftkv::silu_mul);
   m.def("prefill_rope", &swiftkv::prefill_rope);
   m.def("dequantize_blocks", &swiftkv::dequantize_blocks);

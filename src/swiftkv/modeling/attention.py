@@ -6,12 +6,8 @@ window or soft cap, head dim 64 or 128) without autograd; everything else goes t
 Its arithmetic follows the layer's products (weights.py): in a layer that multiplies in bf16 (bf16 weights; int8/int4
 blocks on bf16 hardware) q, k, v and the softmax numerators are rounded to bf16 and multiplied by `vdpbf16ps`, with
 float32 scores, sums and outputs (PyTorch's bf16 flash attention's arithmetic); elsewhere float32 FMAs, SDPA's
-formula summed in another order. In a layer whose weights are int8/int4 blocks and whose products run in float32 (CPUs
-without bf16), q . k runs in 12-bit integers where the build has the kernel's int16 keys (AVX2 builds; after
-SageAttention's INT8 QK^T: each head's keys less their mean, per key and per query row 12 bits with a scale, exact
-int32 dot products), softmax and p v in float32: ~0.9x the float32 kernel's time at float32's quality, the quantized
-formats' arithmetic (`int16_attention(False)` keeps float32 there). Against PyTorch's CPU flash attention on a
-2048-token SmolLM2 layer: ~2.2x (bf16) and ~1.3x (float32) on two Zen 4 cores (docs/cpu.md).
+formula summed in another order. Against PyTorch's CPU flash attention on a 2048-token SmolLM2 layer: ~2.2x (bf16)
+and ~1.3x (float32) on two Zen 4 cores (docs/cpu.md).
 
 `sdpa_for_bf16_layers(True)` sends bf16 layers' causal prefills to PyTorch's flash attention on bf16 q/k/v instead,
 which runs AMX tiles where the CPU has them (Intel Xeons), where `vdpbf16ps` may not beat float32 FMAs. Off until an
@@ -40,19 +36,12 @@ HEAD_DIMS = (64, 128)  # the kernel's instantiations
 # too); others run the full SwiftKV forward (still correct, without the prefill saving).
 SKIPPABLE_ATTENTION = ("sdpa", "eager", NAME)
 _sdpa_bf16 = Switch(False)
-_int16_keys = Switch(True)
 
 
 def sdpa_for_bf16_layers(enabled: bool) -> contextlib.AbstractContextManager:
     """Within the block, bf16 layers' causal prefills that the kernel would run (as many query rows as keys) run
     PyTorch's SDPA on bf16 q/k/v instead (module doc; False: the kernel), then restore."""
     return _sdpa_bf16(enabled)
-
-
-def int16_attention(enabled: bool) -> contextlib.AbstractContextManager:
-    """Within the block, quantized layers' causal prefills compute q . k in 12-bit integers where the kernel can
-    (True, the default) or in float32 (False), then restore."""
-    return _int16_keys(enabled)
 
 
 def attention_forward(
@@ -74,28 +63,14 @@ def attention_forward(
         bf16 = _multiplies_in_bf16(module, query)
         if bf16 and _sdpa_bf16.on and query.shape[2] == key.shape[2]:
             return _sdpa_bf16_attention(query, key, value, scale), None
-        return _run_kernel(query, key, value, scale, _kernel_arithmetic(module, bf16)), None
+        return _run_kernel(query, key, value, scale, bf16 and bf16_kernel_available()), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
 
 
-def _kernel_arithmetic(module: nn.Module, bf16: bool) -> str:
-    """The kernel's arithmetic for a layer (module doc): "bf16" for bf16 products where it is built, "int16" keys for
-    quantized weights with float32 products where they are built and allowed (`int16_attention`), else "float32"."""
-    if bf16:
-        return "bf16" if bf16_kernel_available() else "float32"
-    quantized = isinstance(getattr(module, "o_proj", None), BlockLinear)
-    return "int16" if quantized and _int16_keys.on and int16_kernel_available() else "float32"
-
-
-def _run_kernel(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, arithmetic: str
-) -> torch.Tensor:
-    ext = native.extension()
-    if arithmetic == "int16":
-        return ext.prefill_attention_int16(query, key, value, scale)
-    return ext.prefill_attention(query, key, value, scale, arithmetic == "bf16")
+def _run_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, bf16: bool) -> torch.Tensor:
+    return native.extension().prefill_attention(query, key, value, scale, bf16)
 
 
 def _sdpa_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -134,11 +109,6 @@ def kernel_available() -> bool:
     """The native extension builds (or is built) here and has the kernel (SWIFTKV_NATIVE=0 turns it off)."""
     ext = native.usable()
     return ext is not None and hasattr(ext, "prefill_attention")
-
-
-def int16_kernel_available() -> bool:
-    """The kernel's int16 keys are built: AVX2 builds (x86-64-v3 and native AVX2; not AVX-512 or older ones)."""
-    return kernel_available() and native.extension().has_int16_attention()
 
 
 def bf16_kernel_available() -> bool:
