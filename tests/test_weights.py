@@ -18,6 +18,7 @@ from test_native import _decode
 from torch import nn
 
 from swiftkv import cpu
+from swiftkv.bench import num_threads
 from swiftkv.cli import main
 from swiftkv.conversion import convert
 from swiftkv.modeling import native, weights
@@ -169,6 +170,70 @@ def test_many_rows_multiply_the_dequantized_weight(fmt):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_block_products_equal_the_dequantized_product(fmt):
+    """csrc/products.cpp's `block_linear` (prefill products of float32 rows by int8/int4 blocks): float32 sums of the
+    blocks' exact values, so within float32 rounding of a float64 product of the dequantized weight, for row counts
+    around its 6-row tiles and outputs around its panels (3 and 40: part of one; 200: several, the last partial;
+    1536 inputs: the down projection's width), with and without a bias. Each output is summed by one thread in one
+    order, so 1 and 2 threads give the same bits. Operands it does not take are refused, naming what it takes."""
+    product = native.extension().block_linear
+    for out, inputs, rows in ((3, 32, 1), (40, 96, 6), (200, 64, 13), (17, 1536, 7)):
+        layer = block_linear(_linear(out, inputs, seed=out), fmt)
+        blocks, x = (layer.qweight, layer.scales, layer.mins), torch.randn(rows, inputs)
+        exact = x.double() @ layer.dequantize().double().T
+        bound = (x.double().abs() @ layer.dequantize().double().abs().T) * 2e-6
+        for bias in (layer.bias.detach(), None):
+            with num_threads(2):
+                y = product(x, *blocks, bias)
+            reference = exact if bias is None else exact + bias.double()
+            assert ((y.double() - reference).abs() <= bound + 1e-6).all()
+            with num_threads(1):
+                assert torch.equal(product(x, *blocks, bias), y)
+    with pytest.raises(RuntimeError, match=r"float32 x \[rows, 1536\]"):
+        product(torch.randn(2, 64), *blocks, None)
+    with pytest.raises(RuntimeError, match="block_linear: int8 data"):
+        product(x, layer.qweight.float(), layer.scales, layer.mins, None)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_prefill_products_run_the_block_kernel_where_it_applies(fmt, monkeypatch):
+    """A BlockLinear's product of more than NATIVE_ROWS float32 rows on CPU is `block_product` where products run in
+    float32 and on MKL (no bf16 hardware, ATen below AVX-512), else dequantize-then-product as before; both are the
+    dequantized weight's float32 product, so they agree to float32 rounding, with the batch dimensions kept."""
+    from swiftkv.modeling import kernels
+
+    layer = block_linear(_linear(), fmt)
+    x = torch.randn(2, weights.NATIVE_ROWS + 5, layer.in_features)
+    calls = []
+    monkeypatch.setattr(weights, "product_dtype", lambda x: torch.float32)  # as on a CPU without bf16 hardware
+    monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", False)
+    extension = native.extension()
+    monkeypatch.setattr(native, "extension", lambda: _Recording(extension, calls))
+    with torch.no_grad():
+        ours = layer(x)
+        with weights.native_block_products(False):
+            dequantized = layer(x)
+        monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", True)
+        assert torch.equal(layer(x), dequantized)  # AVX-512 ATen: not measured there, not used
+    assert calls == ["block_linear"] and ours.shape == (2, weights.NATIVE_ROWS + 5, layer.out_features)
+    torch.testing.assert_close(ours, dequantized, atol=1e-5, rtol=1e-5)
+
+
+class _Recording:
+    """The extension, recording which of its products were called."""
+
+    def __init__(self, extension, calls: list[str]):
+        self.extension, self.calls = extension, calls
+
+    def __getattr__(self, name: str):
+        if name == "block_linear":
+            self.calls.append(name)
+        return getattr(self.extension, name)
+
+
+@needs_native
 @pytest.mark.parametrize("fmt", ("bf16", *QUANTIZED))
 @pytest.mark.parametrize("swift", [True, False], ids=["swiftkv", "base"])
 def test_native_step_equals_the_python_step_per_format(family, fmt, swift):
@@ -296,12 +361,16 @@ def test_baseline_x86_64_build_multiplies_every_format():
     env = {**os.environ, "SWIFTKV_NATIVE_MARCH": "x86-64"}
     tests = [
         f"{__file__}::{name}"
-        for name in ("test_native_product_equals_float_reference", "test_native_dequantize_equals_pytorchs_ops")
+        for name in (
+            "test_native_product_equals_float_reference",
+            "test_native_dequantize_equals_pytorchs_ops",
+            "test_block_products_equal_the_dequantized_product",
+        )
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-rs", *tests]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert re.search(r"\b11 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
+    assert re.search(r"\b13 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
 def test_torch_quantized_kernels_benchmark(tmp_path, monkeypatch):

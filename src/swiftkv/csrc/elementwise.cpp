@@ -90,19 +90,24 @@ Tensor prefill_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
 }
 
 // The float32 weight [out, in] that blocks of 32 inputs stand for (weights.py's formats): int8 data [out, in] (w = d q)
-// or uint8 [out, in / 2] (int4: per block, byte j holds input j in its low nibble and j + 16 in its high one;
-// w = d q + m), float16 scales d and, for int4, mins m [out, in / 32]. One pass, each weight read once and written
-// once (PyTorch's eager ops write and read a float32 copy more), bit for bit their float32 d * q (+ m): the product
-// is exact (an 11-bit d times a q of at most 8 bits) and the sum rounds once either way.
-Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins) {
-  constexpr int64_t BLOCK = 32;
+// or uint8 [out, in / 2] (int4, w = d q + m; `dequantize_block`), float16 scales d and, for int4, mins m [out, in / 32].
+// One pass, each weight read once and written once (PyTorch's eager ops write and read a float32 copy more), bit for
+// bit their float32 d * q (+ m).
+// Blocks as weights.py stores them, else an error naming `caller`.
+void check_blocks(const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins, const char* caller) {
   const bool int4 = data.scalar_type() == at::kByte;
   TORCH_CHECK((data.scalar_type() == at::kChar || int4) && data.dim() == 2 && data.is_contiguous() &&
                   scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == data.size(0) &&
-                  scales.size(1) * BLOCK == data.size(1) * (int4 ? 2 : 1) && mins.has_value() == int4 &&
+                  scales.size(1) * QBLOCK == data.size(1) * (int4 ? 2 : 1) && mins.has_value() == int4 &&
                   (!int4 || (mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf && mins->is_contiguous())),
-              "dequantize_blocks: int8 data [out, in] or uint8 [out, in / 2] (int4, with mins), float16 scales "
-              "(and mins) [out, in / 32]");
+              caller, ": int8 data [out, in] or uint8 [out, in / 2] (int4, with mins), float16 scales (and mins) [out, "
+              "in / 32]");
+}
+
+Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins) {
+  check_blocks(data, scales, mins, "dequantize_blocks");
+  constexpr int64_t BLOCK = QBLOCK;
+  const bool int4 = data.scalar_type() == at::kByte;
   const int64_t blocks = scales.numel();
   Tensor w = at::empty({scales.size(0), scales.size(1) * BLOCK}, scales.options().dtype(at::kFloat));
   const at::Half *d = scales.data_ptr<at::Half>(), *m = int4 ? mins->data_ptr<at::Half>() : nullptr;
@@ -110,22 +115,9 @@ Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::op
   const uint8_t* q4 = int4 ? data.data_ptr<uint8_t>() : nullptr;
   float* out = w.data_ptr<float>();
   at::parallel_for(0, blocks, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      const float scale = static_cast<float>(d[b]);
-      float* o = out + b * BLOCK;
-      if (!int4) {
-        const int8_t* q = q8 + b * BLOCK;
-        for (int j = 0; j < BLOCK; j += W) storev(o + j, __builtin_convertvector(widen(q + j), vf) * scale);
-        continue;
-      }
-      const uint8_t* q = q4 + b * BLOCK / 2;
-      const float min = static_cast<float>(m[b]);
-      for (int j = 0; j < BLOCK / 2; j += W) {
-        const vi bytes = widen(q + j);
-        storev(o + j, __builtin_convertvector(bytes & 15, vf) * scale + min);
-        storev(o + BLOCK / 2 + j, __builtin_convertvector(bytes >> 4, vf) * scale + min);
-      }
-    }
+    for (int64_t b = lo; b < hi; ++b)
+      dequantize_block(int4 ? nullptr : q8 + b * BLOCK, int4 ? q4 + b * BLOCK / 2 : nullptr, static_cast<float>(d[b]),
+                       int4 ? static_cast<float>(m[b]) : 0.f, out + b * BLOCK);
   });
   return w;
 }

@@ -167,6 +167,23 @@ inline vi widen(const Byte* p) {
 #endif
 }
 
+constexpr int QBLOCK = 32;  // weights per scale in the int8 / int4 formats (weights.BLOCK)
+
+// One block of QBLOCK weights as float32, exactly: int8 q8 -> d q, or int4 q4 (byte j holds input j in its low nibble
+// and j + 16 in its high one) -> d q + m. The product d q is exact (an 11-bit d times a q of at most 8 bits) and the
+// sum rounds once, so every pass gives PyTorch's float32 d * q (+ m) bit for bit.
+inline void dequantize_block(const int8_t* q8, const uint8_t* q4, float d, float m, float* out) {
+  if (q8) {
+    for (int j = 0; j < QBLOCK; j += W) storev(out + j, __builtin_convertvector(widen(q8 + j), vf) * d);
+    return;
+  }
+  for (int j = 0; j < QBLOCK / 2; j += W) {
+    const vi bytes = widen(q4 + j);
+    storev(out + j, __builtin_convertvector(bytes & 15, vf) * d + m);
+    storev(out + QBLOCK / 2 + j, __builtin_convertvector(bytes >> 4, vf) * d + m);
+  }
+}
+
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
 
 inline vf load_bf16(const uint16_t* p) {  // bf16 is float32's upper half: widen and shift, exact

@@ -32,7 +32,8 @@ from swiftkv.modeling.weights import BlockLinear
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "decode.cpp"  # the module: the decode step and its products (a test or baseline may point it elsewhere)
-EXTRA_SOURCES = (CSRC / "attention.cpp", CSRC / "elementwise.cpp")  # prefill kernels, bound by decode.cpp's module
+# the prefill's kernels, bound by decode.cpp's module
+EXTRA_SOURCES = (CSRC / "attention.cpp", CSRC / "elementwise.cpp", CSRC / "products.cpp")
 HEADERS = (CSRC / "vec.h",)
 # -fopenmp: without it ATen's header-only at::parallel_for compiles to a plain serial loop. torch's wheel ships its
 # libgomp as libgomp.so.1 and loads it first, so the extension joins torch's own thread pool (one OpenMP runtime).

@@ -25,6 +25,7 @@ less than the memory they stream. bf16 and float32 weights multiply float32 x.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swiftkv import cpu
+from swiftkv.modeling.common import Switch
 
 FORMATS = ("float32", "bf16", "int8", "int4")
 BLOCK_FORMATS = ("int8", "int4")  # the formats kept as blocks (BlockLinear)
@@ -148,13 +150,16 @@ class BlockLinear(nn.Module):
             setattr(self, name, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]: `native_product` for a few rows, else the dequantized weight times x in
-        `product_dtype`, the bias added in x's dtype. With a gradient to pass back to x (distillation trains
-        through frozen blocks), `_BlockProduct`: the same product, the weight dequantized again in backward."""
+        """x [..., in] -> [..., out]: `native_product` for a few rows, else `block_product` where it runs, else the
+        dequantized weight times x in `product_dtype`, the bias added in x's dtype. With a gradient to pass back to
+        x (distillation trains through frozen blocks), `_BlockProduct`: the same product, the weight dequantized
+        again in backward."""
         if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
             return y
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockProduct.apply(x, self)
+        if (y := block_product(x, self)) is not None:
+            return y
         return rounded_product(x, product_weight(self, x), self.bias)
 
     def extra_repr(self) -> str:
@@ -217,6 +222,33 @@ def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) ->
     if (torch.is_grad_enabled() and x.requires_grad) or (extension := native.usable()) is None:
         return None
     return extension.linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
+
+
+_block_products = Switch(True)
+
+
+def native_block_products(enabled: bool) -> contextlib.AbstractContextManager:
+    """Let `block_product` run inside the block (False: dequantize, then MKL, as before it), then restore."""
+    return _block_products(enabled)
+
+
+def block_product(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor | None:
+    """x [..., in] @ the layer's blocks^T (+ bias) by the extension's `block_linear` (csrc/products.cpp: the blocks
+    turned into float32 a panel at a time in cache, the float32 product of the dequantized weight up to summation
+    order), for float32 rows on CPU without autograd where the product runs in float32 (no bf16 hardware) and ATen's
+    float32 products are MKL's: there it measured faster than dequantizing for MKL at every row count, most on short
+    prompts (docs/cpu.md, "Block products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and
+    not used. None where it does not apply."""
+    from swiftkv.modeling import kernels, native  # both import this module
+
+    if not _block_products.on or kernels.ONEDNN_PREFERRED or x.device.type != "cpu":
+        return None
+    if product_dtype(x) != torch.float32 or (extension := native.usable()) is None:
+        return None
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+    y = extension.block_linear(rows, layer.qweight, layer.scales, layer.mins, bias)
+    return y.view(*x.shape[:-1], -1)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
