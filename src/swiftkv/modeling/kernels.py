@@ -29,7 +29,14 @@ from transformers.activations import SiLUActivation
 
 from swiftkv.modeling import native
 from swiftkv.modeling.common import Switch
-from swiftkv.modeling.weights import NATIVE_ROWS, native_product, product_weight, rounded_product
+from swiftkv.modeling.weights import (
+    NATIVE_ROWS,
+    BlockLinear,
+    block_product,
+    native_product,
+    product_weight,
+    rounded_product,
+)
 
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # float32 CPU products through oneDNN (else MKL's F.linear): where it is there and ATen runs AVX-512 (module doc)
@@ -120,12 +127,18 @@ class FusedRMSNorm:
 class FusedMLP:
     """Mixed into a family's gated MLP (down(silu(gate(x)) * up(x)), no biases): a prefill's SiLU and multiply in
     one native pass in the products' own dtype (csrc/elementwise.cpp), so bf16 products feed each other without
-    float32 round trips (the same rounding: gate and up come out of the product in bf16 either way)."""
+    float32 round trips (the same rounding: gate and up come out of the product in bf16 either way). int8/int4
+    projections multiply through `block_product` where it runs (float32 throughout)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not (prefill_rows(x) and all(p.bias is None for p in projections) and _is_silu(self.act_fn)):
             return super().forward(x)
+        if (
+            all(isinstance(p, BlockLinear) for p in projections)
+            and (gate := block_product(x, self.gate_proj)) is not None
+        ):
+            return block_product(native.extension().silu_mul(gate, block_product(x, self.up_proj)), self.down_proj)
         gate, up, down = (product_weight(p, x) for p in projections)
         if torch.is_grad_enabled() and any(w.requires_grad for w in (gate, up, down)):
             return super().forward(x)

@@ -235,13 +235,15 @@ def native_block_products(enabled: bool) -> contextlib.AbstractContextManager:
 def block_product(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor | None:
     """x [..., in] @ the layer's blocks^T (+ bias) by the extension's `block_linear` (csrc/products.cpp: the blocks
     turned into float32 a panel at a time in cache, the float32 product of the dequantized weight up to summation
-    order), for float32 rows on CPU without autograd where the product runs in float32 (no bf16 hardware) and ATen's
-    float32 products are MKL's: there it measured faster than dequantizing for MKL at every row count, most on short
-    prompts (docs/cpu.md, "Block products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and
+    order), for float32 rows on CPU that need no gradient where the product runs in float32 (no bf16 hardware) and
+    ATen's float32 products are MKL's: there it measured faster than dequantizing for MKL at every row count, most on
+    short prompts (docs/cpu.md, "Block products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and
     not used. None where it does not apply."""
     from swiftkv.modeling import kernels, native  # both import this module
 
     if not _block_products.on or kernels.ONEDNN_PREFERRED or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:  # _BlockProduct passes x's gradient back
         return None
     if product_dtype(x) != torch.float32 or (extension := native.usable()) is None:
         return None

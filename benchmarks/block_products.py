@@ -1,0 +1,111 @@
+"""Block products (csrc/products.cpp) against dequantize-then-MKL, the path before them: whole prefills of the
+default model with int8 / int4 weights, per prompt length, SwiftKV off and L=15, both paths timed in rotation in one
+process (`weights.native_block_products` switches between them; the model, its weights and caches are shared).
+
+    python benchmarks/block_products.py --prompts 32 128 512 2048 --formats int8 int4 --threads 2 --reps 9
+
+Where block products apply (products in float32 on MKL: no bf16 hardware, ATen below AVX-512) the two paths differ in
+the products of more than weights.NATIVE_ROWS rows; elsewhere both run the same code and the script says so and
+stops. Per prompt length, mode and format: median ms of each path and the median of the per-round ratios
+(block / dequantize, drift between rounds cancels). Writes --json and a PNG of the ratios by prompt length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from vs_openvino import paired
+
+from swiftkv.bench import machine_info, num_threads, prefill, rotated, threads_label, timed
+from swiftkv.files import figure_beside, portable_path, save_figure, write_json
+from swiftkv.loading import load
+from swiftkv.modeling import kernels, weights
+from swiftkv.modes import swiftkv_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = {"block": True, "dequantize": False}  # name -> native_block_products(enabled)
+
+
+def measure(fmt: str, args) -> dict[str, dict]:
+    """'<prompt>/<mode>' -> median ms per path, the paired ratio and every run, for one weight format."""
+    model, _ = load("default", adapter="smollm2-L15-g1", weights=fmt)
+    rows = {}
+    for prompt in args.prompts:
+        ids = torch.randint(100, 20000, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+        for mode, swift in (("off", False), ("L15", True)):
+            runs = {name: _prefill_run(model, ids, swift, enabled) for name, enabled in PATHS.items()}
+            times = rotated(runs, args.reps)
+            ms = {name: [1e3 * r.wall_s for r in runs] for name, runs in times.items()}
+            rows[f"{prompt}/{mode}"] = {
+                "prompt": prompt,
+                "mode": mode,
+                "median_ms": {name: statistics.median(v) for name, v in ms.items()},
+                "paired_ratio": paired(ms["block"], ms["dequantize"]),
+                "runs_ms": ms,
+            }
+            row = rows[f"{prompt}/{mode}"]
+            print(
+                f"{fmt:5s} {prompt:5d} {mode:4s} block {row['median_ms']['block']:8.1f} ms  dequantize "
+                f"{row['median_ms']['dequantize']:8.1f} ms  paired {row['paired_ratio']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+def _prefill_run(model, ids: torch.Tensor, swift: bool, block: bool):
+    """One timed prefill of `ids`, SwiftKV on or off, with block products on or off."""
+
+    def run():
+        with weights.native_block_products(block), swiftkv_mode(model, swift):
+            return timed(lambda: prefill(model, ids))
+
+    return run
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for fmt, rows in result["formats"].items():
+        for mode in ("off", "L15"):
+            points = [(r["prompt"], r["paired_ratio"]) for r in rows.values() if r["mode"] == mode]
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"{fmt}, SwiftKV {mode}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("prefill time, block products / dequantize + MKL")
+    ax.set_title(f"int8/int4 prefill products ({threads_label(result['machine']['threads'])}, median per-round ratio)")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[32, 128, 512, 2048])
+    parser.add_argument("--formats", nargs="+", choices=weights.BLOCK_FORMATS, default=["int8"])
+    parser.add_argument("--reps", type=int, default=9, help="timed rounds per prompt length and mode")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=ROOT / "results" / "block_products.json")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
+    args = parser.parse_args()
+    if min(args.prompts) < 2 or args.reps < 1 or args.threads < 1:
+        parser.error("--prompts must be >= 2, --reps and --threads >= 1")
+    if kernels.ONEDNN_PREFERRED or weights.native_bf16():
+        print("block_products: block products do not run on this CPU (bf16 hardware or AVX-512 ATen)", file=sys.stderr)
+        sys.exit(2)
+    result = {"machine": machine_info(args.threads), "reps": args.reps, "formats": {}}
+    with num_threads(args.threads), torch.inference_mode():
+        for fmt in args.formats:
+            result["formats"][fmt] = measure(fmt, args)
+            write_json(result, args.json)  # what is finished survives an interrupt
+    figure = plot(result, figure_beside(args.json, args.plot))
+    result["json"], result["plot"] = portable_path(args.json), portable_path(figure)
+    write_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
