@@ -173,12 +173,12 @@ def test_prefill_ablation_benchmark_end_to_end(tmp_path, monkeypatch, default_mo
 
 
 @needs_extension
-def test_block_products_benchmark_end_to_end(tmp_path, monkeypatch, default_model_dir):
-    """benchmarks/block_products.py on a short prompt: both paths timed per mode, JSON and PNG written; where block
+def test_panel_products_benchmark_end_to_end(tmp_path, monkeypatch, default_model_dir):
+    """benchmarks/panel_products.py on a short prompt: both paths timed per mode, JSON and PNG written; where panel
     products do not run (bf16 hardware, AVX-512 ATen) it says so and exits 2 instead of timing one path twice."""
-    bench = load_benchmark("block_products")
-    out = tmp_path / "blocks.json"
-    argv = ["block_products.py", "--prompts", "12", "--reps", "1", "--threads", "1", "--json", str(out)]
+    bench = load_benchmark("panel_products")
+    out = tmp_path / "panels.json"
+    argv = ["panel_products.py", "--prompts", "12", "--reps", "1", "--threads", "1", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     if kernels.ONEDNN_PREFERRED or native_bf16():
         with pytest.raises(SystemExit) as exited:
@@ -189,7 +189,7 @@ def test_block_products_benchmark_end_to_end(tmp_path, monkeypatch, default_mode
     rows = json.loads(out.read_text())["formats"]["int8"]
     assert set(rows) == {"12/off", "12/L15"}
     assert all(ms > 0 for row in rows.values() for ms in row["median_ms"].values())
-    assert all(set(row["median_ms"]) == {"block", "dequantize"} for row in rows.values())
+    assert all(set(row["median_ms"]) == {"panel", "mkl"} for row in rows.values())
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -170,55 +170,72 @@ def test_many_rows_multiply_the_dequantized_weight(fmt):
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", QUANTIZED)
-def test_block_products_equal_the_dequantized_product(fmt):
-    """csrc/products.cpp's `block_linear` (prefill products of float32 rows by int8/int4 blocks): float32 sums of the
-    blocks' exact values, so within float32 rounding of a float64 product of the dequantized weight, for row counts
-    around its 6-row tiles and outputs around its panels (3 and 40: part of one; 200: several, the last partial;
-    1536 inputs: the down projection's width), with and without a bias. Each output is summed by one thread in one
-    order, so 1 and 2 threads give the same bits. Operands it does not take are refused, naming what it takes."""
-    product = native.extension().block_linear
+@pytest.mark.parametrize("fmt", ("float32", *QUANTIZED))
+def test_panel_products_equal_the_float_product(fmt):
+    """csrc/products.cpp's `prefill_linear` (prefill products of float32 rows by a float32 weight or int8/int4
+    blocks): float32 sums of the weight's exact values, so within float32 rounding of a float64 product of the
+    (dequantized) weight, for row counts around its 6-row tiles and outputs around its panels (3 and 40: part of
+    one; 200: several, the last partial; 1536 inputs: the down projection's width), with and without a bias. Each
+    output is summed by one thread in one order, so 1 and 2 threads give the same bits. Operands it does not take
+    are refused, naming what it takes."""
+    product = native.extension().prefill_linear
     for out, inputs, rows in ((3, 32, 1), (40, 96, 6), (200, 64, 13), (17, 1536, 7)):
-        layer = block_linear(_linear(out, inputs, seed=out), fmt)
-        blocks, x = (layer.qweight, layer.scales, layer.mins), torch.randn(rows, inputs)
-        exact = x.double() @ layer.dequantize().double().T
-        bound = (x.double().abs() @ layer.dequantize().double().abs().T) * 2e-6
-        for bias in (layer.bias.detach(), None):
+        lin = _linear(out, inputs, seed=out)
+        weight = _panel_weight(lin, fmt)
+        dense = weight[0] if fmt == "float32" else block_linear(lin, fmt).dequantize()
+        x = torch.randn(rows, inputs)
+        exact = x.double() @ dense.double().T
+        bound = (x.double().abs() @ dense.double().abs().T) * 2e-6
+        for bias in (lin.bias.detach(), None):
             with num_threads(2):
-                y = product(x, *blocks, bias)
+                y = product(x, *weight, bias)
             reference = exact if bias is None else exact + bias.double()
             assert ((y.double() - reference).abs() <= bound + 1e-6).all()
             with num_threads(1):
-                assert torch.equal(product(x, *blocks, bias), y)
+                assert torch.equal(product(x, *weight, bias), y)
     with pytest.raises(RuntimeError, match=r"float32 x \[rows, 1536\]"):
-        product(torch.randn(2, 64), *blocks, None)
-    with pytest.raises(RuntimeError, match="block_linear: int8 data"):
-        product(x, layer.qweight.float(), layer.scales, layer.mins, None)
+        product(torch.randn(2, 64), *weight, None)
+    with pytest.raises(RuntimeError, match="prefill_linear: (int8 data|a float32 weight)"):
+        product(x, weight[0].double(), *weight[1:], None)
+
+
+def _panel_weight(lin: nn.Linear, fmt: str) -> tuple:
+    """lin's weight as `panel_product` takes it in format `fmt`."""
+    if fmt == "float32":
+        return lin.weight.detach(), None, None
+    layer = block_linear(lin, fmt)
+    return layer.qweight, layer.scales, layer.mins
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", QUANTIZED)
-def test_prefill_products_run_the_block_kernel_where_it_applies(fmt, monkeypatch):
-    """A BlockLinear's product of more than NATIVE_ROWS float32 rows on CPU is `block_product` where products run in
-    float32 and on MKL (no bf16 hardware, ATen below AVX-512), else dequantize-then-product as before; both are the
-    dequantized weight's float32 product, so they agree to float32 rounding, with the batch dimensions kept."""
+@pytest.mark.parametrize("fmt", ("float32", *QUANTIZED))
+def test_prefill_products_run_the_panel_kernel_where_it_applies(fmt, monkeypatch):
+    """A prefill's product (more than NATIVE_ROWS float32 rows on CPU, by kernels.linear or a BlockLinear) is
+    `panel_product` where products run in float32 on MKL (no bf16 hardware, ATen below AVX-512), else MKL's (blocks
+    dequantized for it) as before; both are the weight's float32 product, so they agree to float32 rounding, with
+    the batch dimensions kept. Few rows, a weight that trains and an input width off the block do not take it."""
     from swiftkv.modeling import kernels
 
-    layer = block_linear(_linear(), fmt)
+    lin = _linear()
+    layer = lin if fmt == "float32" else block_linear(lin, fmt)
     x = torch.randn(2, weights.NATIVE_ROWS + 5, layer.in_features)
     calls = []
-    monkeypatch.setattr(weights, "product_dtype", lambda x: torch.float32)  # as on a CPU without bf16 hardware
+    monkeypatch.setattr(weights, "native_bf16", lambda: False)  # as on a CPU without bf16 hardware
     monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", False)
     extension = native.extension()
     monkeypatch.setattr(native, "extension", lambda: _Recording(extension, calls))
     with torch.no_grad():
-        ours = layer(x)
-        with weights.native_block_products(False):
-            dequantized = layer(x)
+        ours = kernels.linear(x, layer)
+        with weights.native_panel_products(False):
+            mkl = kernels.linear(x, layer)
+        assert calls == ["prefill_linear"] and ours.shape == (2, weights.NATIVE_ROWS + 5, layer.out_features)
+        kernels.linear(x[:, :2], layer)  # few rows: the native product (blocks) or F.linear
         monkeypatch.setattr(kernels, "ONEDNN_PREFERRED", True)
-        assert torch.equal(layer(x), dequantized)  # AVX-512 ATen: not measured there, not used
-    assert calls == ["block_linear"] and ours.shape == (2, weights.NATIVE_ROWS + 5, layer.out_features)
-    torch.testing.assert_close(ours, dequantized, atol=1e-5, rtol=1e-5)
+        kernels.linear(x, layer)  # AVX-512 ATen: oneDNN's products, panel products not measured there, not used
+    assert calls == ["prefill_linear"]
+    torch.testing.assert_close(ours, mkl, atol=1e-5, rtol=1e-5)
+    assert weights.panel_product(x, (lin.weight, None, None), None) is None  # trains: autograd's product
+    assert weights.panel_product(x[..., :40], (lin.weight.detach()[:, :40], None, None), None) is None  # 40 inputs
 
 
 class _Recording:
@@ -228,7 +245,7 @@ class _Recording:
         self.extension, self.calls = extension, calls
 
     def __getattr__(self, name: str):
-        if name == "block_linear":
+        if name == "prefill_linear":
             self.calls.append(name)
         return getattr(self.extension, name)
 
@@ -364,13 +381,13 @@ def test_baseline_x86_64_build_multiplies_every_format():
         for name in (
             "test_native_product_equals_float_reference",
             "test_native_dequantize_equals_pytorchs_ops",
-            "test_block_products_equal_the_dequantized_product",
+            "test_panel_products_equal_the_float_product",
         )
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-rs", *tests]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert re.search(r"\b13 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
+    assert re.search(r"\b14 passed\b", done.stdout) and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
 def test_torch_quantized_kernels_benchmark(tmp_path, monkeypatch):

@@ -651,8 +651,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u);
 at::Tensor prefill_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor dequantize_blocks(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& mins);
-at::Tensor block_linear(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias);
+at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
+                          const std::optional<at::Tensor>& mins, const std::optional<at::Tensor>& bias);
 }  // namespace swiftkv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -669,6 +669,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &swiftkv::silu_mul);
   m.def("prefill_rope", &swiftkv::prefill_rope);
   m.def("dequantize_blocks", &swiftkv::dequantize_blocks);
-  m.def("block_linear", &swiftkv::block_linear);
+  m.def("prefill_linear", &swiftkv::prefill_linear);
   m.def("rms_norm", &rms_norm_rows);
 }

@@ -1,13 +1,14 @@
-// Prefill products of int8 / int4 block weights (weights.py's formats) with float32 activations:
-// y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] the blocks' exact float32 values, turned into float32 a panel of
-// output columns at a time in cache, where a prefill used to write the whole float32 weight to memory for MKL.
+// Prefill products with float32 activations of float32 weights or int8 / int4 blocks (weights.py's formats):
+// y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] float32 or the blocks' exact float32 values, taken into cache a panel
+// of output columns at a time, where a prefill used to hand MKL the float32 weight (for blocks, first written whole
+// to memory by dequantizing them).
 //
-// Why (docs/cpu.md, "Block products"): dequantizing whole weights cost a fixed ~400 MB of writes per prefill of the
+// Why (docs/cpu.md, "Panel products"): dequantizing whole weights cost a fixed ~400 MB of writes per prefill of the
 // default model, which made a short int8 prompt slower than a float32 one, and MKL's products run far below the
 // FMA peak at a few dozen rows (its 2-thread products slower than its 1-thread ones below ~32 rows).
 //
-// Each thread takes an even share of the weight's panels of P output columns (P = NV vectors) and dequantizes up
-// to PANEL_FLOATS of them at a time, transposed: [K][P], so that one k's P weights are NV vector loads. Every 6 rows
+// Each thread takes an even share of the weight's panels of P output columns (P = NV vectors) and takes up to
+// PANEL_FLOATS of them at a time in float32 (blocks dequantized), transposed: [K][P], so that one k's P weights are NV vector loads. Every 6 rows
 // of x then run against each panel in a 6 x P register tile, x's 6 values broadcast per k (the classic 6x16 GEMM
 // tile of attention.cpp), and the tile is stored as whole vectors of y's row. Sums run over k in order, one FMA per
 // k: the float32 product of the dequantized weight up to summation order.
@@ -34,7 +35,8 @@ constexpr int64_t P = NV * W;  // output columns per panel
 constexpr int R = 6;  // rows of x per tile
 constexpr int64_t PANEL_FLOATS = 48 * 1024;  // panels dequantized at once: 192 KB, hot in a 512 KB L2
 
-struct Blocks {  // one weight's blocks
+struct Weight {  // one weight [N, K]: float32, or blocks
+  const float* f32;  // float32 [N, K], or
   const int8_t* q8;  // int8 [N, K], or
   const uint8_t* q4;  // int4 [N, K / 2]
   const at::Half* d;  // [N, K / QBLOCK]
@@ -64,12 +66,16 @@ inline void transpose8(const float* x, int64_t stride, float* o) {
 #endif
 
 // Output columns [n, n + P) of the weight as float32 [K][P] (columns past N zero).
-void dequantize_panel(const Blocks& w, int64_t n, int64_t N, float* out) {
+void take_panel(const Weight& w, int64_t n, int64_t N, float* out) {
   const int64_t blocks = w.K / QBLOCK, cols = std::min(P, N - n);
   alignas(64) float rows[P][QBLOCK] = {};  // one block of each column, row-major
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t i = (n + c) * blocks + b;
+      if (w.f32) {
+        std::copy_n(w.f32 + i * QBLOCK, QBLOCK, rows[c]);
+        continue;
+      }
       dequantize_block(w.q8 ? w.q8 + i * QBLOCK : nullptr, w.q4 ? w.q4 + i * QBLOCK / 2 : nullptr,
                        static_cast<float>(w.d[i]), w.m ? static_cast<float>(w.m[i]) : 0.f, rows[c]);
     }
@@ -114,20 +120,26 @@ constexpr Tile TILES[R + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile
 
 }  // namespace
 
-// y [M, N] = x [M, K] @ W^T (+ bias) for blocks as dequantize_blocks takes them (int8 data [N, K] or int4 [N, K / 2],
-// float16 scales and int4's mins [N, K / 32]); x float32 [M, K] contiguous, bias float32 [N] or None.
-Tensor block_linear(const Tensor& x, const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins,
-                    const std::optional<Tensor>& bias) {
-  check_blocks(data, scales, mins, "block_linear");
-  const bool int4 = data.scalar_type() == at::kByte;
-  const int64_t N = scales.size(0), K = scales.size(1) * QBLOCK;
+// y [M, N] = x [M, K] @ W^T (+ bias) for a float32 weight [N, K] (scales and mins None) or blocks as
+// dequantize_blocks takes them (int8 data [N, K] or int4 [N, K / 2], float16 scales and int4's mins [N, K / 32]);
+// x float32 [M, K] contiguous, K a multiple of 32, bias float32 [N] or None.
+Tensor prefill_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& scales,
+                      const std::optional<Tensor>& mins, const std::optional<Tensor>& bias) {
+  const bool f32 = !scales.has_value();
+  if (!f32) check_blocks(weight, *scales, mins, "prefill_linear");
+  TORCH_CHECK(!f32 || (weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.is_contiguous() &&
+                       weight.size(1) % QBLOCK == 0 && !mins),
+              "prefill_linear: a float32 weight [out, in] contiguous, in a multiple of 32, without scales or mins");
+  const bool int4 = weight.scalar_type() == at::kByte;
+  const int64_t N = weight.size(0), K = f32 ? weight.size(1) : scales->size(1) * QBLOCK;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K && x.is_contiguous() &&
                   (!bias || (bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous())),
-              "block_linear: float32 x [rows, ", K, "] contiguous and a float32 bias [", N, "] or None");
+              "prefill_linear: float32 x [rows, ", K, "] contiguous and a float32 bias [", N, "] or None");
   const int64_t M = x.size(0);
   Tensor y = at::empty({M, N}, x.options());
-  const Blocks w{int4 ? nullptr : data.data_ptr<int8_t>(), int4 ? data.data_ptr<uint8_t>() : nullptr,
-                 scales.data_ptr<at::Half>(), int4 ? mins->data_ptr<at::Half>() : nullptr, K};
+  const Weight w{f32 ? weight.data_ptr<float>() : nullptr, f32 || int4 ? nullptr : weight.data_ptr<int8_t>(),
+                 int4 ? weight.data_ptr<uint8_t>() : nullptr, f32 ? nullptr : scales->data_ptr<at::Half>(),
+                 int4 ? mins->data_ptr<at::Half>() : nullptr, K};
   const int64_t panels = (N + P - 1) / P, fit = std::max<int64_t>(1, PANEL_FLOATS / K / P);
   const float *xs = x.data_ptr<float>(), *b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
@@ -135,7 +147,7 @@ Tensor block_linear(const Tensor& x, const Tensor& data, const Tensor& scales, c
     std::unique_ptr<float[]> wt(new float[std::min(fit, hi - lo) * K * P]);
     for (int64_t p0 = lo; p0 < hi; p0 += fit) {
       const int64_t count = std::min(fit, hi - p0);
-      for (int64_t i = 0; i < count; ++i) dequantize_panel(w, (p0 + i) * P, N, wt.get() + i * K * P);
+      for (int64_t i = 0; i < count; ++i) take_panel(w, (p0 + i) * P, N, wt.get() + i * K * P);
       for (int64_t r = 0; r < M; r += R)
         for (int64_t i = 0; i < count; ++i) {
           const int64_t n = (p0 + i) * P;

@@ -6,7 +6,9 @@ matrix-vector products (docs/decode.md): oneDNN runs AVX-512 there, this PyTorch
 kernels run AVX-512, SwiftKV models multiply in float32 with oneDNN wherever the weight needs no gradient:
 inference, and in distillation the frozen layers, whose input gradient is one more oneDNN product. Trainable weights
 use `F.linear`. Where ATen tops out at AVX2 (an AVX2-only CPU, or CI's AVX2 environment) MKL's products measured
-the faster ones (docs/cpu.md, benchmarks/products_vs_openvino.py), so every product stays on `F.linear` there.
+faster than oneDNN's (docs/cpu.md, benchmarks/products_vs_openvino.py), and swiftkv's own panel products
+(`weights.panel_product`, csrc/products.cpp) faster than MKL's for a prefill's rows: those run there, `F.linear`
+for everything else.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.
@@ -32,8 +34,8 @@ from swiftkv.modeling.common import Switch
 from swiftkv.modeling.weights import (
     NATIVE_ROWS,
     BlockLinear,
-    block_product,
     native_product,
+    panel_product,
     product_weight,
     rounded_product,
 )
@@ -80,6 +82,7 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     bf16 weights (weights.py): a few rows through `native_product` (float32 x), more as a bf16 product (x rounded to
     bf16, the output back in x's dtype, the bias added in x's dtype).
 
+    float32 weights: a prefill's rows through `panel_product` where it runs (MKL's place: ATen below AVX-512), else
     oneDNN when nothing needs a gradient, oneDNN forward and input-gradient when only x does (frozen layers in
     distillation), `F.linear` when the weight or bias trains (or off CPU / float32).
     """
@@ -90,6 +93,8 @@ def linear(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         if (y := native_product(x, (weight, None, None), bias)) is not None:
             return y
         return rounded_product(x, weight, bias)
+    if prefill_rows(x) and (y := panel_product(x, (weight, None, None), bias)) is not None:
+        return y
     if not _use_onednn() or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled():
@@ -127,24 +132,28 @@ class FusedRMSNorm:
 class FusedMLP:
     """Mixed into a family's gated MLP (down(silu(gate(x)) * up(x)), no biases): a prefill's SiLU and multiply in
     one native pass in the products' own dtype (csrc/elementwise.cpp), so bf16 products feed each other without
-    float32 round trips (the same rounding: gate and up come out of the product in bf16 either way). int8/int4
-    projections multiply through `block_product` where it runs (float32 throughout)."""
+    float32 round trips (the same rounding: gate and up come out of the product in bf16 either way). Where
+    `panel_product` runs, the products are its, in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not (prefill_rows(x) and all(p.bias is None for p in projections) and _is_silu(self.act_fn)):
             return super().forward(x)
-        if (
-            all(isinstance(p, BlockLinear) for p in projections)
-            and (gate := block_product(x, self.gate_proj)) is not None
-        ):
-            return block_product(native.extension().silu_mul(gate, block_product(x, self.up_proj)), self.down_proj)
+        gate = panel_product(x, _panel_weight(self.gate_proj), None)
+        up = None if gate is None else panel_product(x, _panel_weight(self.up_proj), None)
+        if up is not None:
+            return linear(native.extension().silu_mul(gate, up), self.down_proj)
         gate, up, down = (product_weight(p, x) for p in projections)
         if torch.is_grad_enabled() and any(w.requires_grad for w in (gate, up, down)):
             return super().forward(x)
         xin = x.to(gate.dtype)
         act = native.extension().silu_mul(_product(xin, gate), _product(xin, up))
         return _product(act.to(down.dtype), down).to(x.dtype)
+
+
+def _panel_weight(proj: nn.Module) -> tuple:
+    """A projection's weight as `panel_product` takes it: (float weight, None, None) or a BlockLinear's blocks."""
+    return (proj.qweight, proj.scales, proj.mins) if isinstance(proj, BlockLinear) else (proj.weight, None, None)
 
 
 def _is_silu(act: nn.Module) -> bool:

@@ -150,7 +150,7 @@ class BlockLinear(nn.Module):
             setattr(self, name, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out]: `native_product` for a few rows, else `block_product` where it runs, else the
+        """x [..., in] -> [..., out]: `native_product` for a few rows, else `panel_product` where it runs, else the
         dequantized weight times x in `product_dtype`, the bias added in x's dtype. With a gradient to pass back to
         x (distillation trains through frozen blocks), `_BlockProduct`: the same product, the weight dequantized
         again in backward."""
@@ -158,7 +158,7 @@ class BlockLinear(nn.Module):
             return y
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockProduct.apply(x, self)
-        if (y := block_product(x, self)) is not None:
+        if (y := panel_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
             return y
         return rounded_product(x, product_weight(self, x), self.bias)
 
@@ -224,32 +224,37 @@ def native_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) ->
     return extension.linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
 
 
-_block_products = Switch(True)
+_panel_products = Switch(True)
 
 
-def native_block_products(enabled: bool) -> contextlib.AbstractContextManager:
-    """Let `block_product` run inside the block (False: dequantize, then MKL, as before it), then restore."""
-    return _block_products(enabled)
+def native_panel_products(enabled: bool) -> contextlib.AbstractContextManager:
+    """Let `panel_product` run inside the block (False: MKL's products, blocks dequantized for them), then restore."""
+    return _panel_products(enabled)
 
 
-def block_product(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor | None:
-    """x [..., in] @ the layer's blocks^T (+ bias) by the extension's `block_linear` (csrc/products.cpp: the blocks
-    turned into float32 a panel at a time in cache, the float32 product of the dequantized weight up to summation
-    order), for float32 rows on CPU that need no gradient where the product runs in float32 (no bf16 hardware) and
-    ATen's float32 products are MKL's: there it measured faster than dequantizing for MKL at every row count, most on
-    short prompts (docs/cpu.md, "Block products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and
-    not used. None where it does not apply."""
+def panel_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., in] @ W^T (+ bias) by the extension's `prefill_linear` for `weight` = (float32 [out, in], None, None)
+    or a BlockLinear's (data, scales, mins): csrc/products.cpp takes the weight into cache a panel of columns at a
+    time (blocks dequantized there), the float32 product up to summation order. For float32 rows on CPU that need
+    no gradient, of a weight that needs none, where products run in float32 (no bf16 hardware) on MKL (ATen below
+    AVX-512) and `in` is a multiple of BLOCK: there it measured faster than MKL at every row count, most on short
+    prompts (docs/cpu.md, "Panel products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and not
+    used. None where it does not apply (then the caller's product runs)."""
     from swiftkv.modeling import kernels, native  # both import this module
 
-    if not _block_products.on or kernels.ONEDNN_PREFERRED or x.device.type != "cpu":
+    data, scales, mins = weight
+    if not _panel_products.on or kernels.ONEDNN_PREFERRED or x.device.type != "cpu" or x.dtype != torch.float32:
         return None
-    if torch.is_grad_enabled() and x.requires_grad:  # _BlockProduct passes x's gradient back
+    if torch.is_grad_enabled() and (x.requires_grad or data.requires_grad):  # autograd's products run instead
         return None
-    if product_dtype(x) != torch.float32 or (extension := native.usable()) is None:
+    float_weight = scales is None
+    if (float_weight and data.dtype != torch.float32) or (not float_weight and native_bf16()):
+        return None  # bf16 weights, or blocks multiplied in bf16 (product_dtype)
+    if x.shape[-1] % BLOCK or (extension := native.usable()) is None:
         return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
-    y = extension.block_linear(rows, layer.qweight, layer.scales, layer.mins, bias)
+    bias = None if bias is None else bias.detach().float().contiguous()
+    y = extension.prefill_linear(rows, data.detach() if float_weight else data, scales, mins, bias)
     return y.view(*x.shape[:-1], -1)
 
 

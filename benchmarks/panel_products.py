@@ -1,13 +1,13 @@
-"""Block products (csrc/products.cpp) against dequantize-then-MKL, the path before them: whole prefills of the
-default model with int8 / int4 weights, per prompt length, SwiftKV off and L=15, both paths timed in rotation in one
-process (`weights.native_block_products` switches between them; the model, its weights and caches are shared).
+"""Panel products (csrc/products.cpp) against MKL's, the path before them (int8 / int4 blocks dequantized for it):
+whole prefills of the default model per weight format and prompt length, SwiftKV off and L=15, both paths timed in
+rotation in one process (`weights.native_panel_products` switches between them; model, weights and caches shared).
 
-    python benchmarks/block_products.py --prompts 32 128 512 2048 --formats int8 int4 --threads 2 --reps 9
+    python benchmarks/panel_products.py --prompts 32 128 512 2048 --formats float32 int8 int4 --threads 2 --reps 9
 
-Where block products apply (products in float32 on MKL: no bf16 hardware, ATen below AVX-512) the two paths differ in
+Where panel products apply (products in float32 on MKL: no bf16 hardware, ATen below AVX-512) the two paths differ in
 the products of more than weights.NATIVE_ROWS rows; elsewhere both run the same code and the script says so and
-stops. Per prompt length, mode and format: median ms of each path and the median of the per-round ratios
-(block / dequantize, drift between rounds cancels). Writes --json and a PNG of the ratios by prompt length.
+exits 2. Per prompt length, mode and format: median ms of each path and the median of the per-round ratios
+(panel / mkl, drift between rounds cancels). Writes --json and a PNG of the ratios by prompt length.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from swiftkv.modeling import kernels, weights
 from swiftkv.modes import swiftkv_mode
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = {"block": True, "dequantize": False}  # name -> native_block_products(enabled)
+PATHS = {"panel": True, "mkl": False}  # name -> native_panel_products(enabled)
 
 
 def measure(fmt: str, args) -> dict[str, dict]:
@@ -44,23 +44,23 @@ def measure(fmt: str, args) -> dict[str, dict]:
                 "prompt": prompt,
                 "mode": mode,
                 "median_ms": {name: statistics.median(v) for name, v in ms.items()},
-                "paired_ratio": paired(ms["block"], ms["dequantize"]),
+                "paired_ratio": paired(ms["panel"], ms["mkl"]),
                 "runs_ms": ms,
             }
             row = rows[f"{prompt}/{mode}"]
             print(
-                f"{fmt:5s} {prompt:5d} {mode:4s} block {row['median_ms']['block']:8.1f} ms  dequantize "
-                f"{row['median_ms']['dequantize']:8.1f} ms  paired {row['paired_ratio']:.3f}",
+                f"{fmt:7s} {prompt:5d} {mode:4s} panel {row['median_ms']['panel']:8.1f} ms  mkl "
+                f"{row['median_ms']['mkl']:8.1f} ms  paired {row['paired_ratio']:.3f}",
                 flush=True,
             )
     return rows
 
 
-def _prefill_run(model, ids: torch.Tensor, swift: bool, block: bool):
-    """One timed prefill of `ids`, SwiftKV on or off, with block products on or off."""
+def _prefill_run(model, ids: torch.Tensor, swift: bool, panel: bool):
+    """One timed prefill of `ids`, SwiftKV on or off, with panel products on or off."""
 
     def run():
-        with weights.native_block_products(block), swiftkv_mode(model, swift):
+        with weights.native_panel_products(panel), swiftkv_mode(model, swift):
             return timed(lambda: prefill(model, ids))
 
     return run
@@ -77,8 +77,8 @@ def plot(result: dict, path: Path) -> Path:
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("prefill time, block products / dequantize + MKL")
-    ax.set_title(f"int8/int4 prefill products ({threads_label(result['machine']['threads'])}, median per-round ratio)")
+    ax.set_ylabel("prefill time, panel products / MKL's")
+    ax.set_title(f"prefill products ({threads_label(result['machine']['threads'])}, median per-round ratio)")
     ax.legend()
     return save_figure(fig, path)
 
@@ -86,16 +86,16 @@ def plot(result: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, nargs="+", default=[32, 128, 512, 2048])
-    parser.add_argument("--formats", nargs="+", choices=weights.BLOCK_FORMATS, default=["int8"])
+    parser.add_argument("--formats", nargs="+", choices=("float32", *weights.BLOCK_FORMATS), default=["int8"])
     parser.add_argument("--reps", type=int, default=9, help="timed rounds per prompt length and mode")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=ROOT / "results" / "block_products.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "results" / "panel_products.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: --json with .png)")
     args = parser.parse_args()
     if min(args.prompts) < 2 or args.reps < 1 or args.threads < 1:
         parser.error("--prompts must be >= 2, --reps and --threads >= 1")
     if kernels.ONEDNN_PREFERRED or weights.native_bf16():
-        print("block_products: block products do not run on this CPU (bf16 hardware or AVX-512 ATen)", file=sys.stderr)
+        print("panel_products: panel products do not run on this CPU (bf16 hardware or AVX-512 ATen)", file=sys.stderr)
         sys.exit(2)
     result = {"machine": machine_info(args.threads), "reps": args.reps, "formats": {}}
     with num_threads(args.threads), torch.inference_mode():
