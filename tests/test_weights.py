@@ -236,6 +236,7 @@ def test_prefill_products_run_the_panel_kernel_where_it_applies(fmt, monkeypatch
     torch.testing.assert_close(ours, mkl, atol=1e-5, rtol=1e-5)
     assert weights.panel_product(x, (lin.weight, None, None), None) is None  # trains: autograd's product
     assert weights.panel_product(x[..., :40], (lin.weight.detach()[:, :40], None, None), None) is None  # 40 inputs
+    assert weights.panel_product(x[..., :32], (lin.weight.detach()[:, :32], None, None), None) is None  # a view
 
 
 class _Recording:

@@ -7,8 +7,8 @@ kernels run AVX-512, SwiftKV models multiply in float32 with oneDNN wherever the
 inference, and in distillation the frozen layers, whose input gradient is one more oneDNN product. Trainable weights
 use `F.linear`. Where ATen tops out at AVX2 (an AVX2-only CPU, or CI's AVX2 environment) MKL's products measured
 faster than oneDNN's (docs/cpu.md, benchmarks/products_vs_openvino.py), and swiftkv's own panel products
-(`weights.panel_product`, csrc/products.cpp) faster than MKL's for a prefill's rows: those run there, `F.linear`
-for everything else.
+(`weights.panel_product`, csrc/products.cpp) level with MKL's on long prompts and faster on short ones: those run a
+prefill's products there, `F.linear` everything else.
 
 Results differ from MKL's only by float32 rounding (summation order, ~1e-6 relative).
 (`with onednn_linears(False):`) restores the stock kernel, e.g. to compare bit for bit with a stock transformers model.

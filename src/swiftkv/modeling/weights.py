@@ -236,10 +236,11 @@ def panel_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> 
     """x [..., in] @ W^T (+ bias) by the extension's `prefill_linear` for `weight` = (float32 [out, in], None, None)
     or a BlockLinear's (data, scales, mins): csrc/products.cpp takes the weight into cache a panel of columns at a
     time (blocks dequantized there), the float32 product up to summation order. For float32 rows on CPU that need
-    no gradient, of a weight that needs none, where products run in float32 (no bf16 hardware) on MKL (ATen below
-    AVX-512) and `in` is a multiple of BLOCK: there it measured faster than MKL at every row count, most on short
-    prompts (docs/cpu.md, "Panel products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and not
-    used. None where it does not apply (then the caller's product runs)."""
+    no gradient, of a contiguous weight that needs none, where products run in float32 (no bf16 hardware) on MKL
+    (ATen below AVX-512) and `in` is a multiple of BLOCK: there it measured level with MKL on long prompts and well
+    ahead on short ones, where MKL's 2-thread products and the blocks' whole-weight dequantization cost most
+    (docs/cpu.md, "Panel products"). Where ATen runs AVX-512 (oneDNN's products) it is not measured and not used.
+    None where it does not apply (then the caller's product runs)."""
     from swiftkv.modeling import kernels, native  # both import this module
 
     data, scales, mins = weight
@@ -250,7 +251,7 @@ def panel_product(x: torch.Tensor, weight: tuple, bias: torch.Tensor | None) -> 
     float_weight = scales is None
     if (float_weight and data.dtype != torch.float32) or (not float_weight and native_bf16()):
         return None  # bf16 weights, or blocks multiplied in bf16 (product_dtype)
-    if x.shape[-1] % BLOCK or (extension := native.usable()) is None:
+    if x.shape[-1] % BLOCK or not data.is_contiguous() or (extension := native.usable()) is None:
         return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
