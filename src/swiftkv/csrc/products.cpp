@@ -8,10 +8,10 @@
 // FMA peak at a few dozen rows (its 2-thread products slower than its 1-thread ones below ~32 rows).
 //
 // Each thread takes an even share of the weight's panels of P output columns (P = NV vectors) and takes up to
-// PANEL_FLOATS of them at a time in float32 (blocks dequantized), transposed: [K][P], so that one k's P weights are NV vector loads. Every 6 rows
-// of x then run against each panel in a 6 x P register tile, x's 6 values broadcast per k (the classic 6x16 GEMM
-// tile of attention.cpp), and the tile is stored as whole vectors of y's row. Sums run over k in order, one FMA per
-// k: the float32 product of the dequantized weight up to summation order.
+// PANEL_FLOATS of them at a time in float32 (blocks dequantized), transposed: [K][P], so that one k's P weights are
+// NV vector loads. Every 6 rows of x then run against each panel in a 6 x P register tile, x's 6 values broadcast
+// per k (the classic 6x16 GEMM tile of attention.cpp), and the tile is stored as whole vectors of y's rows. Sums
+// run over k in order, one FMA per k: the float32 product of the (dequantized) weight up to summation order.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,7 +33,7 @@ namespace {
 constexpr int NV = W >= 16 ? 4 : 2;  // vectors per tile row: 6 x NV accumulators + NV loads fit the registers
 constexpr int64_t P = NV * W;  // output columns per panel
 constexpr int R = 6;  // rows of x per tile
-constexpr int64_t PANEL_FLOATS = 48 * 1024;  // panels dequantized at once: 192 KB, hot in a 512 KB L2
+constexpr int64_t PANEL_FLOATS = 48 * 1024;  // panels taken at once: 192 KB, hot in a 512 KB L2
 
 struct Weight {  // one weight [N, K]: float32, or blocks
   const float* f32;  // float32 [N, K], or
