@@ -5,9 +5,10 @@ kernel and a whole prefill of the default model (SwiftKV off), in GFLOP/s and as
 
 The peak is the native extension's `fma_peak` (every thread multiply-adding its build's vectors in registers). The
 products are one layer's seven (q, k, v, o, gate, up, down) at --prompt rows through `kernels.linear`, the kernel a
-prefill uses (MKL on AVX2, oneDNN where ATen runs AVX-512); the attention is csrc/attention.cpp on that layer's
-shape (its causal triangle counted, as benchmarks/attention_kernel.py does). The whole prefill's time per layer,
-less one layer's products and attention, is the `rest` (norms, RoPE, SiLU, residual adds, cache copies, Python).
+prefill uses (`weights.panel_product` on AVX2, oneDNN where ATen runs AVX-512); the attention is csrc/attention.cpp
+on that layer's shape (its causal triangle counted, as benchmarks/attention_kernel.py does). The whole prefill's
+time per layer, less one layer's products and attention, is the `rest` (norms, RoPE, SiLU, residual adds, cache
+copies, Python).
 The four run in rotation (`bench.rotated`), medians of --reps. Writes --json and --plot.
 
 What it tells: where an engine that multiplies in float32 can still gain on this CPU. When products and attention
