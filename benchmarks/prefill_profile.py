@@ -31,7 +31,14 @@ from swiftkv.modes import swiftkv_mode
 ROOT = Path(__file__).resolve().parents[1]
 # group -> the op names it holds (ATen ops as the profiler names them; native kernels by their pybind name)
 GROUPS = {
-    "products": ("aten::mm", "aten::addmm", "aten::linear", "aten::_int_mm", "mkldnn::_linear_pointwise"),
+    "products": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::linear",
+        "aten::_int_mm",
+        "mkldnn::_linear_pointwise",
+        "prefill_linear",
+    ),
     "attention": ("prefill_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"),
     "norms": ("rms_norm",),
     "rope": ("prefill_rope",),

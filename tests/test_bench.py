@@ -341,8 +341,8 @@ def test_prefill_profile_groups_a_tiny_models_ops(tmp_path, monkeypatch):
         "<built-in method rms_norm of pybind11_builtins.pybind11_detail_function_record object>"
     ) == ("rms_norm")
     assert profile.op_name("aten::mm") == "aten::mm" and profile.op_name("threading.py(331): wait") is None
-    groups = profile.grouped({"aten::mm": 3.0, "prefill_attention": 2.0, "aten::add": 1.0})
-    assert (groups["products"], groups["attention"], groups["other ops"]) == (3.0, 2.0, 1.0)
+    groups = profile.grouped({"aten::mm": 3.0, "prefill_linear": 4.0, "prefill_attention": 2.0, "aten::add": 1.0})
+    assert (groups["products"], groups["attention"], groups["other ops"]) == (7.0, 2.0, 1.0)
     out = tmp_path / "profile.json"
     tiny_base("llama", num_layers=6).save_pretrained(tmp_path / "six_layers")  # too few for L=15
     argv = ["prefill_profile.py", "--prompt", "16", "--reps", "1", "--threads", "1", "--json", str(out), "--model"]
