@@ -11,7 +11,8 @@ torchao's int8/int4 weight-only layouts call on CPU):
 - `aten._weight_int8pack_mm`: int8 with one scale per output channel. swiftkv's int8 has one per 32 inputs (Q8_0),
   which that layout cannot hold, so it runs the same weight quantized per channel: its speed only.
 swiftkv's side is what a model runs for those rows (`BlockLinear`): the native product for up to NATIVE_ROWS rows (a
-decode step), the blocks dequantized then `F.linear` above that (a prefill). The kernels get x in the dtype
+decode step), above that (a prefill) `weights.panel_product` where it runs, else the blocks dequantized then
+`F.linear`. The kernels get x in the dtype
 swiftkv's product runs in (`product_dtype`: bf16 on bf16 hardware, else float32). Every product of one decoder layer
 of the default model (random weights: the speed does not depend on them), the engines in rotation, medians of --reps.
 Writes --json (milliseconds per layer's products, per engine and row count) and --plot.
