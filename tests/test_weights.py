@@ -203,8 +203,7 @@ def _panel_weight(lin: nn.Linear, fmt: str) -> tuple:
     """lin's weight as `panel_product` takes it in format `fmt`."""
     if fmt == "float32":
         return lin.weight.detach(), None, None
-    layer = block_linear(lin, fmt)
-    return layer.qweight, layer.scales, layer.mins
+    return block_linear(lin, fmt).blocks
 
 
 @needs_native

@@ -89,10 +89,6 @@ Tensor prefill_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
   return out;
 }
 
-// The float32 weight [out, in] that blocks of 32 inputs stand for (weights.py's formats): int8 data [out, in] (w = d q)
-// or uint8 [out, in / 2] (int4, w = d q + m; `dequantize_block`), float16 scales d and, for int4, mins m [out, in / 32].
-// One pass, each weight read once and written once (PyTorch's eager ops write and read a float32 copy more), bit for
-// bit their float32 d * q (+ m).
 // Blocks as weights.py stores them, else an error naming `caller`.
 void check_blocks(const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins, const char* caller) {
   const bool int4 = data.scalar_type() == at::kByte;
@@ -104,20 +100,23 @@ void check_blocks(const Tensor& data, const Tensor& scales, const std::optional<
               "in / 32]");
 }
 
+// The float32 weight [out, in] that blocks of 32 inputs stand for (weights.py's formats): int8 data [out, in] (w = d q)
+// or uint8 [out, in / 2] (int4, w = d q + m; `dequantize_block`), float16 scales d and, for int4, mins m [out, in / 32].
+// One pass, each weight read once and written once (PyTorch's eager ops write and read a float32 copy more), bit for
+// bit their float32 d * q (+ m).
 Tensor dequantize_blocks(const Tensor& data, const Tensor& scales, const std::optional<Tensor>& mins) {
   check_blocks(data, scales, mins, "dequantize_blocks");
-  constexpr int64_t BLOCK = QBLOCK;
   const bool int4 = data.scalar_type() == at::kByte;
   const int64_t blocks = scales.numel();
-  Tensor w = at::empty({scales.size(0), scales.size(1) * BLOCK}, scales.options().dtype(at::kFloat));
+  Tensor w = at::empty({scales.size(0), scales.size(1) * QBLOCK}, scales.options().dtype(at::kFloat));
   const at::Half *d = scales.data_ptr<at::Half>(), *m = int4 ? mins->data_ptr<at::Half>() : nullptr;
   const int8_t* q8 = int4 ? nullptr : data.data_ptr<int8_t>();
   const uint8_t* q4 = int4 ? data.data_ptr<uint8_t>() : nullptr;
   float* out = w.data_ptr<float>();
   at::parallel_for(0, blocks, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
-      dequantize_block(int4 ? nullptr : q8 + b * BLOCK, int4 ? q4 + b * BLOCK / 2 : nullptr, static_cast<float>(d[b]),
-                       int4 ? static_cast<float>(m[b]) : 0.f, out + b * BLOCK);
+      dequantize_block(int4 ? nullptr : q8 + b * QBLOCK, int4 ? q4 + b * QBLOCK / 2 : nullptr, static_cast<float>(d[b]),
+                       int4 ? static_cast<float>(m[b]) : 0.f, out + b * QBLOCK);
   });
   return w;
 }

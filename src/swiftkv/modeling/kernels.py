@@ -153,7 +153,7 @@ class FusedMLP:
 
 def _panel_weight(proj: nn.Module) -> tuple:
     """A projection's weight as `panel_product` takes it: (float weight, None, None) or a BlockLinear's blocks."""
-    return (proj.qweight, proj.scales, proj.mins) if isinstance(proj, BlockLinear) else (proj.weight, None, None)
+    return proj.blocks if isinstance(proj, BlockLinear) else (proj.weight, None, None)
 
 
 def _is_silu(act: nn.Module) -> bool:

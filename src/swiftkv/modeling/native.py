@@ -308,7 +308,7 @@ def _matrix(module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None
     if module is None:
         return None
     if isinstance(module, BlockLinear):
-        return module.qweight, module.scales, module.mins
+        return module.blocks
     return _weight(module), None, None
 
 

@@ -124,6 +124,11 @@ class BlockLinear(nn.Module):
         self.register_buffer("mins", mins)
         self.bias = bias
 
+    @property
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight, scales, mins): the weight as the extension's products take it (native_product, panel_product)."""
+        return self.qweight, self.scales, self.mins
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] the blocks stand for, computed in float32 (exact: d * q + m has few bits), then cast:
         on CPU by the native extension in one pass (the same values bit for bit; a prefill dequantizes every
@@ -131,7 +136,7 @@ class BlockLinear(nn.Module):
         from swiftkv.modeling import native  # native's step reads this module's formats
 
         if self.qweight.device.type == "cpu" and (extension := native.usable()) is not None:
-            return extension.dequantize_blocks(self.qweight, self.scales, self.mins).to(dtype)
+            return extension.dequantize_blocks(*self.blocks).to(dtype)
         out, blocks = self.scales.shape
         if self.format == "int8":
             q = self.qweight.view(out, blocks, BLOCK).float()
@@ -154,11 +159,11 @@ class BlockLinear(nn.Module):
         dequantized weight times x in `product_dtype`, the bias added in x's dtype. With a gradient to pass back to
         x (distillation trains through frozen blocks), `_BlockProduct`: the same product, the weight dequantized
         again in backward."""
-        if (y := native_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
+        if (y := native_product(x, self.blocks, self.bias)) is not None:
             return y
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockProduct.apply(x, self)
-        if (y := panel_product(x, (self.qweight, self.scales, self.mins), self.bias)) is not None:
+        if (y := panel_product(x, self.blocks, self.bias)) is not None:
             return y
         return rounded_product(x, product_weight(self, x), self.bias)
 
@@ -387,7 +392,7 @@ def apply_format(
                 given = (blocks or {}).get(f"{prefix}.{name}.weight".lstrip("."))
                 quantized = given if given is not None and given.format == target else block_linear(child, target)
                 setattr(parent, name, quantized)
-                new += [t for t in (quantized.qweight, quantized.scales, quantized.mins) if t is not None]
+                new += [t for t in quantized.blocks if t is not None]
     move_to_huge_pages(new)  # streamed per decoded token, like float weights (kernels.copy_weights_to_process_memory)
     if lm_head is not None:  # its own tensors now: a later `tie_weights` (conversion, saving) must not re-tie it
         model.config.tie_word_embeddings = False
