@@ -1,12 +1,16 @@
-"""The native step's matrix-vector products alone, per format, against an earlier decode.cpp side by side.
+"""The extension's block products alone, per format and row count, against an earlier build side by side.
 
     python benchmarks/native_products.py --baseline-rev 5ed1076 --threads 2
+    python benchmarks/native_products.py --baseline-rev HEAD~1 --rows 9 16 32 64 128 2048 --formats int8
 
 Every Linear layer of the default model at L=15 (30 layers: q, k, v, o, gate, up, down; the LM head, int8 under
-int4 as weights.py keeps it) as random weights in each quantized format, one row of x each, through the extension's
-`linear` (what the decode step's products run, plus one call's overhead). --baseline-rev builds csrc/decode.cpp as it
-was at that git revision as a second extension in the same process; the two are timed in turns, medians of --reps.
-Writes --json: milliseconds per pass over all products, the speed-up, and the bytes streamed per second.
+int4 as weights.py keeps it) as random weights in each quantized format, x of --rows rows (default 1: a decode
+step), through the extension's product for that many rows: `linear` up to weights.NATIVE_ROWS (what the decode
+step's products run, plus one call's overhead), `prefill_linear` above (a prefill's panel products; one x per
+input width, as a layer's products share theirs; no LM head, a prefill runs it for one row). --baseline-rev builds
+csrc/ as it was at that git revision as a second extension in the same process; the two are timed in turns, medians
+of --reps. Writes --json: per format and row count, milliseconds per pass over all products, the speed-up, and the
+bytes of weights streamed per second.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import argparse
 import statistics
 import subprocess
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from vs_openvino import paired
 
-from swiftkv.bench import machine_info, num_threads
+from swiftkv.bench import Run, machine_info, num_threads, rotated, timed
 from swiftkv.files import write_json
 from swiftkv.modeling import native
-from swiftkv.modeling.weights import block_linear
+from swiftkv.modeling.weights import NATIVE_ROWS, block_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query and 3 key/value heads of 64, vocabulary 49152.
@@ -75,41 +80,51 @@ def baseline_extension(rev: str):
     )
 
 
-def products(fmt: str) -> list[tuple[tuple, torch.Tensor]]:
-    """((data, scales, mins), x [1, in]) of every product of one decode step in format `fmt`."""
+def products(fmt: str, rows: int = 1) -> list[tuple[tuple, torch.Tensor]]:
+    """((data, scales, mins), x [rows, in]) of every product of one decode step (rows <= NATIVE_ROWS) or prefill
+    (more, without the LM head) in format `fmt`; one x per input width."""
     torch.manual_seed(0)
+    shapes = [*LAYER_SHAPES * 30, LM_HEAD] if rows <= NATIVE_ROWS else LAYER_SHAPES * 30
+    xs = {cols: torch.randn(rows, cols) for _, cols in shapes}
     out = []
-    for rows, cols in [*LAYER_SHAPES * 30, LM_HEAD]:
-        layer = block_linear(nn.Linear(cols, rows, bias=False), "int8" if (rows, cols) == LM_HEAD else fmt)
-        out.append(((layer.qweight, layer.scales, layer.mins), torch.randn(1, cols)))
+    for out_features, cols in shapes:
+        fmt_here = "int8" if (out_features, cols) == LM_HEAD else fmt
+        layer = block_linear(nn.Linear(cols, out_features, bias=False), fmt_here)
+        out.append((layer.blocks, xs[cols]))
     return out
+
+
+def product(ext, x: torch.Tensor, blocks: tuple) -> torch.Tensor:
+    """x @ W^T by the extension's product for x's row count (the one weights.py routes that many rows to)."""
+    return ext.linear(x, blocks, None) if x.shape[0] <= NATIVE_ROWS else ext.prefill_linear(x, *blocks, None)
 
 
 def streamed_bytes(weights: list[tuple[tuple, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for args, _ in weights for t in args if t is not None)
 
 
-def measure(extensions: dict, weights: list, reps: int) -> dict[str, float]:
-    """Median seconds of one pass over `weights` per extension, the extensions taking turns."""
-    times: dict[str, list[float]] = {name: [] for name in extensions}
-    for rep in range(reps + 1):  # the first round warms up
-        for name, ext in extensions.items():
-            start = time.perf_counter()
-            for args, x in weights:
-                ext.linear(x, args, None)
-            if rep:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def measure(extensions: dict, weights: list, reps: int) -> dict[str, list[float]]:
+    """Seconds of each of --reps passes over `weights` per extension, the extensions in rotation (bench.rotated: the
+    first goes first in turn, after a warm-up round)."""
+
+    def one_pass(ext) -> Callable[[], Run]:
+        return lambda: timed(lambda: [product(ext, x, args) for args, x in weights])
+
+    times = rotated({name: one_pass(ext) for name, ext in extensions.items()}, reps)
+    return {name: [run.wall_s for run in runs] for name, runs in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-rev", help="git revision whose decode.cpp to time beside today's")
     parser.add_argument("--formats", nargs="+", choices=("int8", "int4"), default=["int8", "int4"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x: 1 a decode step, > 8 a prefill")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "results" / "native_products.json")
     args = parser.parse_args()
+    if min(args.rows) < 1 or args.reps < 1 or args.threads < 1:
+        parser.error("--rows, --reps and --threads must be >= 1")
     baseline_commit = checked_commit(parser, args.baseline_rev)
     extensions = {"current": native.extension()}
     if extensions["current"] is None:
@@ -124,16 +139,23 @@ def main() -> None:
     }
     with num_threads(args.threads):
         for fmt in args.formats:
-            weights = products(fmt)
-            seconds = measure(extensions, weights, args.reps)
-            row = {name: {"ms": 1e3 * s, "gb_per_s": streamed_bytes(weights) / s / 1e9} for name, s in seconds.items()}
-            if args.baseline_rev:
-                row["speedup"] = seconds[args.baseline_rev] / seconds["current"]
-            result[fmt] = row
-            print(
-                fmt, {k: v if isinstance(v, float) else {a: round(b, 2) for a, b in v.items()} for k, v in row.items()}
-            )
-    write_json(result, args.json)
+            result[fmt] = {}
+            for rows in args.rows:
+                weights = products(fmt, rows)
+                times = measure(extensions, weights, args.reps)
+                seconds = {name: statistics.median(t) for name, t in times.items()}
+                row = {n: {"ms": 1e3 * s, "gb_per_s": streamed_bytes(weights) / s / 1e9} for n, s in seconds.items()}
+                if args.baseline_rev:  # the median of per-round ratios: drift between rounds cancels
+                    row["speedup"] = 1 / paired(times["current"], times[args.baseline_rev])
+                result[fmt][str(rows)] = row
+                print(
+                    fmt,
+                    f"{rows} rows",
+                    {n: round(r["ms"], 2) for n, r in row.items() if n != "speedup"},
+                    f"speed-up {row.get('speedup', 1.0):.3f}",
+                    flush=True,
+                )
+                write_json(result, args.json)  # what is finished survives an interrupt
 
 
 if __name__ == "__main__":

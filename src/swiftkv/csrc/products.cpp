@@ -9,9 +9,10 @@
 //
 // Each thread takes an even share of the weight's panels of P output columns (P = NV vectors) and takes up to
 // PANEL_FLOATS of them at a time in float32 (blocks dequantized), transposed: [K][P], so that one k's P weights are
-// NV vector loads. Every 6 rows of x then run against each panel in a 6 x P register tile, x's 6 values broadcast
-// per k (the classic 6x16 GEMM tile of attention.cpp), and the tile is stored as whole vectors of y's rows. Sums
-// run over k in order, one FMA per k: the float32 product of the (dequantized) weight up to summation order.
+// NV vector loads. Every 6 rows of x then run against each panel in a 6 x P register tile (the rows dealt evenly to
+// tiles of 4-6 where M is not a multiple of 6), x's values broadcast per k (the classic 6x16 GEMM tile of
+// attention.cpp), and the tile is stored as whole vectors of y's rows. Sums run over k in order, one FMA per k: the
+// float32 product of the (dequantized) weight up to summation order.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -96,7 +97,12 @@ void tile(const float* x, const float* panel, int64_t K, float* y, int64_t N, in
   vf acc[ROWS][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vf wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = loadv(panel + k * P + v * W);
+    for (int v = 0; v < NV; ++v) {
+      wv[v] = loadv(panel + k * P + v * W);
+#if defined(__x86_64__)
+      asm("" : "+v"(wv[v]));  // in a register: at ROWS <= 4 GCC would load it again for every row's FMA
+#endif
+    }
     for (int r = 0; r < ROWS; ++r) {
       const float xr = x[r * K + k];
       for (int v = 0; v < NV; ++v) acc[r][v] += wv[v] * xr;
@@ -141,6 +147,9 @@ Tensor prefill_linear(const Tensor& x, const Tensor& weight, const std::optional
                  int4 ? weight.data_ptr<uint8_t>() : nullptr, f32 ? nullptr : scales->data_ptr<at::Half>(),
                  int4 ? mins->data_ptr<at::Half>() : nullptr, K};
   const int64_t panels = (N + P - 1) / P, fit = std::max<int64_t>(1, PANEL_FLOATS / K / P);
+  // The rows in ceil(M / R) tiles of sizes that differ by at most one (M = 32: 6 6 5 5 5 5, not 6 6 6 6 6 2): a
+  // tile of >= 4 rows (every M > 8) has the independent accumulators to keep both FMA ports busy, one of 2 has half.
+  const int64_t tiles = (M + R - 1) / R;
   const float *xs = x.data_ptr<float>(), *b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {  // one even share of the panels per thread
@@ -148,12 +157,14 @@ Tensor prefill_linear(const Tensor& x, const Tensor& weight, const std::optional
     for (int64_t p0 = lo; p0 < hi; p0 += fit) {
       const int64_t count = std::min(fit, hi - p0);
       for (int64_t i = 0; i < count; ++i) take_panel(w, (p0 + i) * P, N, wt.get() + i * K * P);
-      for (int64_t r = 0; r < M; r += R)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t r = t * M / tiles, rows = (t + 1) * M / tiles - r;
         for (int64_t i = 0; i < count; ++i) {
           const int64_t n = (p0 + i) * P;
-          TILES[std::min<int64_t>(R, M - r)](xs + r * K, wt.get() + i * K * P, K, out + r * N + n, N,
-                                             std::min(P, N - n), b ? b + n : nullptr);
+          TILES[rows](xs + r * K, wt.get() + i * K * P, K, out + r * N + n, N, std::min(P, N - n),
+                      b ? b + n : nullptr);
         }
+      }
     }
   });
   return y;

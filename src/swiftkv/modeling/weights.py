@@ -159,11 +159,12 @@ class BlockLinear(nn.Module):
         dequantized weight times x in `product_dtype`, the bias added in x's dtype. With a gradient to pass back to
         x (distillation trains through frozen blocks), `_BlockProduct`: the same product, the weight dequantized
         again in backward."""
-        if (y := native_product(x, self.blocks, self.bias)) is not None:
+        blocks = self.blocks  # three buffer lookups through nn.Module.__getattr__: once per product
+        if (y := native_product(x, blocks, self.bias)) is not None:
             return y
         if torch.is_grad_enabled() and x.requires_grad:
             return _BlockProduct.apply(x, self)
-        if (y := panel_product(x, self.blocks, self.bias)) is not None:
+        if (y := panel_product(x, blocks, self.bias)) is not None:
             return y
         return rounded_product(x, product_weight(self, x), self.bias)
 
