@@ -194,6 +194,24 @@ def test_panel_products_benchmark_end_to_end(tmp_path, monkeypatch, default_mode
 
 
 @needs_extension
+def test_native_products_benchmark_times_decode_and_prefill_rows(tmp_path, monkeypatch):
+    """benchmarks/native_products.py --rows: a decode step's row (the extension's `linear`) and a prefill's rows
+    (`prefill_linear`), one JSON row each per format; a row count below 1 is refused before anything is built
+    (exit 2)."""
+    bench = load_benchmark("native_products")
+    out = tmp_path / "products.json"
+    argv = ["native_products.py", "--rows", "1", "9", "--formats", "int8", "--reps", "1", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["int8"]
+    assert set(rows) == {"1", "9"} and all(row["current"]["ms"] > 0 for row in rows.values())
+    monkeypatch.setattr(sys, "argv", [*argv[:2], "0", "--json", str(out)])
+    with pytest.raises(SystemExit) as exited:
+        bench.main()
+    assert exited.value.code == 2
+
+
+@needs_extension
 @pytest.mark.parametrize("batch", [1, 2])
 def test_native_rope_is_the_families_rope_bit_for_bit(batch, monkeypatch):
     """Queries as the attention forward hands them over (a transposed view of the product), cos/sin for one or every
