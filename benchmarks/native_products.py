@@ -116,7 +116,7 @@ def measure(extensions: dict, weights: list, reps: int) -> dict[str, list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline-rev", help="git revision whose decode.cpp to time beside today's")
+    parser.add_argument("--baseline-rev", help="git revision whose csrc/ to time beside today's")
     parser.add_argument("--formats", nargs="+", choices=("int8", "int4"), default=["int8", "int4"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x: 1 a decode step, > 8 a prefill")
     parser.add_argument("--reps", type=int, default=7)
@@ -148,13 +148,8 @@ def main() -> None:
                 if args.baseline_rev:  # the median of per-round ratios: drift between rounds cancels
                     row["speedup"] = 1 / paired(times["current"], times[args.baseline_rev])
                 result[fmt][str(rows)] = row
-                print(
-                    fmt,
-                    f"{rows} rows",
-                    {n: round(r["ms"], 2) for n, r in row.items() if n != "speedup"},
-                    f"speed-up {row.get('speedup', 1.0):.3f}",
-                    flush=True,
-                )
+                speedup = f"speed-up {row['speedup']:.3f}" if args.baseline_rev else ""
+                print(fmt, f"{rows} rows", {n: round(r["ms"], 2) for n, r in row.items() if n != "speedup"}, speedup)
                 write_json(result, args.json)  # what is finished survives an interrupt
 
 
