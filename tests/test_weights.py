@@ -176,9 +176,8 @@ def test_panel_products_equal_the_float_product(fmt):
     blocks): float32 sums of the weight's exact values, so within float32 rounding of a float64 product of the
     (dequantized) weight, for row counts around its 6-row tiles (13 and 32 dealt to tiles of 4-6 rows) and outputs
     around its panels (3 and 40: part of one; 200: several, the last partial; 1536 inputs: the down projection's
-    width), with and without a bias. Each
-    output is summed by one thread in one order, so 1 and 2 threads give the same bits. Operands it does not take
-    are refused, naming what it takes."""
+    width), with and without a bias. Each output is summed by one thread in one order, so 1 and 2 threads give the
+    same bits. Operands it does not take are refused, naming what it takes."""
     product = native.extension().prefill_linear
     for out, inputs, rows in ((3, 32, 1), (40, 96, 6), (200, 64, 13), (24, 64, 32), (17, 1536, 7)):
         lin = _linear(out, inputs, seed=out)
