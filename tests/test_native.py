@@ -59,6 +59,40 @@ def test_native_step_on_long_padded_prompts(swift):
     torch.testing.assert_close(fast, slow, **CLOSE)
 
 
+def _prefill(model, ids, mask, use_native, cache=None, embeds=False):
+    """The last token's logits [B, 1, V] of a SwiftKV prefill into `cache` (a new one by default), and the cache."""
+    cache = SwiftKVCache(model.config) if cache is None else cache
+    inputs = {"inputs_embeds": model.model.embed_tokens(ids)} if embeds else {"input_ids": ids}
+    with torch.no_grad(), native_decode(use_native), swiftkv_mode(model, True):
+        return model(**inputs, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits, cache
+
+
+@pytest.mark.parametrize("embeds", [False, True], ids=["ids", "embeds"])
+@pytest.mark.parametrize("layout", [(3, 1), (2, 2)])
+def test_a_swiftkv_prefills_kept_token_runs_the_later_layers_in_the_native_step(family, layout, embeds, monkeypatch):
+    """The prompt's K/V come from the prefill's products (bit for bit the Python path's); only the last token runs
+    layers >= L, in one native step (decode.kept_token_logits), with the Python layers' logits. A second prompt
+    appended to the same cache (P > 0) too."""
+    model = convert(tiny_base(family), *layout)
+    ids, mask = left_padded_batch()
+    firsts = []
+    step = native.step
+    monkeypatch.setattr(native, "step", lambda *args, first=0: firsts.append(first) or step(*args, first=first))
+    fast, cache = _prefill(model, ids, mask, use_native=True, embeds=embeds)
+    slow, python_cache = _prefill(model, ids, mask, use_native=False, embeds=embeds)
+    assert firsts == [layout[0]]
+    torch.testing.assert_close(fast, slow, **CLOSE)
+    for layer, python_layer in zip(cache.layers, python_cache.layers, strict=True):  # AcrossKV non-leaders: None
+        for tensors in ((layer.keys, python_layer.keys), (layer.values, python_layer.values)):
+            assert tensors[0] is tensors[1] is None or torch.equal(*tensors)
+    more, more_mask = left_padded_batch(seed=1, lengths=(5, 5, 5))
+    mask = torch.cat([mask, more_mask], 1)
+    fast, _ = _prefill(model, more, mask, use_native=True, cache=cache, embeds=embeds)
+    slow, _ = _prefill(model, more, mask, use_native=False, cache=python_cache, embeds=embeds)
+    assert firsts == [layout[0]] * 2
+    torch.testing.assert_close(fast, slow, **CLOSE)
+
+
 @pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
 def test_the_extension_runs_on_torchs_threads():
     """Built without -fopenmp, ATen's header-only parallel_for silently runs serial (it did: 1 thread of 2)."""

@@ -470,9 +470,13 @@ class Runtime {
 
   // hidden [B, D] (the token embeddings); cos/sin [B, Dh]; mask [B, S] additive or None; keys/values: one
   // [B, Hkv, capacity, Dh] buffer per layer (a non-leader gets its leader's). Returns the logits [B, V].
+  // first > 0 (a SwiftKV prefill's kept token): hidden is the input of layer `first`, a SwiftKV layer, and layers
+  // first.. read the K/V the prefill already cached through position `past` (none are computed or written).
   Tensor step(Tensor hidden, Tensor cos, Tensor sin, OptTensor mask, std::vector<Tensor> keys,
-              std::vector<Tensor> values, int64_t past) {
+              std::vector<Tensor> values, int64_t past, int64_t first) {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one K/V buffer per layer");
+    TORCH_CHECK(first == 0 || (first < static_cast<int64_t>(layers_.size()) && layers_[first].swiftkv),
+                "step: `first` must be 0 or a SwiftKV layer");
     hidden = hidden.contiguous().clone();
     const int64_t B = hidden.size(0), D = hidden.size(1);
     const int64_t q_dim = heads_ * head_dim_, kv_dim = kv_heads_ * head_dim_;
@@ -483,15 +487,16 @@ class Runtime {
     Tensor act = at::empty({B, inter}, opts), tmp = at::empty({B, D}, opts);
     float* h = hidden.data_ptr<float>();
     bool have_swift = false;
-    for (size_t i = 0; i < layers_.size(); ++i) {
+    for (size_t i = first; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       float* xp = x.data_ptr<float>();
       rms_norm(h, B, D, l.input_norm, l.eps, xp);
-      if (l.swiftkv && !have_swift) {  // norm_swiftkv(h_L): the K/V input of every later layer
+      const bool own_kv = l.k.defined() && first == 0;
+      if (own_kv && l.swiftkv && !have_swift) {  // norm_swiftkv(h_L): the K/V input of every later layer
         rms_norm(h, B, D, swiftkv_norm_, swiftkv_eps_, swift.data_ptr<float>());
         have_swift = true;
       }
-      if (l.k.defined()) {
+      if (own_kv) {
         const float* src = l.swiftkv ? swift.data_ptr<float>() : xp;
         gemv_many({{xp, &l.q, &l.q_bias, q.data_ptr<float>()}, {src, &l.k, &l.k_bias, k.data_ptr<float>()},
                    {src, &l.v, &l.v_bias, v.data_ptr<float>()}}, B);

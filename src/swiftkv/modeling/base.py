@@ -319,6 +319,25 @@ class SwiftKVModelMixin:
             )
         return hidden, last_input
 
+    def cache_prompt(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache,
+        inputs_embeds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, LayerInputs]:
+        """A SwiftKV prompt's K/V, every layer's, written into `cache`: layers 0..L-1 run on every token and each
+        group's K/V comes from norm_swiftkv(h_L). Returns h_L [B, T, D] and the layer inputs; the kept tokens' later
+        layers are left to the caller (decode.kept_token_logits)."""
+        hidden, inputs = self.prepare_layer_inputs(input_ids, attention_mask, position_ids, cache, inputs_embeds, True)
+        hidden = self.run_prefix_layers(hidden, inputs)
+        x = self.norm_swiftkv(hidden)  # [B, T, D]
+        for idx in range(self.config.num_key_value_layers, self.config.num_hidden_layers):
+            if self.config.leader_of(idx) == idx:
+                self._group_key_values(idx, x, inputs.rope, cache, {})
+        return hidden, inputs
+
     def run_base_layers(self, hidden: torch.Tensor, inputs: LayerInputs, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher layers L..N-1 from h_L [B, T, D]: the base model's own attention, every token, no cache.
 
@@ -427,6 +446,11 @@ class SwiftKVForCausalLMMixin:
         if decode.applies(self, input_ids, cache, labels, logits_to_keep, kwargs):
             _check_cache(cache, self.config)
             logits = decode.decode_logits(self, input_ids, attention_mask, position_ids, cache)
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
+        if decode.kept_token_applies(self, input_ids, inputs_embeds, cache, labels, logits_to_keep, kwargs):
+            _check_cache(cache, self.config)
+            logits = decode.kept_token_logits(self, input_ids, attention_mask, position_ids, cache, inputs_embeds)
+            _check_cache(cache, self.config)
             return CausalLMOutputWithPast(logits=logits, cache=cache)
         args = dict(
             input_ids=input_ids,

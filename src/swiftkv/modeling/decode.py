@@ -23,19 +23,60 @@ from swiftkv.modeling.kernels import linear
 
 def applies(model, input_ids, cache, labels, logits_to_keep, kwargs: dict) -> bool:
     """True when this forward is one plain decode step the fast path computes exactly."""
+    return input_ids is not None and input_ids.shape[1] == 1 and _plain(model, cache, labels, logits_to_keep, kwargs)
+
+
+def _plain(model, cache, labels, logits_to_keep, kwargs: dict) -> bool:
+    """No gradient, loss, attention weights or hidden states asked for; a preallocated `SwiftKVCache` to write."""
     config = model.config
     return (
         not torch.is_grad_enabled()
         and isinstance(cache, SwiftKVCache)
         and cache.preallocated
-        and input_ids is not None
-        and input_ids.shape[1] == 1
         and labels is None
         and isinstance(logits_to_keep, int)
         and config._attn_implementation in SKIPPABLE_ATTENTION
         and not kwargs.get("output_attentions", config.output_attentions)
         and not kwargs.get("output_hidden_states", config.output_hidden_states)
     )
+
+
+def kept_token_applies(causal_lm, input_ids, inputs_embeds, cache, labels, logits_to_keep, kwargs: dict) -> bool:
+    """True when this forward is a SwiftKV prefill whose one kept token per sequence can run the later layers in the
+    native step (`kept_token_logits`): a prompt of several tokens into a preallocated `SwiftKVCache`, the last
+    token's logits only, nothing else asked for."""
+    config, prompt = causal_lm.config, inputs_embeds if input_ids is None else input_ids
+    return (
+        config.swiftkv
+        and config.num_key_value_layers < config.num_hidden_layers
+        and _plain(causal_lm, cache, labels, logits_to_keep, kwargs)  # an int logits_to_keep among them
+        and logits_to_keep == 1
+        and prompt is not None
+        and prompt.shape[1] > 1
+        # the hidden states' device and dtype are the embeddings' (or inputs_embeds')
+        and native.runtime(causal_lm, cache, causal_lm.model.embed_tokens.weight if input_ids is not None else prompt)
+        is not None
+    )
+
+
+def kept_token_logits(
+    causal_lm,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: SwiftKVCache,
+    inputs_embeds: torch.Tensor | None,
+) -> torch.Tensor:
+    """Logits [B, 1, V] after a SwiftKV prompt: every layer's K/V written into `cache` by the prefill's own
+    products (`cache_prompt`), then the last token's h_L through layers L..N-1 and the LM head in ONE native call,
+    as a decode step runs a token (its later layers read the K/V just cached). That is the same arithmetic as the
+    Python layers' few-row path (the products' 8-bit activations for int8/int4 included) without ~0.5 ms of module
+    calls per later layer (docs/cpu.md)."""
+    model, config = causal_lm.model, causal_lm.config
+    hidden, inputs = model.cache_prompt(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+    mask = None if inputs.mask is None else inputs.mask[:, :, -1:]  # [B, 1, 1, P+T], the kept token's row
+    rope = tuple(t[:, -1:] for t in inputs.rope)  # (cos, sin) [B|1, 1, Dh]
+    return native.step(cache.native, cache, hidden[:, -1:], mask, rope, first=config.num_key_value_layers)
 
 
 def decode_logits(

@@ -225,12 +225,13 @@ class NativeModel:
     storage: list[int]  # per layer: the layer whose cache entry it reads (its AcrossKV leader, or itself)
 
 
-def step(model: NativeModel, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope) -> torch.Tensor:
+def step(model: NativeModel, cache: SwiftKVCache, hidden: torch.Tensor, mask, rope, first: int = 0) -> torch.Tensor:
     """The logits [B, 1, V] for token embeddings `hidden` [B, 1, D]; writes this token's K/V into `cache` and
-    advances it by one position."""
+    advances it by one position. `first` > 0, a SwiftKV layer: `hidden` is the input of layer `first` for the cache's
+    last position, whose K/V of layers >= first are already cached (a SwiftKV prefill's kept token, decode.py);
+    layers before `first` do not run and nothing is written."""
     batch, dim = hidden.shape[0], hidden.shape[-1]
-    past = cache.get_seq_length()
-    end = past + 1
+    end = cache.get_seq_length() + (first == 0)  # positions attended, this token's included
     storage = model.storage
     buffers = {idx: cache.layers[idx].reserve(end) for idx in set(storage)}  # K, V [B, Hkv, capacity, Dh]
     cos, sin = (t.reshape(-1, t.shape[-1]).expand(batch, -1).contiguous() for t in rope)  # [B, Dh]
@@ -241,10 +242,12 @@ def step(model: NativeModel, cache: SwiftKVCache, hidden: torch.Tensor, mask, ro
         _additive_mask(mask, batch, end),
         [buffers[idx][0] for idx in storage],
         [buffers[idx][1] for idx in storage],
-        past,
+        end - 1,
+        first,
     )
-    for idx in buffers:
-        cache.layers[idx].advance(end)
+    if first == 0:
+        for idx in buffers:
+            cache.layers[idx].advance(end)
     return out.view(batch, 1, -1)
 
 
