@@ -60,10 +60,10 @@ def test_native_step_on_long_padded_prompts(swift):
 
 
 def _prefill(model, ids, mask, use_native, cache=None, embeds=False):
-    """The last token's logits [B, 1, V] of a SwiftKV prefill into `cache` (a new one by default), and the cache."""
+    """The last token's logits [B, 1, V] of a prefill into `cache` (a new one by default), and the cache."""
     cache = SwiftKVCache(model.config) if cache is None else cache
     inputs = {"inputs_embeds": model.model.embed_tokens(ids)} if embeds else {"input_ids": ids}
-    with torch.no_grad(), native_decode(use_native), swiftkv_mode(model, True):
+    with torch.no_grad(), native_decode(use_native):
         return model(**inputs, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits, cache
 
 
@@ -73,7 +73,7 @@ def test_a_swiftkv_prefills_kept_token_runs_the_later_layers_in_the_native_step(
     """The prompt's K/V come from the prefill's products (bit for bit the Python path's); only the last token runs
     layers >= L, in one native step (decode.kept_token_logits), with the Python layers' logits. A second prompt
     appended to the same cache (P > 0) too."""
-    model = convert(tiny_base(family), *layout)
+    model = convert(tiny_base(family), *layout)  # SwiftKV on
     ids, mask = left_padded_batch()
     firsts = []
     step = native.step
@@ -91,6 +91,40 @@ def test_a_swiftkv_prefills_kept_token_runs_the_later_layers_in_the_native_step(
     slow, _ = _prefill(model, more, mask, use_native=False, cache=python_cache, embeds=embeds)
     assert firsts == [layout[0]] * 2
     torch.testing.assert_close(fast, slow, **CLOSE)
+
+
+def test_the_native_model_is_built_once_per_model_and_again_when_what_it_reads_changes():
+    """Each prompt's new cache takes the model's NativeModel as built (`native._native_model`), which sees weights
+    written in place; a mode switch, a replaced module or parameter, or a new activation builds another. The
+    native logits follow every change."""
+    model = convert(tiny_base("llama"), 3, 1)
+    ids, mask = left_padded_batch()
+
+    def native_model_and_logits():  # a prefill and one decode step (base mode builds it for the step)
+        fast, cache = _decode(model, ids, mask, 1, use_native=True)
+        slow, _ = _decode(model, ids, mask, 1, use_native=False)
+        torch.testing.assert_close(fast, slow, **CLOSE)
+        return cache.native
+
+    first = native_model_and_logits()
+    assert native_model_and_logits() is first
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # the same memory, written
+    assert native_model_and_logits() is first
+    changes = [
+        lambda: model.config.__setattr__("swiftkv", False),
+        lambda: model.config.__setattr__("swiftkv", True),
+        lambda: model.model.layers[4].mlp.__setattr__("down_proj", torch.nn.Linear(64, 32, bias=False)),
+        lambda: model.model.norm_swiftkv.__setattr__("weight", torch.nn.Parameter(torch.full((32,), 0.5))),
+        lambda: model.model.layers[0].self_attn.q_proj.to(torch.bfloat16),  # `param.data` swapped: other memory
+    ]
+    built = [first]
+    for change in changes:
+        change()
+        built.append(native_model_and_logits())
+        assert built[-1] is not built[-2] and native_model_and_logits() is built[-1]
+    model.config.hidden_act = "gelu"  # not what csrc/decode.cpp implements: the Python layers run
+    assert native.runtime(model, SwiftKVCache(model.config), torch.zeros(1, 1, 32)) is None
 
 
 @pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")

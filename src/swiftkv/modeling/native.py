@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -195,13 +196,32 @@ def _put_ninja_on_path() -> None:
 
 def runtime(causal_lm, cache: SwiftKVCache, hidden: torch.Tensor):
     """The native model for this generation, or None when the Python step must run (other device/dtype/activation,
-    extension unavailable, SWIFTKV_NATIVE=0). Built once per cache; weights are referenced, not copied."""
+    extension unavailable, SWIFTKV_NATIVE=0). Taken once per cache (`_native_model`); weights are referenced, not
+    copied."""
     if not enabled() or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return None
     if cache.native is None or cache.native_owner is not causal_lm:  # a cache handed to another model: rebuild
-        cache.native = _build(causal_lm) if _supported(causal_lm) and extension() is not None else False
+        cache.native = _native_model(causal_lm)
         cache.native_owner = causal_lm
     return cache.native or None
+
+
+# causal LM -> (the fingerprint of what its NativeModel was built from, that NativeModel or False: not supported)
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _native_model(causal_lm) -> NativeModel | bool:
+    """The model's NativeModel (False where csrc/decode.cpp cannot run it), built again only when something it is
+    built from changed: the config's layout or activation, a module, parameter or buffer it reads replaced, or
+    moved to other memory (`_fingerprint`). Building takes ~5 ms, which every prompt would otherwise pay for its
+    kept token (decode.kept_token_logits) and every generation for its first step; the check ~3 ms."""
+    parts = _parts(causal_lm)
+    key = _fingerprint(parts)
+    built = _BUILT.get(causal_lm)
+    if built is None or built[0] != key:
+        supported = _supported(causal_lm) and extension() is not None
+        built = _BUILT[causal_lm] = key, (_build(parts) if supported else False)
+    return built[1]
 
 
 def _supported(causal_lm) -> bool:
@@ -261,21 +281,21 @@ def _additive_mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.
     return mask.to(torch.float32).contiguous()
 
 
-def _build(causal_lm):
-    """A Runtime holding references to every weight the decode step reads, layer by layer, and the LM head."""
+@dataclasses.dataclass
+class _Parts:
+    """Everything a Runtime is built from (`_build`), gathered by `_parts` and compared by `_fingerprint`."""
+
+    model: tuple  # Runtime's constructor arguments
+    swiftkv_norm: tuple | None  # set_swiftkv_norm's, where the model has SwiftKV layers
+    layers: list[tuple]  # add_layer's, per layer
+    storage: list[int]  # NativeModel.storage
+    checked: tuple  # what `_supported` reads besides: the activation, the MLPs' biases
+
+
+def _parts(causal_lm) -> _Parts:
     model, config = causal_lm.model, causal_lm.config
-    rt = extension().Runtime(
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        model.layers[0].self_attn.head_dim,
-        _weight(model.norm),
-        _eps(model.norm),
-        _matrix(causal_lm.lm_head),
-        _bias(causal_lm.lm_head),
-    )
     own_layers = own_key_value_layers(config)
-    if own_layers < config.num_hidden_layers:
-        rt.set_swiftkv_norm(_weight(model.norm_swiftkv), _eps(model.norm_swiftkv))
+    layers = []
     for idx, layer in enumerate(model.layers):
         attn, mlp, swiftkv = layer.self_attn, layer.mlp, idx >= own_layers
         q = attn.q_proj_swiftkv if swiftkv else attn.q_proj
@@ -283,18 +303,58 @@ def _build(causal_lm):
         if swiftkv:  # AcrossKV non-leaders (None) read the K/V their leader wrote
             k, v = getattr(attn, "k_proj_swiftkv", None), getattr(attn, "v_proj_swiftkv", None)
         products = [q, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        rt.add_layer(
-            _weight(layer.input_layernorm),
-            _weight(layer.post_attention_layernorm),
-            [_matrix(module) for module in products],
-            *(_matrix(k), _matrix(v), _bias(q), _bias(k), _bias(v), _bias(attn.o_proj)),
-            *(_weight(getattr(attn, "q_norm", None)), _weight(getattr(attn, "k_norm", None))),
-            _eps(layer.input_layernorm),
-            float(attn.scaling),
-            swiftkv,
+        layers.append(
+            (
+                _weight(layer.input_layernorm),
+                _weight(layer.post_attention_layernorm),
+                [_matrix(module) for module in products],
+                *(_matrix(k), _matrix(v), _bias(q), _bias(k), _bias(v), _bias(attn.o_proj)),
+                *(_weight(getattr(attn, "q_norm", None)), _weight(getattr(attn, "k_norm", None))),
+                _eps(layer.input_layernorm),
+                float(attn.scaling),
+                swiftkv,
+            )
         )
-    storage = [idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)]
-    return NativeModel(rt, storage)
+    return _Parts(
+        model=(
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            model.layers[0].self_attn.head_dim,
+            _weight(model.norm),
+            _eps(model.norm),
+            _matrix(causal_lm.lm_head),
+            _bias(causal_lm.lm_head),
+        ),
+        swiftkv_norm=(
+            (_weight(model.norm_swiftkv), _eps(model.norm_swiftkv)) if own_layers < config.num_hidden_layers else None
+        ),
+        layers=layers,
+        storage=[idx if idx < own_layers else config.leader_of(idx) for idx in range(config.num_hidden_layers)],
+        checked=(config.hidden_act, [(layer.mlp.gate_proj.bias, layer.mlp.down_proj.bias) for layer in model.layers]),
+    )
+
+
+def _fingerprint(value) -> object:
+    """`value` (_Parts, or any of its fields) with each tensor as the memory it is and how it is read: address,
+    dtype, shape and strides. Equal fingerprints: a Runtime built from either reads the same memory the same way, and
+    sees in place writes either way (a weight `_parts` had to copy, not contiguous, is a new address every time)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr(), value.dtype, value.shape, value.stride()
+    if isinstance(value, _Parts):  # not dataclasses.astuple: it deep-copies tensors
+        value = [getattr(value, field.name) for field in dataclasses.fields(value)]
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(item) for item in value)
+    return value
+
+
+def _build(parts: _Parts) -> NativeModel:
+    """A Runtime holding references to every weight the decode step reads, layer by layer, and the LM head."""
+    rt = extension().Runtime(*parts.model)
+    if parts.swiftkv_norm is not None:
+        rt.set_swiftkv_norm(*parts.swiftkv_norm)
+    for args in parts.layers:
+        rt.add_layer(*args)
+    return NativeModel(rt, parts.storage)
 
 
 def _weight(module: nn.Module | None) -> torch.Tensor | None:
