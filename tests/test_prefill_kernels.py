@@ -173,23 +173,27 @@ def test_prefill_ablation_benchmark_end_to_end(tmp_path, monkeypatch, default_mo
 
 
 @needs_extension
-def test_panel_products_benchmark_end_to_end(tmp_path, monkeypatch, default_model_dir):
+@pytest.mark.parametrize(
+    ("compare", "rows", "paths"),
+    [("panel", {"12/off", "12/L15"}, {"panel", "mkl"}), ("kept-token", {"12/L15"}, {"native", "python"})],
+)
+def test_panel_products_benchmark_end_to_end(tmp_path, monkeypatch, default_model_dir, compare, rows, paths):
     """benchmarks/panel_products.py on a short prompt: both paths timed per mode, JSON and PNG written; where panel
     products do not run (bf16 hardware, AVX-512 ATen) it says so and exits 2 instead of timing one path twice."""
     bench = load_benchmark("panel_products")
     out = tmp_path / "panels.json"
-    argv = ["panel_products.py", "--prompts", "12", "--reps", "1", "--threads", "1", "--json", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    if kernels.ONEDNN_PREFERRED or native_bf16():
+    argv = ["panel_products.py", "--compare", compare, "--prompts", "12", "--reps", "1", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    if compare == "panel" and (kernels.ONEDNN_PREFERRED or native_bf16()):
         with pytest.raises(SystemExit) as exited:
             bench.main()
         assert exited.value.code == 2
         return
     bench.main()
-    rows = json.loads(out.read_text())["formats"]["int8"]
-    assert set(rows) == {"12/off", "12/L15"}
-    assert all(ms > 0 for row in rows.values() for ms in row["median_ms"].values())
-    assert all(set(row["median_ms"]) == {"panel", "mkl"} for row in rows.values())
+    result = json.loads(out.read_text())["formats"]["int8"]
+    assert set(result) == rows
+    assert all(ms > 0 for row in result.values() for ms in row["median_ms"].values())
+    assert all(set(row["median_ms"]) == paths for row in result.values())
     assert out.with_suffix(".png").stat().st_size > 0
 
 
