@@ -187,15 +187,21 @@ def test_normalize_number():
 
 
 def test_gsm8k_runs_the_fast_prefill_generate_path(swift, tok, monkeypatch):
-    """In SwiftKV mode the prompt goes through the skipping path (num_kept_tokens=1) of the real `generate`."""
+    """In SwiftKV mode the prompt goes through a skipping path of the real `generate`: the modules' (num_kept_tokens=1)
+    or, where the native step runs, `cache_prompt` with the kept token's later layers in it."""
     kept = []
-    forward = type(swift.model).forward
+    forward, cache_prompt = type(swift.model).forward, type(swift.model).cache_prompt
 
     def spy(self, *args, num_kept_tokens=None, **kwargs):
         kept.append((self.config.swiftkv, num_kept_tokens))
         return forward(self, *args, num_kept_tokens=num_kept_tokens, **kwargs)
 
+    def spy_cache_prompt(self, *args, **kwargs):
+        kept.append((self.config.swiftkv, 1))  # only the last token goes on (decode.kept_token_logits)
+        return cache_prompt(self, *args, **kwargs)
+
     monkeypatch.setattr(type(swift.model), "forward", spy)
+    monkeypatch.setattr(type(swift.model), "cache_prompt", spy_cache_prompt)
     result = run_gsm8k(swift, tok, MODES, limit=2, shots=0, max_new_tokens=4, batch_size=2)
     assert result["examples"] == 2 and set(result["predictions"][0]) == {"gold", BASE, SWIFTKV}
     assert (True, 1) in kept  # the SwiftKV prefill kept only the last token
