@@ -214,7 +214,7 @@ def _native_model(causal_lm) -> NativeModel | bool:
     """The model's NativeModel (False where csrc/decode.cpp cannot run it), built again only when something it is
     built from changed: the config's layout or activation, a module, parameter or buffer it reads replaced, or
     moved to other memory (`_fingerprint`). Building takes ~5 ms, which every prompt would otherwise pay for its
-    kept token (decode.kept_token_logits) and every generation for its first step; the check ~3 ms."""
+    kept token (decode.kept_token_logits) and every generation for its first step; the check ~2 ms."""
     parts = _parts(causal_lm)
     key = _fingerprint(parts)
     built = _BUILT.get(causal_lm)
