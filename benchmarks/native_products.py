@@ -149,7 +149,8 @@ def main() -> None:
                     row["speedup"] = 1 / paired(times["current"], times[args.baseline_rev])
                 result[fmt][str(rows)] = row
                 speedup = f"speed-up {row['speedup']:.3f}" if args.baseline_rev else ""
-                print(fmt, f"{rows} rows", {n: round(r["ms"], 2) for n, r in row.items() if n != "speedup"}, speedup)
+                times_ms = {n: round(r["ms"], 2) for n, r in row.items() if n != "speedup"}
+                print(fmt, f"{rows} rows", times_ms, speedup, flush=True)  # progress, also when piped
                 write_json(result, args.json)  # what is finished survives an interrupt
 
 
