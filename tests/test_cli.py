@@ -97,6 +97,15 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     assert "time to first token" in capsys.readouterr().err
 
 
+def test_generate_names_no_decode_rate_for_a_one_token_answer():
+    """A one-token answer (EOS first, or --max-new-tokens 1) has no decode step to time: the line said 'nan'."""
+    from swiftkv.cli.commands import timing_line
+
+    one = {"prompt_tokens": 7, "new_tokens": 1, "ttft_s": 0.1, "decode_tokens_per_s": float("nan")}
+    assert timing_line(one).endswith("time to first token 100 ms, no decode steps to time")
+    assert timing_line({**one, "new_tokens": 3, "decode_tokens_per_s": 12.34}).endswith("decode 12.3 tokens/s")
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_demo_converts_a_base_model_before_its_weights_become_blocks(chat_dir, capsys, fmt):
     """--adapter none converts the base model on the fly; with --weights int8/int4 the conversion must read the float

@@ -149,10 +149,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = _encode(tokenizer, args.prompt, args.chat)
     batch.check_length(model.config, ids.shape[1], args.max_new_tokens, "--prompt")
     result = generate_text(model, tokenizer, ids, args.max_new_tokens)
-    print(
+    print(timing_line(result), file=sys.stderr)
+
+
+def timing_line(result: dict) -> str:
+    """generate's closing line: the prompt and answer lengths, time to first token and the decode rate (none for a
+    one-token answer, whose rate is NaN: no step after the first token)."""
+    rate = result["decode_tokens_per_s"]
+    decode = f"decode {rate:.1f} tokens/s" if rate == rate else "no decode steps to time"
+    return (
         f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new] time to first token "
-        f"{result['ttft_s'] * 1000:.0f} ms, decode {result['decode_tokens_per_s']:.1f} tokens/s",
-        file=sys.stderr,
+        f"{result['ttft_s'] * 1000:.0f} ms, {decode}"
     )
 
 
