@@ -156,6 +156,20 @@ def test_bench_validates_every_layout_before_measuring(model_dir, tmp_path, caps
     _argparse_fails(["bench", model_dir, "--settings", "3x1"], capsys, "layout '3x1' is invalid: write L:g")
 
 
+@pytest.mark.parametrize("layout", [["-L", "40"], ["-L", "3", "-g", "2"]])
+def test_a_layout_that_does_not_fit_fails_before_any_weight_is_read(model_dir, capsys, monkeypatch, layout):
+    """`swiftkv demo --weights int4 -L 40` on the default model wrote its int4 block cache, then refused L=40."""
+    from swiftkv import loading
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("weights read before the layout was checked")
+
+    monkeypatch.setattr(loading, "_load_model", read_weights)
+    monkeypatch.setattr(loading, "default_model_blocks", read_weights)
+    argv = ["demo", model_dir, *layout, "--adapter", "none", "--weights", "int4", "--prompt-tokens", "64"]
+    _fails(argv, capsys, "num_key_value_layers=40 is invalid" if "40" in layout else "does not divide")
+
+
 def test_bench_keeps_each_layout_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "b.json"
     base = [

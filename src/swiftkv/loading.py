@@ -88,6 +88,8 @@ def load(
     layout = num_key_value_layers is not None or skip is not None
     if adapter is not None and layout:
         raise ValueError("Give either an adapter (it carries its layout) or num_key_value_layers / skip, not both.")
+    if layout and resolve_model_path(name_or_path).suffix != ".gguf":  # a GGUF's config alone is a ~4 s parse
+        check_layout(load_model_config(name_or_path), num_key_value_layers, skip, key_value_group_size)
     saved = saved_format(name_or_path)
     fmt = checked_format(weights, saved)  # before any weight is read: a bad value fails fast
     stored = default_model_blocks(fmt) if str(name_or_path) == DEFAULT_MODEL and fmt in BLOCK_FORMATS else name_or_path
@@ -108,6 +110,15 @@ def load(
         reason = f"as the checkpoint stores them ({SAVED_FORMAT_KEY})" if fmt == saved else format_reason(fmt)
         print(f"swiftkv: weights {fmt} ({reason}; choose with weights=/--weights)", file=sys.stderr)
     return model.eval(), tokenizer
+
+
+def check_layout(config: PretrainedConfig, num_key_value_layers: int | None, skip: float | None, group: int) -> None:
+    """A SwiftKV layout that does not fit the model raises `convert`'s error from its config alone, before any weight
+    is read or written (a cache of blocks included)."""
+    from swiftkv.conversion import resolve_num_key_value_layers, swiftkv_config_for
+
+    layers = resolve_num_key_value_layers(config.num_hidden_layers, num_key_value_layers, skip)
+    swiftkv_config_for(config, layers, group)
 
 
 def default_model_blocks(fmt: str) -> Path:
