@@ -113,6 +113,7 @@ def test_truncated_adapter(model_dir, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:300])
     _fails(["apply-adapter", model_dir, tmp_path / "adapter", tmp_path / "out"], capsys, "adapter", "is damaged")
     _fails(["eval", model_dir, "--adapter", tmp_path / "adapter", "--tasks", "domains@1"], capsys, "is damaged")
+    _fails(["generate", model_dir, "--adapter", tmp_path / "adapter", "--prompt", "w5"], capsys, "is damaged")
     assert not (tmp_path / "out").exists()
 
 

@@ -97,6 +97,23 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     assert "time to first token" in capsys.readouterr().err
 
 
+def test_generate_applies_an_adapter_as_apply_adapter_does(chat_dir, tmp_path, capsys):
+    from swiftkv.adapter import save_adapter
+    from swiftkv.conversion import convert
+    from swiftkv.loading import load_model
+
+    model, _ = load_model(chat_dir)
+    save_adapter(convert(model, 3, 1), tmp_path / "adapter", base_name=str(chat_dir))
+    assert main(["apply-adapter", str(chat_dir), str(tmp_path / "adapter"), str(tmp_path / "applied")]) == 0
+    argv = ["--prompt", "w5 w9 w11", "--max-new-tokens", "4", "--threads", "1", "--weights", "float32"]
+    capsys.readouterr()
+    assert main(["generate", str(chat_dir), "--adapter", str(tmp_path / "adapter"), *argv]) == 0
+    with_adapter = capsys.readouterr()
+    assert main(["generate", str(tmp_path / "applied"), *argv]) == 0
+    assert "not a SwiftKV checkpoint" not in with_adapter.err
+    assert with_adapter.out == capsys.readouterr().out
+
+
 def test_generate_names_no_decode_rate_for_a_one_token_answer():
     """A one-token answer (EOS first, or --max-new-tokens 1) has no decode step to time: the line said 'nan'."""
     from swiftkv.cli.commands import timing_line

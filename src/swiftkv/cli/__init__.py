@@ -23,7 +23,7 @@ from swiftkv.calibration import add_arguments as add_calibration_arguments
 from swiftkv.cli import commands
 from swiftkv.cli import distill as distill_commands
 from swiftkv.cli import evaluate as evaluate_commands
-from swiftkv.cli.args import add_layout_args, add_model_args, layout_arg, positive_int
+from swiftkv.cli.args import add_adapter_arg, add_layout_args, add_model_args, layout_arg, positive_int
 from swiftkv.modeling.weights import FORMATS
 
 # Bad input: what the user named is wrong (a value, a missing file, an output that exists, a missing package). Any
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--skip-bad-lines", action="store_true", help="batch mode: skip malformed input lines")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    add_adapter_arg(p)
     p.add_argument("--no-swiftkv", action="store_true", help="run the base model (same weights, SwiftKV off)")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
 

@@ -63,5 +63,10 @@ def add_layout_args(parser: argparse.ArgumentParser, what: str = "convert the mo
     )
 
 
+def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    """--adapter: a distilled adapter applied to MODEL at load (`swiftkv.load(adapter=...)`)."""
+    parser.add_argument("--adapter", help="apply this distilled adapter (a directory or a bundled name) to MODEL")
+
+
 def has_layout(args: argparse.Namespace) -> bool:
     return args.num_key_value_layers is not None or args.skip is not None

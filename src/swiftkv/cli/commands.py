@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: give the text to continue (or --input PROMPTS.jsonl for a batch).")
     prompts = batch.read_prompts(args.input, args.skip_bad_lines) if args.input is not None else None
     torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=args.dtype, weights=args.weights)
+    model, tokenizer = load(args.model, adapter=args.adapter, dtype=args.dtype, weights=args.weights)
     if is_swiftkv(model):
         set_swiftkv(model, not args.no_swiftkv)
     elif not args.no_swiftkv:

@@ -12,7 +12,7 @@ from swiftkv import analyze as layer_analysis
 from swiftkv.calibration import add_arguments as add_calibration_arguments
 from swiftkv.calibration import calibrate
 from swiftkv.calibration import check_tokens as check_calibration_tokens
-from swiftkv.cli.args import add_layout_args, add_model_args, has_layout, positive_int
+from swiftkv.cli.args import add_adapter_arg, add_layout_args, add_model_args, has_layout, positive_int
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
 from swiftkv.evaluate.text import token_samples
@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="at most N items per task, from each task's fixed order")
     p.add_argument("--json", type=Path, help="write the full results (with GSM8K predictions) here")
     add_layout_args(p, "convert a base MODEL on the fly (undistilled)")
-    p.add_argument("--adapter", help="apply this distilled adapter (a directory or a bundled name) to MODEL")
+    add_adapter_arg(p)
     add_calibration_arguments(p)
     p.add_argument(
         "--modes",
