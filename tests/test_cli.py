@@ -114,6 +114,22 @@ def test_generate_applies_an_adapter_as_apply_adapter_does(chat_dir, tmp_path, c
     assert with_adapter.out == capsys.readouterr().out
 
 
+def test_swiftkvs_warnings_are_one_line_in_the_cli(chat_dir, capsys, monkeypatch):
+    """The bf16 fallback's warning printed Python's 'loading.py:92: UserWarning:' and a source line of swiftkv's."""
+    import warnings
+
+    from swiftkv.modeling import weights
+
+    monkeypatch.setattr(weights, "native_bf16", lambda: False)  # as on a CPU without bf16 hardware
+    shown = warnings.showwarning
+    argv = ["generate", str(chat_dir), "--weights", "bf16", "--prompt", "w5 w9", "--max-new-tokens", "2"]
+    assert main([*argv, "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\nswiftkv: weights='bf16' asked, but this CPU has neither AVX512-BF16 nor AMX" in "\n" + err
+    assert "UserWarning" not in err and "checked_format" not in err
+    assert warnings.showwarning is shown  # the library's callers get Python's warnings again
+
+
 def test_generate_names_no_decode_rate_for_a_one_token_answer():
     """A one-token answer (EOS first, or --max-new-tokens 1) has no decode step to time: the line said 'nan'."""
     from swiftkv.cli.commands import timing_line

@@ -15,6 +15,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,11 +116,26 @@ def _terminate(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _one_line_warnings(python_shows):
+    """A `warnings.showwarning` that prints swiftkv's own warnings ("swiftkv: ...", each saying what runs instead) as
+    that one line, without Python's file, line number and source line from inside the package; others as before."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(message).startswith("swiftkv: "):
+            print(message, file=sys.stderr if file is None else file)
+        else:
+            python_shows(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restores showwarning (and the filters) on the way out
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            args.func(args)
     except USER_ERRORS as error:
         print(f"swiftkv {args.command}: error: {error}", file=sys.stderr)
         return 2
