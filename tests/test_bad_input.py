@@ -241,7 +241,8 @@ def test_stale_staging_folder_of_a_dead_process_is_removed(tmp_path):
 
 
 def _convert_paused_in_staging(model_dir: Path, out: Path) -> subprocess.Popen:
-    """`swiftkv convert` in a child process, stopped after writing the checkpoint into its staging folder."""
+    """`swiftkv convert` in a child process, stopped after writing the checkpoint into its staging folder; an
+    interruption there takes a second ('cleaning' ... 'cleaned') before the staging folder is removed."""
     script = (
         "import contextlib, sys, time\n"
         "import swiftkv.conversion as c\n"
@@ -251,7 +252,13 @@ def _convert_paused_in_staging(model_dir: Path, out: Path) -> subprocess.Popen:
         "    with real(dest, replace) as staging:\n"
         "        yield staging\n"
         "        print('written', flush=True)\n"
-        "        time.sleep(60)\n"
+        "        try:\n"
+        "            time.sleep(60)\n"
+        "        except BaseException:\n"
+        "            print('cleaning', flush=True)\n"
+        "            time.sleep(1)\n"
+        "            print('cleaned', flush=True)\n"
+        "            raise\n"
         "c.staged = slow\n"
         "from swiftkv.cli import main\n"
         f"sys.exit(main(['convert', {str(model_dir)!r}, {str(out)!r}, '-L', '3']))\n"
@@ -271,6 +278,20 @@ def test_sigkill_during_convert_leaves_no_staging_after_the_next_run(model_dir, 
     assert len(leftovers) == 1 and not out.exists()
     assert main(["convert", str(model_dir), str(out), "-L", "3"]) == 0
     assert not [p for p in tmp_path.iterdir() if STAGING_TAG in p.name] and (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_same_signal_again_does_not_cut_the_cleanup_short(model_dir, tmp_path, sig):
+    """A second Ctrl-C while an interrupted command cleans up (impatience, or `timeout` passing its own SIGINT on)
+    cut the cleanup short and could end in a traceback."""
+    out = tmp_path / "out"
+    proc = _convert_paused_in_staging(model_dir, out)
+    proc.send_signal(sig)
+    assert proc.stdout.readline().strip() == "cleaning"
+    proc.send_signal(sig)
+    assert proc.stdout.readline().strip() == "cleaned"
+    assert proc.wait(timeout=30) == (130 if sig == signal.SIGINT else 128 + sig)
+    assert not [p for p in tmp_path.iterdir() if STAGING_TAG in p.name] and not out.exists()
 
 
 def test_sigterm_during_convert_cleans_up(model_dir, tmp_path):

@@ -112,7 +112,12 @@ def io_failure(error: OSError) -> str:
 
 
 def _terminate(signum, _frame) -> None:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so staging folders and partial outputs are cleaned up."""
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP unwind the command once, so staging folders and partial outputs are
+    cleaned up; that signal again meanwhile (a second Ctrl-C, or `timeout` passing its own on) is ignored, where it
+    used to cut the cleanup short or end in a traceback."""
+    signal.signal(signum, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -131,7 +136,7 @@ def _one_line_warnings(python_shows):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         with warnings.catch_warnings():  # restores showwarning (and the filters) on the way out
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
