@@ -76,6 +76,10 @@ def test_overrides_are_yaml_typed_and_validated():
         load_config(None, ["split=heldout"])
     with pytest.raises(ValueError, match="init='lstsq' is invalid; choose one of recipe, least_squares"):
         load_config(None, ["init=lstsq"])
+    with pytest.raises(ValueError, match=r"eval_data=null is invalid: it needs a value \(default \[\]\)"):
+        load_config(None, ["eval_data=null"])  # a default_factory's value, not dataclasses.MISSING
+    with pytest.raises(ValueError, match=r"lr=null is invalid: it needs a value \(default 0.0002\)"):
+        load_config(None, ["lr=null"])
 
 
 def test_defaults_follow_the_reference_recipe():

@@ -188,11 +188,17 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _default(name: str) -> Any:
+    """A field's default value, made by its default_factory where it has one (lists)."""
+    field = FIELDS[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
 def _check_type(name: str, value: Any) -> None:
     kind = str(FIELDS[name].type)
     if value is None:
         if "None" not in kind:
-            raise ValueError(f"{name}=null is invalid: it needs a value (default {FIELDS[name].default!r}).")
+            raise ValueError(f"{name}=null is invalid: it needs a value (default {_default(name)!r}).")
         return
     if name == "data":
         if not isinstance(value, list | dict):
