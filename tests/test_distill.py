@@ -17,7 +17,7 @@ from swiftkv import cpu
 from swiftkv.adapter import REFERENCE_NAME, reference_logits
 from swiftkv.conversion import convert
 from swiftkv.distill import recipe as recipe_module
-from swiftkv.distill.checkpoint import latest_checkpoint
+from swiftkv.distill.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from swiftkv.distill.config import DistillConfig, load_config, parse_overrides
 from swiftkv.distill.loss import distill_loss, kl_sum
 from swiftkv.distill.recipe import (
@@ -437,6 +437,9 @@ def test_output_dir_is_not_overwritten_and_resume_needs_a_checkpoint(model_dir, 
         DistillRecipe(tiny_config(model_dir, chats, out), quiet=True).setup()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         DistillRecipe(tiny_config(model_dir, chats, tmp_path / "new"), resume=True, quiet=True).setup()
+    (out / CHECKPOINT_DIR / "step-00000004").mkdir(parents=True)  # an interrupted run's: say how to go on
+    with pytest.raises(FileExistsError, match=r"checkpoint of an earlier run \(step-00000004\); pass --resume"):
+        DistillRecipe(tiny_config(model_dir, chats, out), quiet=True).setup()
 
 
 def test_evaluate_matches_the_full_forward(model_dir, chats, tmp_path):

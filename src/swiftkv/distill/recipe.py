@@ -151,6 +151,11 @@ class DistillRecipe:
                 "dtype=float32 is faster on this machine."
             )
         if self.rank == 0 and not self.resume:
+            if not self.overwrite and (found := latest_checkpoint(self.out)) is not None:
+                raise FileExistsError(
+                    f"Output {self.out} holds the checkpoint of an earlier run ({found.name}); pass --resume to "
+                    "continue it, or --overwrite to start again."
+                )
             prepare_output_dir(self.out, self.overwrite)
         if self.resume and latest_checkpoint(self.out) is None:
             flag = "--export" if self.export else "--resume"
