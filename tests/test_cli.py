@@ -130,6 +130,15 @@ def test_swiftkvs_warnings_are_one_line_in_the_cli(chat_dir, capsys, monkeypatch
     assert warnings.showwarning is shown  # the library's callers get Python's warnings again
 
 
+def test_the_bf16_fallback_warning_points_at_the_callers_load(chat_dir, monkeypatch):
+    from swiftkv.modeling import weights
+
+    monkeypatch.setattr(weights, "native_bf16", lambda: False)  # as on a CPU without bf16 hardware
+    with pytest.warns(UserWarning, match="running float32 weights instead") as caught:
+        model, _ = load(chat_dir, weights="bf16")
+    assert weight_format(model) == "float32" and caught[0].filename == __file__
+
+
 def test_generate_names_no_decode_rate_for_a_one_token_answer():
     """A one-token answer (EOS first, or --max-new-tokens 1) has no decode step to time: the line said 'nan'."""
     from swiftkv.cli.commands import timing_line

@@ -87,7 +87,7 @@ def resolve_format(weights: str | None) -> str:
         warnings.warn(
             "swiftkv: weights='bf16' asked, but this CPU has neither AVX512-BF16 nor AMX, so bf16 products would be "
             "emulated (slower than float32): running float32 weights instead (int8 saves memory here).",
-            stacklevel=3,
+            stacklevel=4,  # the caller of swiftkv.load (-> checked_format -> here)
         )
         return "float32"
     return weights
