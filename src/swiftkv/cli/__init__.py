@@ -113,8 +113,8 @@ def io_failure(error: OSError) -> str:
 
 def _terminate(signum, _frame) -> None:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP unwind the command once, so staging folders and partial outputs are
-    cleaned up; that signal again meanwhile (a second Ctrl-C, or `timeout` passing its own on) is ignored, where it
-    used to cut the cleanup short or end in a traceback."""
+    cleaned up; that signal again meanwhile (a second Ctrl-C, or `timeout` passing its own on) is ignored, so the
+    cleanup finishes."""
     signal.signal(signum, signal.SIG_IGN)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
