@@ -94,7 +94,8 @@ def test_demo_and_generate_smoke(chat_dir, capsys):
     assert "top-1 agreement on the base answer" in printed and " of 3 tokens (" in printed
     assert "the answers part at token" in printed or "the answers are the same 3 tokens" in printed
     assert main(["generate", str(chat_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "3", "--threads", "1"]) == 0
-    assert "time to first token" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "time to first token" in err and "the default model's bundled ones: smollm2-L15-g1, " in err
 
 
 def test_generate_applies_an_adapter_as_apply_adapter_does(chat_dir, tmp_path, capsys):

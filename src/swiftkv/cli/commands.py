@@ -141,7 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if is_swiftkv(model):
         set_swiftkv(model, not args.no_swiftkv)
     elif not args.no_swiftkv:
-        print(f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model", file=sys.stderr)
+        print(
+            f"note: {args.model} is not a SwiftKV checkpoint; running it as the base model (--adapter DIR applies a "
+            f"distilled SwiftKV adapter; the default model's bundled ones: {', '.join(bundled_adapters())})",
+            file=sys.stderr,
+        )
     if prompts is not None:
         stats = batch.run(model, tokenizer, prompts, args.output, args.batch_size, args.max_new_tokens)
         print(json.dumps(stats), file=sys.stderr)
