@@ -20,8 +20,8 @@ import torch
 from swiftkv.adapter import QUALITY_NAME, apply_adapter, resolve_adapter
 from swiftkv.config import parse_layout
 from swiftkv.conversion import convert
-from swiftkv.evaluate.text import format_domains, run_domains_variants
-from swiftkv.files import portable_path, save_figure, write_json
+from swiftkv.evaluate.text import format_domains, plot_domains, run_domains_variants
+from swiftkv.files import portable_path, write_json
 from swiftkv.loading import load_model
 
 
@@ -51,30 +51,6 @@ def build_variant(base, spec: dict):
     if "adapter" in spec:
         return apply_adapter(base, spec["adapter"]).eval()
     return convert(base, spec["num_key_value_layers"], spec["key_value_group_size"]).eval()
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    domains = list(next(iter(results.values()))["sources"]) + ["overall"]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, len(domains) * 0.9), 4))
-    for i, name in enumerate(names):
-        rows = results[name]["sources"] | {"overall": results[name]["overall"]}
-        values = [100 * (rows[d]["ppl_ratio"] - 1) for d in domains]
-        ax.bar([x + i * width for x in range(len(domains))], values, width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(domains))], domains, rotation=35, ha="right")
-    ax.set_ylabel("SwiftKV perplexity vs base (%)")
-    ax.set_yscale("symlog", linthresh=10)
-    for goal in (3, 15, 25):
-        ax.axhline(goal, color="grey", lw=0.6, ls="--")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    save_figure(fig, path, dpi=110)
 
 
 def markdown(results: dict) -> str:
@@ -136,7 +112,7 @@ def main() -> None:
             if args.into_adapters and "adapter" in spec:
                 write_json(tables[name], resolve_adapter(spec["adapter"]) / QUALITY_NAME)
         write_json(results, args.json)
-    plot(results, args.plot)
+    plot_domains(results, args.plot)
     if args.markdown:
         print(markdown(results))
     print(f"wrote {args.json} and {args.plot}")

@@ -258,6 +258,17 @@ def test_eval_calibrate_scores_the_fitted_model(tmp_path, capsys):
     assert fitted["tasks"] != plain["tasks"]
 
 
+def test_eval_of_the_domains_writes_their_plot_beside_the_json(chat_dir, tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    argv = ["eval", str(chat_dir), "-L", "3", "--tasks", "domains@1", "--max-tokens", "24", "--json", str(out)]
+    assert main([*argv, "--threads", "1"]) == 0
+    assert f"wrote {out.with_suffix('.png')}" in capsys.readouterr().err
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    base = tmp_path / "base.json"  # a base model without -L scores no SwiftKV: no ratios to plot
+    assert main(["eval", str(chat_dir), "--tasks", "domains@1", "--max-tokens", "24", "--json", str(base)]) == 0
+    assert base.exists() and not base.with_suffix(".png").exists()
+
+
 def _bundle(root, name: str, layers: int, group: int, ratios: dict[str, float], agreement: float) -> None:
     folder = root / name
     folder.mkdir()

@@ -15,8 +15,8 @@ from swiftkv.calibration import check_tokens as check_calibration_tokens
 from swiftkv.cli.args import add_adapter_arg, add_layout_args, add_model_args, has_layout, positive_int
 from swiftkv.evaluate.scoring import MODES
 from swiftkv.evaluate.tasks import DEFAULT_TASKS, EvalOptions, check_task, evaluate, format_table, valid_task_names
-from swiftkv.evaluate.text import token_samples
-from swiftkv.files import portable_path, write_json
+from swiftkv.evaluate.text import plot_domains, token_samples
+from swiftkv.files import figure_beside, portable_path, write_json
 from swiftkv.loading import load, origin
 from swiftkv.modeling.weights import BLOCK_FORMATS, resolve_format
 
@@ -68,6 +68,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_table(result))
     if args.json:
         _write_json(result, args.json)
+        _plot_domains(result, args.json)
+
+
+def _plot_domains(result: dict, json_path: Path) -> None:
+    """The per-domain table as a PNG beside the JSON (same name, .png) when the domains task scored both modes."""
+    domains = result["tasks"].get("domains")
+    if domains is None or "ppl_ratio" not in domains["overall"]:
+        return
+    model = result["model"]
+    layout = f"L={model['num_key_value_layers']}, g={model['key_value_group_size']}"
+    label = f"{model.get('adapter') or model['name']} ({layout})"
+    print(f"wrote {plot_domains({label: domains}, figure_beside(json_path))}", file=sys.stderr)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ domains kept out of training, and reports each one and the token-weighted overal
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 
 from swiftkv.corpora import DOMAIN_SOURCES, UNSEEN_SOURCES, as_text, eval_split, load_examples
 from swiftkv.evaluate.scoring import BASE, MODES, SWIFTKV, add_sums, sequence_stats, summarize_text, variants_stats
+from swiftkv.files import save_figure
 from swiftkv.modes import is_swiftkv
 
 
@@ -189,3 +191,43 @@ def format_domains(result: dict) -> list[str]:
 def format_interval(bounds: Sequence[float]) -> str:
     """[1.012, 1.047] -> '+1.2% .. +4.7%' (perplexity increase over the base)."""
     return f"{bounds[0] - 1:+.1%} .. {bounds[1] - 1:+.1%}"
+
+
+def plot_domains(tables: dict[str, dict], path: str | Path) -> Path:
+    """SwiftKV's perplexity against the base model's, per domain and overall, one bar per named table (a
+    `run_domains` result), with its 95% interval where one was measured; the quality target (+3%) and +15% / +25%
+    drawn as lines. Written as PNG to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    names = list(tables)
+    domains = list(next(iter(tables.values()))["sources"]) + ["overall"]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(8, len(domains) * 0.9), 4))
+    for i, name in enumerate(names):
+        rows = tables[name]["sources"] | {"overall": tables[name]["overall"]}
+        values, errors = _percent_bars([rows[d] for d in domains])
+        ax.bar([x + i * width for x in range(len(domains))], values, width, yerr=errors, capsize=2, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(domains))], domains, rotation=35, ha="right")
+    ax.set_ylabel("SwiftKV perplexity vs base (%)")
+    ax.set_yscale("symlog", linthresh=10)
+    for goal in (3, 15, 25):
+        ax.axhline(goal, color="grey", lw=0.6, ls="--")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, dpi=110)
+
+
+def _percent_bars(rows: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Each row's perplexity increase in % and its 95% interval as matplotlib's yerr ([below], [above]); a row
+    without an interval (one text) gets none."""
+    values, below, above = [], [], []
+    for row in rows:
+        ratio = row["ppl_ratio"]
+        low, high = row.get("ppl_ratio_ci", (ratio, ratio))
+        values.append(100 * (ratio - 1))
+        below.append(max(0.0, 100 * (ratio - low)))  # the bounds can round past the ratio by an ulp
+        above.append(max(0.0, 100 * (high - ratio)))
+    return values, [below, above]
