@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def timing_line(result: dict) -> str:
     """generate's closing line: the prompt and answer lengths, time to first token and the decode rate (none for a
     one-token answer, whose rate is NaN: no step after the first token)."""
     rate = result["decode_tokens_per_s"]
-    decode = f"decode {rate:.1f} tokens/s" if rate == rate else "no decode steps to time"
+    decode = "no decode steps to time" if math.isnan(rate) else f"decode {rate:.1f} tokens/s"
     return (
         f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new] time to first token "
         f"{result['ttft_s'] * 1000:.0f} ms, {decode}"

@@ -222,7 +222,7 @@ def plot_domains(tables: dict[str, dict], path: str | Path) -> Path:
 
 def _percent_bars(rows: list[dict]) -> tuple[list[float], list[list[float]]]:
     """Each row's perplexity increase in % and its 95% interval as matplotlib's yerr ([below], [above]); a row
-    without an interval (one text) gets none."""
+    without `ppl_ratio_ci` (results written before intervals) gets a bar without one."""
     values, below, above = [], [], []
     for row in rows:
         ratio = row["ppl_ratio"]
